@@ -1,0 +1,190 @@
+//! The one place where scopes are checked. gRPC, REST, Socket.IO and MCP all
+//! ask here whether an identity may do something, and for which tenant, so
+//! the same token means the same rights on every surface.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use super::Identity;
+use crate::broker::TenantScope;
+use crate::event::check_identifier;
+
+/// Publish events for the token's tenant.
+pub const PUBLISH: &str = "events:publish";
+/// Subscribe to the token's tenant's events.
+pub const SUBSCRIBE: &str = "events:subscribe";
+/// Service tokens only: act for any named tenant (publish) or follow every
+/// tenant (subscribe). Combine with `events:publish` / `events:subscribe`.
+pub const ALL_TENANTS: &str = "events:all_tenants";
+
+/// A token's scopes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scopes(BTreeSet<String>);
+
+impl Scopes {
+    /// Parses a space-separated list.
+    pub fn parse(list: &str) -> Self {
+        Self(list.split_whitespace().map(str::to_string).collect())
+    }
+
+    /// Scopes from the `scope` (space separated) and `scopes` (array)
+    /// claims, merged; `None` when the token has neither claim.
+    pub fn from_claims(scope: Option<&str>, scopes: Option<&[String]>) -> Option<Self> {
+        if scope.is_none() && scopes.is_none() {
+            return None;
+        }
+        let mut set = scope.map(Self::parse).unwrap_or_default().0;
+        set.extend(scopes.unwrap_or_default().iter().cloned());
+        Some(Self(set))
+    }
+
+    pub fn has(&self, scope: &str) -> bool {
+        self.0.contains(scope)
+    }
+
+    pub fn all_tenants(&self) -> bool {
+        self.has(ALL_TENANTS)
+    }
+
+    pub fn as_set(&self) -> &BTreeSet<String> {
+        &self.0
+    }
+}
+
+impl fmt::Display for Scopes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("(none)");
+        }
+        let list: Vec<&str> = self.0.iter().map(String::as_str).collect();
+        f.write_str(&list.join(" "))
+    }
+}
+
+/// Why an authenticated caller may not do what it asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error("token lacks scope {needed} (it has: {has})")]
+    MissingScope { needed: &'static str, has: String },
+    #[error(
+        "tenant_id: this token is for tenant {own}; acting for tenant {requested} needs scope {ALL_TENANTS}"
+    )]
+    OtherTenant { own: String, requested: String },
+    #[error("tenant_id: required: this token has scope {ALL_TENANTS} and no tenant of its own")]
+    TenantRequired,
+    #[error("tenant_id: {0}")]
+    BadTenant(String),
+}
+
+impl Identity {
+    /// Fails unless the token carries `scope`.
+    pub fn require(&self, scope: &'static str) -> Result<(), Denied> {
+        if self.scopes.has(scope) {
+            Ok(())
+        } else {
+            Err(Denied::MissingScope {
+                needed: scope,
+                has: self.scopes.to_string(),
+            })
+        }
+    }
+
+    /// The tenant an event is published for: the token's own unless the
+    /// token may act for every tenant and names one. `requested` is the
+    /// event's `tenant_id` field ("" when unset).
+    pub fn publish_tenant(&self, requested: &str) -> Result<String, Denied> {
+        self.require(PUBLISH)?;
+        self.named_tenant(requested)?.ok_or(Denied::TenantRequired)
+    }
+
+    /// Whose events a subscription follows. `requested` "" means the token's
+    /// own tenant, or every tenant for an all-tenants token without one.
+    pub fn subscribe_scope(&self, requested: &str) -> Result<TenantScope, Denied> {
+        self.require(SUBSCRIBE)?;
+        Ok(match self.named_tenant(requested)? {
+            Some(t) => TenantScope::One(t),
+            None => TenantScope::All,
+        })
+    }
+
+    /// Resolves a requested tenant against the token: `Ok(None)` only for an
+    /// all-tenants token that names none and has none.
+    fn named_tenant(&self, requested: &str) -> Result<Option<String>, Denied> {
+        if requested.is_empty() {
+            return Ok(self.tenant.clone());
+        }
+        check_identifier(requested).map_err(Denied::BadTenant)?;
+        match &self.tenant {
+            Some(own) if own == requested => Ok(Some(own.clone())),
+            _ if self.scopes.all_tenants() => Ok(Some(requested.to_string())),
+            Some(own) => Err(Denied::OtherTenant {
+                own: own.clone(),
+                requested: requested.to_string(),
+            }),
+            None => Err(Denied::TenantRequired),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(tenant: Option<&str>, scopes: &str) -> Identity {
+        Identity {
+            subject: None,
+            tenant: tenant.map(str::to_string),
+            scopes: Scopes::parse(scopes),
+            expires_at: 0,
+        }
+    }
+
+    #[test]
+    fn tenant_tokens_stay_in_their_tenant() {
+        let id = identity(Some("a"), "events:publish events:subscribe");
+        assert_eq!(id.publish_tenant(""), Ok("a".into()));
+        assert_eq!(id.publish_tenant("a"), Ok("a".into()));
+        assert!(matches!(
+            id.publish_tenant("b"),
+            Err(Denied::OtherTenant { .. })
+        ));
+        assert_eq!(id.subscribe_scope(""), Ok(TenantScope::One("a".into())));
+        assert!(matches!(
+            id.subscribe_scope("b"),
+            Err(Denied::OtherTenant { .. })
+        ));
+    }
+
+    #[test]
+    fn scopes_gate_actions() {
+        let id = identity(Some("a"), "events:subscribe");
+        assert!(matches!(
+            id.publish_tenant(""),
+            Err(Denied::MissingScope {
+                needed: PUBLISH,
+                ..
+            })
+        ));
+        let id = identity(Some("a"), "events:publish");
+        assert!(matches!(
+            id.subscribe_scope(""),
+            Err(Denied::MissingScope {
+                needed: SUBSCRIBE,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn all_tenants_tokens() {
+        let id = identity(None, "events:all_tenants events:publish events:subscribe");
+        assert_eq!(id.publish_tenant("b"), Ok("b".into()));
+        assert_eq!(id.publish_tenant(""), Err(Denied::TenantRequired));
+        assert_eq!(id.subscribe_scope(""), Ok(TenantScope::All));
+        assert_eq!(id.subscribe_scope("c"), Ok(TenantScope::One("c".into())));
+        assert!(matches!(
+            id.publish_tenant("b c"),
+            Err(Denied::BadTenant(_))
+        ));
+    }
+}

@@ -1,0 +1,449 @@
+//! The binary's commands: `serve`, `publish`, `tail`, `token`,
+//! `check-token`, `version`. Client commands talk gRPC to a running broker
+//! like any other client; they hold no broker logic.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use tokio_stream::StreamExt;
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::transport::Channel;
+
+use crate::auth::{self, Authenticator, Scopes};
+use crate::config::Settings;
+use crate::proto::event_broker_client::EventBrokerClient;
+use crate::proto::{self, PublishRequest, SubscribeRequest, subscribe_response};
+use crate::server;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tensorcost-events",
+    version,
+    about = "Multi-tenant real-time event broker",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker. With no configuration: a single instance in
+    /// development mode with a generated secret.
+    Serve(Box<Settings>),
+    /// Publish one event.
+    Publish(PublishArgs),
+    /// Follow events, one JSON envelope per line.
+    Tail(TailArgs),
+    /// Mint an HS256 token with the configured secret.
+    Token(TokenArgs),
+    /// Say whether a token is accepted, and why not.
+    CheckToken(CheckTokenArgs),
+    /// Print the version.
+    Version,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Broker gRPC address.
+    #[arg(long, env = "TC_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+    /// Bearer token (`serve` prints one in development mode).
+    #[arg(long, env = "TC_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Event type, e.g. cost.updated.
+    #[arg(long = "type", short = 't')]
+    pub event_type: String,
+    /// Payload as JSON text; `-` reads standard input.
+    #[arg(long, short = 'd', default_value = "{}")]
+    pub data: String,
+    /// Your own event id (default: the broker stamps a UUIDv7).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Tenant to publish for (tokens with scope events:all_tenants only).
+    #[arg(long)]
+    pub tenant: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Comma-separated types or prefixes, e.g. 'cost.*,alert.created'.
+    #[arg(long, default_value = "")]
+    pub types: String,
+    /// Resume after this event id.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Tenant to follow (tokens with scope events:all_tenants only).
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Exit after this many events.
+    #[arg(long)]
+    pub count: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// Tenant claim (tenantId).
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Space- or comma-separated scopes.
+    #[arg(long, default_value = "events:publish events:subscribe")]
+    pub scope: String,
+    /// Lifetime, e.g. 15m, 1h, 7d.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    /// Subject claim.
+    #[arg(long)]
+    pub sub: Option<String>,
+    /// HS256 secret.
+    #[arg(long, env = "TC_JWT_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckTokenArgs {
+    /// The token (default: TC_TOKEN).
+    #[arg(env = "TC_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// HS256 secret the broker uses.
+    #[arg(long, env = "TC_JWT_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+    /// Scopes of a token without a scope claim, as the broker is configured.
+    #[arg(
+        long,
+        env = "TC_DEFAULT_SCOPES",
+        default_value = "events:publish events:subscribe"
+    )]
+    pub default_scopes: String,
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve(settings) => serve(*settings).await,
+        Command::Publish(args) => publish(args).await,
+        Command::Tail(args) => tail(args).await,
+        Command::Token(args) => token(args),
+        Command::CheckToken(args) => check_token(args),
+        Command::Version => {
+            println!(
+                "tensorcost-events {} (gRPC API tensorcost.events.v1)",
+                env!("CARGO_PKG_VERSION")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<ExitCode> {
+    crate::telemetry::init();
+    let (secret, dev_mode) = match settings.jwt_secret.as_deref().filter(|s| !s.is_empty()) {
+        Some(s) => {
+            if s.len() < 32 {
+                tracing::warn!(
+                    "TC_JWT_SECRET is {} bytes; use at least 32 random bytes",
+                    s.len()
+                );
+            }
+            (s.to_string(), false)
+        }
+        None => (auth::generate_secret(), true),
+    };
+    let running = server::start(&settings, secret.as_bytes()).await?;
+    if dev_mode {
+        print_dev_banner(&secret, running.grpc_addr, running.http_addr)?;
+    }
+    let token = running.shutdown_token();
+    tokio::spawn(async move {
+        server::signal().await;
+        tracing::info!("shutting down");
+        token.cancel();
+    });
+    running.wait().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_dev_banner(
+    secret: &str,
+    grpc: std::net::SocketAddr,
+    http: std::net::SocketAddr,
+) -> anyhow::Result<()> {
+    tracing::warn!(
+        "DEVELOPMENT MODE: no TC_JWT_SECRET set, so a random secret was generated for this run. \
+         Tokens stop working when the broker restarts. Set TC_JWT_SECRET in production."
+    );
+    let scopes: BTreeSet<String> = ["events:publish", "events:subscribe"]
+        .map(String::from)
+        .into();
+    let token = auth::mint_hs256(
+        secret.as_bytes(),
+        Some("tenant-dev"),
+        Some("dev"),
+        Some(&scopes),
+        Duration::from_secs(24 * 3600),
+    )?;
+    let loopback = |a: std::net::SocketAddr| {
+        if a.ip().is_unspecified() {
+            format!("127.0.0.1:{}", a.port())
+        } else {
+            a.to_string()
+        }
+    };
+    let server = if loopback(grpc) == "127.0.0.1:50051" {
+        String::new()
+    } else {
+        format!(" --server http://{}", loopback(grpc))
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "\n  tensorcost-events is running in development mode (tenant-dev, token valid 24h).\n\n  \
+         export TC_TOKEN={token}\n\n  \
+         # in one terminal:\n  tensorcost-events tail{server} --types 'cost.*'\n  \
+         # in another (with TC_TOKEN exported there too):\n  \
+         tensorcost-events publish{server} --type cost.updated --data '{{\"amount\":42}}'\n\n  \
+         REST: curl -H \"authorization: Bearer $TC_TOKEN\" -d '{{\"type\":\"cost.updated\",\"data\":{{\"amount\":42}}}}' http://{}/v1/events\n",
+        loopback(http)
+    )?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Client = EventBrokerClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
+    let token = args
+        .token
+        .as_deref()
+        .context("no token: pass --token or set TC_TOKEN (`serve` prints one in development mode; `token` mints one)")?;
+    let value = MetadataValue::try_from(format!("Bearer {}", token.trim()))
+        .context("token: contains characters that cannot go in a header")?;
+    let channel = Channel::from_shared(args.server.clone())
+        .with_context(|| {
+            format!(
+                "--server {:?} is not a URL like http://127.0.0.1:50051",
+                args.server
+            )
+        })?
+        .connect()
+        .await
+        .with_context(|| {
+            format!(
+                "cannot connect to {}: is `tensorcost-events serve` running?",
+                args.server
+            )
+        })?;
+    Ok(
+        EventBrokerClient::with_interceptor(channel, Bearer(Some(value)))
+            .max_decoding_message_size(usize::MAX),
+    )
+}
+
+/// Prints a refusal the way the broker worded it.
+fn refused(status: &tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}
+
+async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
+    let data = if args.data == "-" {
+        let mut buf = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut buf)
+            .context("cannot read data from standard input")?;
+        buf
+    } else {
+        args.data
+    };
+    let mut client = connect(&args.client).await?;
+    let request = PublishRequest {
+        events: vec![proto::Event {
+            id: args.id.unwrap_or_default(),
+            r#type: args.event_type,
+            tenant_id: args.tenant.unwrap_or_default(),
+            data,
+            ..Default::default()
+        }],
+    };
+    let response = client.publish(request).await.map_err(|s| refused(&s))?;
+    for result in response.into_inner().results {
+        println!(
+            "{{\"id\":{},\"duplicate\":{}}}",
+            serde_json::Value::from(result.id),
+            result.duplicate
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
+    let mut client = connect(&args.client).await?;
+    let types: Vec<String> = args
+        .types
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(String::from)
+        .collect();
+    let mut since = args.since.unwrap_or_default();
+    let mut printed = 0u64;
+    let mut out = std::io::stdout();
+    loop {
+        let request = SubscribeRequest {
+            types: types.clone(),
+            since_id: since.clone(),
+            tenant_id: args.tenant.clone().unwrap_or_default(),
+        };
+        let mut stream = client
+            .subscribe(request)
+            .await
+            .map_err(|s| refused(&s))?
+            .into_inner();
+        while let Some(message) = stream.next().await {
+            let message = match message {
+                Ok(m) => m,
+                // Too slow: resume after the last event printed.
+                Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                    eprintln!("# {}; resuming", s.message());
+                    break;
+                }
+                Err(s) => return Err(refused(&s)),
+            };
+            match message.message {
+                Some(subscribe_response::Message::Status(st)) => {
+                    if st.resumed {
+                        eprintln!(
+                            "# following {}: resumed, recovered={}, {} replayed",
+                            st.tenant_id, st.recovered, st.replayed
+                        );
+                    } else {
+                        eprintln!("# following {}", st.tenant_id);
+                    }
+                }
+                Some(subscribe_response::Message::Event(e)) => {
+                    since = e.id.clone();
+                    writeln!(out, "{}", envelope_json(&e))?;
+                    out.flush()?;
+                    printed += 1;
+                    if args.count.is_some_and(|n| printed >= n) {
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                }
+                None => {}
+            }
+        }
+        if since.is_empty() {
+            bail!("the broker ended the stream");
+        }
+    }
+}
+
+/// The envelope as one JSON line, with `data` exactly as the broker sent it.
+fn envelope_json(e: &proto::Event) -> String {
+    let data = serde_json::value::RawValue::from_string(e.data.clone())
+        .or_else(|_| serde_json::value::to_raw_value(&e.data));
+    match data {
+        Ok(data) => crate::event::Event {
+            id: e.id.clone(),
+            event_type: e.r#type.clone(),
+            tenant_id: e.tenant_id.clone(),
+            data,
+            timestamp: e.timestamp.clone(),
+            trace_id: e.trace_id.clone(),
+        }
+        .to_json(),
+        Err(_) => String::new(),
+    }
+}
+
+fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
+    let secret = args
+        .secret
+        .filter(|s| !s.is_empty())
+        .context("no secret: set TC_JWT_SECRET (or --secret) to the broker's secret")?;
+    let scopes: BTreeSet<String> = args
+        .scope
+        .split([' ', ','])
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    if args.tenant.is_none() && !scopes.contains(auth::rbac::ALL_TENANTS) {
+        bail!(
+            "--tenant is required (only a token with scope {} may have none)",
+            auth::rbac::ALL_TENANTS
+        );
+    }
+    let token = auth::mint_hs256(
+        secret.as_bytes(),
+        args.tenant.as_deref(),
+        args.sub.as_deref(),
+        Some(&scopes),
+        args.ttl,
+    )?;
+    println!("{token}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check_token(args: CheckTokenArgs) -> anyhow::Result<ExitCode> {
+    let secret = args
+        .secret
+        .filter(|s| !s.is_empty())
+        .context("no secret: set TC_JWT_SECRET (or --secret) to the broker's secret")?;
+    let auth = Authenticator::new(
+        secret.as_bytes(),
+        Scopes::parse(&args.default_scopes.replace(',', " ")),
+    );
+    match auth.verify(args.token.trim()) {
+        Ok(identity) => {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            let left = Duration::from_secs(identity.expires_at.saturating_sub(now));
+            println!(
+                "accepted: tenant={} subject={} scopes={} expires={} (in {})",
+                identity.tenant.as_deref().unwrap_or("(all tenants)"),
+                identity.subject.as_deref().unwrap_or("(none)"),
+                identity.scopes,
+                crate::event::format_timestamp(
+                    UNIX_EPOCH + Duration::from_secs(identity.expires_at)
+                ),
+                humantime::format_duration(left)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("refused: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! The event envelope: what a producer sends, what the broker stamps, and the
+//! rules an event must follow before it is accepted.
+//!
+//! `data` is kept as the producer's JSON text ([`RawValue`]) from acceptance
+//! to delivery, so it round-trips exactly: `42` stays `42`, a 30-digit
+//! decimal keeps every digit, key order is kept.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+/// Longest accepted event type name.
+pub const MAX_TYPE_LEN: usize = 128;
+/// Longest accepted producer-supplied event id or tenant id.
+pub const MAX_ID_LEN: usize = 128;
+
+/// An accepted event, as it is stored in history and delivered to
+/// subscribers. Shared by `Arc` between every subscriber that receives it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub tenant_id: String,
+    pub data: Box<RawValue>,
+    pub timestamp: String,
+    pub trace_id: String,
+}
+
+impl Event {
+    /// Approximate memory held by this event, for history byte bounds.
+    pub fn size_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.id.len()
+            + self.event_type.len()
+            + self.tenant_id.len()
+            + self.data.get().len()
+            + self.timestamp.len()
+            + self.trace_id.len()
+    }
+
+    /// The envelope as one line of JSON, as `tail` prints it and a webhook
+    /// or Socket.IO client receives it.
+    pub fn to_json(&self) -> String {
+        // Serialising plain strings and pre-validated raw JSON cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+pub type SharedEvent = Arc<Event>;
+
+/// What a producer asks the broker to publish, before validation.
+#[derive(Debug, Clone, Default)]
+pub struct EventDraft {
+    /// Producer-supplied id; empty means "stamp one".
+    pub id: String,
+    pub event_type: String,
+    /// Requested tenant; empty means the token's own tenant.
+    pub tenant_id: String,
+    /// JSON text.
+    pub data: String,
+    /// Producer-supplied W3C trace id; empty means the caller's `traceparent`
+    /// or a new one.
+    pub trace_id: String,
+}
+
+/// Why an event was refused. Each names the field and the rule it broke.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    #[error("type: required (a lowercase dotted name such as \"cost.updated\")")]
+    TypeMissing,
+    #[error("type: {len} characters is longer than the limit of {MAX_TYPE_LEN}")]
+    TypeTooLong { len: usize },
+    #[error(
+        "type: {value:?} is not a lowercase dotted name: it must match [a-z0-9_]+(\\.[a-z0-9_]+)+, e.g. \"cost.updated\""
+    )]
+    TypeGrammar { value: String },
+    #[error("data: required: JSON text such as {{}} or null")]
+    DataMissing,
+    #[error("data: {size} bytes is larger than the limit of {limit} bytes")]
+    DataTooLarge { size: usize, limit: usize },
+    #[error("data: not valid JSON: {reason}")]
+    DataNotJson { reason: String },
+    #[error("id: {reason}")]
+    IdInvalid { reason: String },
+    #[error("tenant_id: {reason}")]
+    TenantInvalid { reason: String },
+    #[error("trace_id: {value:?} is not a W3C trace id: 32 lowercase hex characters, not all zero")]
+    TraceIdInvalid { value: String },
+    #[error("events: empty: a publish needs at least one event")]
+    BatchEmpty,
+    #[error("events: {len} events is more than the batch limit of {limit}")]
+    BatchTooLarge { len: usize, limit: usize },
+}
+
+/// Checks an event type against the grammar `[a-z0-9_]+(\.[a-z0-9_]+)+`.
+pub fn validate_type(value: &str) -> Result<(), EventError> {
+    if value.is_empty() {
+        return Err(EventError::TypeMissing);
+    }
+    if value.len() > MAX_TYPE_LEN {
+        return Err(EventError::TypeTooLong { len: value.len() });
+    }
+    let word = |w: &str| {
+        !w.is_empty()
+            && w.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    };
+    let mut words = value.split('.');
+    let ok = words.clone().count() >= 2 && words.all(word);
+    if ok {
+        Ok(())
+    } else {
+        Err(EventError::TypeGrammar {
+            value: value.chars().take(MAX_TYPE_LEN + 8).collect(),
+        })
+    }
+}
+
+/// Identifiers supplied from outside (event ids, tenant ids): 1-128
+/// characters of `[A-Za-z0-9._:-]`, so they are safe in logs, Redis keys and
+/// Socket.IO room names.
+pub fn check_identifier(value: &str) -> Result<(), String> {
+    if value.len() > MAX_ID_LEN {
+        return Err(format!(
+            "{} characters is longer than the limit of {MAX_ID_LEN}",
+            value.len()
+        ));
+    }
+    if value.is_empty() {
+        return Err("must not be empty".into());
+    }
+    match value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
+    {
+        Some(c) => Err(format!(
+            "{c:?} is not allowed: use 1-{MAX_ID_LEN} characters of [A-Za-z0-9._:-]"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Checks `data` and keeps its exact text.
+pub fn parse_data(data: &str, max_bytes: usize) -> Result<Box<RawValue>, EventError> {
+    if data.trim().is_empty() {
+        return Err(EventError::DataMissing);
+    }
+    if data.len() > max_bytes {
+        return Err(EventError::DataTooLarge {
+            size: data.len(),
+            limit: max_bytes,
+        });
+    }
+    serde_json::from_str::<Box<RawValue>>(data).map_err(|e| EventError::DataNotJson {
+        reason: e.to_string(),
+    })
+}
+
+/// True for a W3C trace id: 32 lowercase hex characters, not all zero.
+pub fn is_trace_id(value: &str) -> bool {
+    value.len() == 32
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && value.bytes().any(|b| b != b'0')
+}
+
+/// The trace id of a W3C `traceparent` header
+/// (`00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`), or `None` when
+/// the header is malformed (the spec says to ignore it then).
+pub fn trace_id_from_traceparent(header: &str) -> Option<String> {
+    let mut parts = header.trim().split('-');
+    let version = parts.next()?;
+    let trace_id = parts.next()?;
+    let parent_id = parts.next()?;
+    let flags = parts.next()?;
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if !hex(version, 2) || version.eq_ignore_ascii_case("ff") {
+        return None;
+    }
+    // Version 00 has exactly four fields; later versions may append more.
+    if version == "00" && parts.next().is_some() {
+        return None;
+    }
+    if !hex(parent_id, 16) || parent_id.bytes().all(|b| b == b'0') || !hex(flags, 2) {
+        return None;
+    }
+    is_trace_id(trace_id).then(|| trace_id.to_string())
+}
+
+/// A new random W3C trace id.
+pub fn new_trace_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// A new time-ordered event id (UUIDv7).
+pub fn new_event_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// RFC 3339 UTC with milliseconds, e.g. `2026-04-29T16:41:38.412Z`.
+pub fn format_timestamp(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+/// Everything that is fixed for one publish call: limits and the caller's
+/// trace context.
+#[derive(Debug, Clone)]
+pub struct Stamp {
+    pub max_data_bytes: usize,
+    /// From the caller's `traceparent`, if it had a valid one.
+    pub trace_id: Option<String>,
+}
+
+/// Validates one draft for `tenant_id` and stamps id, timestamp and trace id.
+/// Returns a fully formed event; nothing is dispatched here.
+pub fn accept(
+    draft: EventDraft,
+    tenant_id: &str,
+    stamp: &Stamp,
+    now: SystemTime,
+) -> Result<Event, EventError> {
+    validate_type(&draft.event_type)?;
+    let data = parse_data(&draft.data, stamp.max_data_bytes)?;
+    let id = if draft.id.is_empty() {
+        new_event_id()
+    } else {
+        check_identifier(&draft.id).map_err(|reason| EventError::IdInvalid { reason })?;
+        draft.id
+    };
+    let trace_id = if draft.trace_id.is_empty() {
+        stamp.trace_id.clone().unwrap_or_else(new_trace_id)
+    } else if is_trace_id(&draft.trace_id) {
+        draft.trace_id
+    } else {
+        return Err(EventError::TraceIdInvalid {
+            value: draft.trace_id.chars().take(64).collect(),
+        });
+    };
+    Ok(Event {
+        id,
+        event_type: draft.event_type,
+        tenant_id: tenant_id.to_string(),
+        data,
+        timestamp: format_timestamp(now),
+        trace_id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn type_grammar() {
+        for ok in ["cost.updated", "ml.training.completed", "a.b", "x_1.y_2.z3"] {
+            assert_eq!(validate_type(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "cost",
+            "Cost.updated",
+            "cost.",
+            ".cost",
+            "cost..x",
+            "cost-x.y",
+            "cost.*",
+            "cost updated",
+            "cöst.x",
+        ] {
+            assert!(
+                matches!(validate_type(bad), Err(EventError::TypeGrammar { .. })),
+                "{bad}"
+            );
+        }
+        assert_eq!(validate_type(""), Err(EventError::TypeMissing));
+        let long = format!("a.{}", "b".repeat(127));
+        assert_eq!(
+            validate_type(&long),
+            Err(EventError::TypeTooLong { len: 129 })
+        );
+        assert!(validate_type(&format!("a.{}", "b".repeat(126))).is_ok());
+    }
+
+    #[test]
+    fn data_keeps_exact_text() {
+        let raw = parse_data(
+            r#"{"n":42,"f":1.50,"big":123456789012345678901234567890}"#,
+            1024,
+        )
+        .expect("valid");
+        assert_eq!(
+            raw.get(),
+            r#"{"n":42,"f":1.50,"big":123456789012345678901234567890}"#
+        );
+        assert!(matches!(
+            parse_data("{", 1024),
+            Err(EventError::DataNotJson { .. })
+        ));
+        assert!(matches!(
+            parse_data("{} {}", 1024),
+            Err(EventError::DataNotJson { .. })
+        ));
+        assert_eq!(parse_data("  ", 1024).err(), Some(EventError::DataMissing));
+        assert_eq!(
+            parse_data("[1,2,3]", 4).err(),
+            Some(EventError::DataTooLarge { size: 7, limit: 4 })
+        );
+        // Deep nesting is refused by the parser's recursion limit, not a stack overflow.
+        let deep = "[".repeat(100_000);
+        assert!(matches!(
+            parse_data(&deep, 1 << 20),
+            Err(EventError::DataNotJson { .. })
+        ));
+    }
+
+    #[test]
+    fn traceparent() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            trace_id_from_traceparent(tp).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        for bad in [
+            "",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
+            assert_eq!(trace_id_from_traceparent(bad), None, "{bad}");
+        }
+        assert!(is_trace_id(&new_trace_id()));
+    }
+
+    #[test]
+    fn identifiers() {
+        assert!(check_identifier("tenant-abc_1.2:3").is_ok());
+        assert!(check_identifier("").is_err());
+        assert!(check_identifier("a b").is_err());
+        assert!(check_identifier("tenant/x").is_err());
+        assert!(check_identifier(&"a".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn stamping() {
+        let stamp = Stamp {
+            max_data_bytes: 1024,
+            trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+        };
+        let draft = EventDraft {
+            event_type: "cost.updated".into(),
+            data: r#"{"amount":42}"#.into(),
+            ..Default::default()
+        };
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_777_480_898_412);
+        let event = accept(draft, "tenant-a", &stamp, now).expect("accepted");
+        assert_eq!(event.timestamp, "2026-04-29T16:41:38.412Z");
+        assert_eq!(event.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            uuid::Uuid::try_parse(&event.id).map(|u| u.get_version_num()),
+            Ok(7)
+        );
+        assert_eq!(
+            event.to_json(),
+            format!(
+                r#"{{"id":"{}","type":"cost.updated","tenant_id":"tenant-a","data":{{"amount":42}},"timestamp":"2026-04-29T16:41:38.412Z","trace_id":"4bf92f3577b34da6a3ce929d0e0e4736"}}"#,
+                event.id
+            )
+        );
+    }
+}

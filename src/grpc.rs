@@ -1,0 +1,190 @@
+//! The gRPC surface (`tensorcost.events.v1.EventBroker`): translates
+//! messages to [`App`] calls and back. No broker logic lives here.
+
+use std::pin::Pin;
+
+use tokio_stream::{Stream, StreamExt};
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::app::{App, SubscribeParams};
+use crate::auth::Identity;
+use crate::broker::{Delivery, Outcome, TenantScope};
+use crate::error::ApiError;
+use crate::event::{Event, EventDraft};
+use crate::proto::event_broker_server::EventBroker;
+use crate::proto::{
+    self, PublishAck, PublishError, PublishRequest, PublishResponse, PublishResult,
+    PublishStreamRequest, SubscribeRequest, SubscribeResponse, SubscribeStatus, publish_ack,
+    subscribe_response,
+};
+
+/// Metadata key carrying the last event id a subscriber was sent, on a
+/// stream that ends early (too slow, or server shutting down).
+pub const LAST_EVENT_ID: &str = "last-event-id";
+
+pub struct GrpcService {
+    app: App,
+}
+
+impl GrpcService {
+    pub fn new(app: App) -> Self {
+        Self { app }
+    }
+
+    fn identity(&self, metadata: &MetadataMap) -> Result<Identity, Status> {
+        let header = metadata.get("authorization").and_then(|v| v.to_str().ok());
+        Ok(self.app.authenticate(header)?)
+    }
+}
+
+fn traceparent(metadata: &MetadataMap) -> Option<&str> {
+    metadata.get("traceparent").and_then(|v| v.to_str().ok())
+}
+
+impl From<proto::Event> for EventDraft {
+    fn from(e: proto::Event) -> Self {
+        EventDraft {
+            id: e.id,
+            event_type: e.r#type,
+            tenant_id: e.tenant_id,
+            data: e.data,
+            trace_id: e.trace_id,
+        }
+    }
+}
+
+impl From<&Event> for proto::Event {
+    fn from(e: &Event) -> Self {
+        proto::Event {
+            id: e.id.clone(),
+            r#type: e.event_type.clone(),
+            tenant_id: e.tenant_id.clone(),
+            data: e.data.get().to_string(),
+            timestamp: e.timestamp.clone(),
+            trace_id: e.trace_id.clone(),
+        }
+    }
+}
+
+impl From<Outcome> for PublishResult {
+    fn from(o: Outcome) -> Self {
+        PublishResult {
+            id: o.id,
+            duplicate: o.duplicate,
+        }
+    }
+}
+
+/// A stream that ended early: the status names the reason and carries the
+/// last id sent, in the message and as `last-event-id` metadata.
+fn ended_early(code: tonic::Code, reason: &str, last_id: Option<String>) -> Status {
+    let resume = match &last_id {
+        Some(id) => format!("resume with since_id={id}"),
+        None => "resume with the since_id you last used".to_string(),
+    };
+    let mut status = Status::new(code, format!("{reason}; {resume}"));
+    if let Some(value) = last_id.and_then(|id| MetadataValue::try_from(id).ok()) {
+        status.metadata_mut().insert(LAST_EVENT_ID, value);
+    }
+    status
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl EventBroker for GrpcService {
+    async fn publish(
+        &self,
+        request: Request<PublishRequest>,
+    ) -> Result<Response<PublishResponse>, Status> {
+        let identity = self.identity(request.metadata())?;
+        let stamp = self.app.stamp(traceparent(request.metadata()));
+        let drafts = request
+            .into_inner()
+            .events
+            .into_iter()
+            .map(Into::into)
+            .collect();
+        let outcomes = self.app.publish(&identity, drafts, &stamp)?;
+        Ok(Response::new(PublishResponse {
+            results: outcomes.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    type PublishStreamStream = BoxStream<PublishAck>;
+
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<PublishStreamRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let identity = self.identity(request.metadata())?;
+        let stamp = self.app.stamp(traceparent(request.metadata()));
+        let app = self.app.clone();
+        let mut next_sequence = 0u64;
+        let acks = request.into_inner().map(move |message| {
+            let sequence = next_sequence;
+            next_sequence += 1;
+            let message = message?;
+            let outcome = match message.event {
+                Some(event) => app.publish_one(&identity, event.into(), &stamp),
+                None => Err(ApiError::invalid("event: required in every message")),
+            };
+            Ok(PublishAck {
+                sequence,
+                outcome: Some(match outcome {
+                    Ok(o) => publish_ack::Outcome::Accepted(o.into()),
+                    Err(e) => publish_ack::Outcome::Error(PublishError {
+                        code: e.code.as_str().to_string(),
+                        message: e.message,
+                    }),
+                }),
+            })
+        });
+        Ok(Response::new(Box::pin(acks)))
+    }
+
+    type SubscribeStream = BoxStream<SubscribeResponse>;
+
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let identity = self.identity(request.metadata())?;
+        let request = request.into_inner();
+        let params = SubscribeParams {
+            types: request.types,
+            since_id: request.since_id,
+            tenant_id: request.tenant_id,
+        };
+        let (scope, subscription) = self.app.subscribe(&identity, &params)?;
+        let status = SubscribeStatus {
+            tenant_id: match scope {
+                TenantScope::One(t) => t,
+                TenantScope::All => "*".into(),
+            },
+            resumed: subscription.recovered.is_some(),
+            recovered: subscription.recovered.unwrap_or(false),
+            replayed: subscription.replay_len() as u64,
+        };
+        let first = tokio_stream::once(Ok(SubscribeResponse {
+            message: Some(subscribe_response::Message::Status(status)),
+        }));
+        let events = subscription.map(|delivery| match delivery {
+            Delivery::Event(e) => Ok(SubscribeResponse {
+                message: Some(subscribe_response::Message::Event(e.as_ref().into())),
+            }),
+            Delivery::Lagged { last_id } => Err(ended_early(
+                tonic::Code::ResourceExhausted,
+                "subscriber too slow: its buffer of events overflowed and it was dropped",
+                last_id,
+            )),
+            Delivery::Closed { last_id } => Err(ended_early(
+                tonic::Code::Unavailable,
+                "broker is shutting down",
+                last_id,
+            )),
+        });
+        Ok(Response::new(Box::pin(first.chain(events))))
+    }
+}

@@ -1,0 +1,194 @@
+//! Wires the parts together and runs both listeners until shutdown.
+//!
+//! Shutdown is explicit: a [`CancellationToken`] fires, readiness turns
+//! false, the broker ends every subscription (each stream tells its client
+//! the last id it was sent), then both listeners drain. Anything still open
+//! after [`DRAIN_TIMEOUT`] is cut.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::auth::Authenticator;
+use crate::broker::Broker;
+use crate::config::Settings;
+use crate::grpc::GrpcService;
+use crate::http::{self, HttpState};
+use crate::proto;
+use crate::proto::event_broker_server::EventBrokerServer;
+
+/// How long open streams get to finish after shutdown begins.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A started server.
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub app: App,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Binds both listeners and starts serving. `secret` is the HS256 secret
+/// (from settings, or generated in development mode).
+pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running> {
+    let app = App {
+        broker: Broker::new(settings.broker()),
+        auth: Arc::new(Authenticator::new(secret, settings.default_scopes())),
+        limits: settings.limits(),
+    };
+    let grpc_listener = TcpListener::bind(settings.grpc_addr)
+        .await
+        .with_context(|| format!("cannot listen for gRPC on {}", settings.grpc_addr))?;
+    let http_listener = TcpListener::bind(settings.http_addr)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {}", settings.http_addr))?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
+
+    let shutdown = CancellationToken::new();
+    let ready = Arc::new(AtomicBool::new(true));
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<EventBrokerServer<GrpcService>>().await;
+
+    // On shutdown: not ready, then end every subscription so streaming
+    // responses finish and the listeners can drain.
+    let closer = {
+        let (shutdown, ready, broker) = (shutdown.clone(), Arc::clone(&ready), app.broker.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            ready.store(false, Ordering::Release);
+            health
+                .set_not_serving::<EventBrokerServer<GrpcService>>()
+                .await;
+            broker.close();
+            Ok(())
+        })
+    };
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let broker_service = EventBrokerServer::new(GrpcService::new(app.clone()))
+        .max_decoding_message_size(app.limits.max_request_bytes());
+    let grpc = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(broker_service)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(grpc_listener),
+            shutdown.clone().cancelled_owned(),
+        );
+    let grpc = tokio::spawn(async move { grpc.await.context("gRPC server failed") });
+
+    let router = http::router(HttpState {
+        app: app.clone(),
+        ready,
+    });
+    let http_server = axum::serve(http_listener, router)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let http = tokio::spawn(async move { http_server.await.context("HTTP server failed") });
+
+    if let Some(path) = &settings.ready_file {
+        write_ready_file(path, grpc_addr, http_addr)?;
+    }
+    tracing::info!(%grpc_addr, %http_addr, "tensorcost-events listening");
+    Ok(Running {
+        grpc_addr,
+        http_addr,
+        app,
+        shutdown,
+        tasks: vec![closer, grpc, http],
+    })
+}
+
+/// Writes `{"grpc": …, "http": …}` atomically (write, then rename), so a
+/// reader never sees half a file.
+fn write_ready_file(
+    path: &std::path::Path,
+    grpc: SocketAddr,
+    http: SocketAddr,
+) -> anyhow::Result<()> {
+    let body = serde_json::json!({ "grpc": grpc.to_string(), "http": http.to_string() });
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, body.to_string())
+        .with_context(|| format!("cannot write ready file {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot write ready file {}", path.display()))?;
+    Ok(())
+}
+
+impl Running {
+    /// A token that starts shutdown when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Starts shutdown and waits for it to finish.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+
+    /// Waits until the server has stopped (after the shutdown token fires),
+    /// cutting streams that outlive the drain timeout.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.shutdown.cancelled().await;
+        let mut result = Ok(());
+        for mut task in self.tasks {
+            match tokio::time::timeout(DRAIN_TIMEOUT, &mut task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => result = Err(e),
+                Ok(Err(join)) => result = Err(anyhow::anyhow!("server task panicked: {join}")),
+                Err(_) => {
+                    tracing::warn!("streams still open after {DRAIN_TIMEOUT:?}; closing them");
+                    task.abort();
+                }
+            }
+        }
+        result
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM (`ctrl_c` alone ignores SIGTERM, which is
+/// what container runtimes send).
+pub async fn signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("cannot listen for SIGTERM: {e}");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
