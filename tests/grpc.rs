@@ -178,8 +178,7 @@ async fn prefix_and_exact_filters() {
 
     let status = subscribe(&mut client, &token, &["Cost.*"], "")
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(
         status.message().contains("types[0]"),
@@ -279,8 +278,7 @@ async fn resume_beyond_history_says_not_recovered() {
 
     let bad = subscribe(&mut client, &token, &[], "bad id!")
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(bad.code(), tonic::Code::InvalidArgument);
     assert!(bad.message().starts_with("since_id:"), "{}", bad.message());
 }
@@ -475,8 +473,7 @@ async fn tenants_never_see_each_others_events_under_load() {
             };
             let refused = publish(&mut client, &token, vec![other])
                 .await
-                .err()
-                .expect("refused");
+                .expect_err("refused");
             assert_eq!(refused.code(), tonic::Code::PermissionDenied);
             assert!(
                 refused.message().contains("events:all_tenants"),
@@ -508,8 +505,7 @@ async fn tenants_never_see_each_others_events_under_load() {
         },
     )
     .await
-    .err()
-    .expect("refused");
+    .expect_err("refused");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
 }
 
@@ -564,8 +560,7 @@ async fn an_all_tenants_service_token_publishes_for_and_follows_named_tenants() 
     // A service token must name the tenant it publishes for.
     let unnamed = publish(&mut client, &service, vec![draft("policy.updated", "{}")])
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(unnamed.code(), tonic::Code::InvalidArgument);
     assert!(
         unnamed.message().contains("tenant_id: required"),
@@ -575,8 +570,7 @@ async fn an_all_tenants_service_token_publishes_for_and_follows_named_tenants() 
     // Resume needs one tenant.
     let resume_all = subscribe(&mut client, &service, &[], "some-id")
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(resume_all.code(), tonic::Code::InvalidArgument);
 }
 
@@ -645,8 +639,7 @@ async fn every_invalid_event_is_refused_naming_the_field_and_nothing_half_accept
     for (event, expected) in cases {
         let status = publish(&mut client, &token, vec![event])
             .await
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{expected}");
         assert!(
             status.message().starts_with(expected),
@@ -657,8 +650,7 @@ async fn every_invalid_event_is_refused_naming_the_field_and_nothing_half_accept
 
     let empty = publish(&mut client, &token, vec![])
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(
         empty.message(),
         "events: empty: a publish needs at least one event"
@@ -666,8 +658,7 @@ async fn every_invalid_event_is_refused_naming_the_field_and_nothing_half_accept
     let many = (0..11).map(|_| draft("cost.updated", "{}")).collect();
     let too_many = publish(&mut client, &token, many)
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(
         too_many.message(),
         "events: 11 events is more than the batch limit of 10"
@@ -681,8 +672,7 @@ async fn every_invalid_event_is_refused_naming_the_field_and_nothing_half_accept
     ];
     let status = publish(&mut client, &token, batch)
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(
         status.message().starts_with("events[2].type:"),
         "{}",
@@ -804,7 +794,7 @@ async fn every_auth_refusal_says_why() {
                 .metadata_mut()
                 .insert("authorization", h.parse().expect("ascii"));
         }
-        let status = client.publish(request).await.err().expect("refused");
+        let status = client.publish(request).await.expect_err("refused");
         assert_eq!(status.code(), code, "{expected}: {status:?}");
         assert!(
             status.message().contains(expected),
@@ -822,8 +812,7 @@ async fn every_auth_refusal_says_why() {
 
     let no_sub = subscribe(&mut client, &token("tenant-a", "events:publish"), &[], "")
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(no_sub.code(), tonic::Code::PermissionDenied);
     assert!(
         no_sub
@@ -833,8 +822,7 @@ async fn every_auth_refusal_says_why() {
     let no_token = client
         .subscribe(SubscribeRequest::default())
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(no_token.code(), tonic::Code::Unauthenticated);
 }
 
@@ -888,8 +876,7 @@ async fn publish_stream_acknowledges_every_event_on_its_own() {
     let refused = client
         .publish_stream(tokio_stream::iter(Vec::<PublishStreamRequest>::new()))
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);
 }
 
@@ -955,7 +942,7 @@ async fn shutdown_ends_streams_with_the_last_id_sent() {
         .expect("publish");
     assert_eq!(sub.next().await.expect("event").id, ids[0].id);
     let stop = tokio::spawn(async move { server.stop().await });
-    let status = sub.next().await.err().expect("ended");
+    let status = sub.next().await.expect_err("ended");
     assert_eq!(status.code(), tonic::Code::Unavailable);
     assert_eq!(
         status

@@ -114,6 +114,7 @@ pub async fn publish(
 }
 
 /// An open Subscribe stream, past its status message.
+#[derive(Debug)]
 pub struct Sub {
     pub status: SubscribeStatus,
     pub stream: Streaming<SubscribeResponse>,

@@ -1,0 +1,329 @@
+//! The real binary: `serve` with no configuration, `publish`, `tail`,
+//! `token`, `check-token`, `version`, and clear refusals of bad settings.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tensorcost-events");
+const SECRET: &str = "cli-test-secret-0123456789abcdef0123";
+
+/// A command with a clean environment: nothing from the developer's shell.
+fn cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args).env_clear().env("RUST_LOG", "warn");
+    c
+}
+
+fn run(c: &mut Command) -> Output {
+    c.stdin(Stdio::null()).output().expect("run binary")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+struct Serve {
+    child: Child,
+    grpc: String,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tmp_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("tc-cli-{}-{name}", std::process::id()))
+}
+
+/// Starts `serve` on ephemeral ports and waits for its ready file.
+fn serve(extra_env: &[(&str, &str)], name: &str) -> Serve {
+    let ready = tmp_path(&format!("{name}-ready.json"));
+    let _ = std::fs::remove_file(&ready);
+    let mut c = cmd(&[
+        "serve",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+    ]);
+    c.env("TC_READY_FILE", &ready)
+        .envs(extra_env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("spawn serve");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let addrs: serde_json::Value = loop {
+        if let Ok(body) = std::fs::read_to_string(&ready) {
+            break serde_json::from_str(&body).expect("ready file is JSON");
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("serve exited early: {status}");
+        }
+        assert!(Instant::now() < deadline, "serve did not become ready");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    Serve {
+        grpc: format!("http://{}", addrs["grpc"].as_str().expect("grpc addr")),
+        child,
+        stdout,
+    }
+}
+
+#[test]
+fn serve_with_no_configuration_prints_a_token_that_publish_and_tail_use() {
+    let mut server = serve(&[], "dev");
+    // The banner carries a ready-to-use token and copy-paste examples.
+    let mut banner = String::new();
+    let token = loop {
+        let mut line = String::new();
+        assert!(
+            server.stdout.read_line(&mut line).expect("read") > 0,
+            "banner ended: {banner}"
+        );
+        banner.push_str(&line);
+        if let Some(t) = line.trim().strip_prefix("export TC_TOKEN=") {
+            break t.to_string();
+        }
+    };
+    for _ in 0..6 {
+        let mut line = String::new();
+        server.stdout.read_line(&mut line).expect("read");
+        banner.push_str(&line);
+    }
+    assert!(banner.contains("development mode"), "{banner}");
+    assert!(banner.contains("tensorcost-events tail"), "{banner}");
+    assert!(banner.contains("tensorcost-events publish"), "{banner}");
+
+    let env = [
+        ("TC_TOKEN", token.as_str()),
+        ("TC_SERVER", server.grpc.as_str()),
+    ];
+    let tail = cmd(&["tail", "--types", "cost.*", "--count", "2"])
+        .envs(env)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tail");
+    // Give tail time to subscribe; what it misses it would get by --since,
+    // but this test wants the live path.
+    std::thread::sleep(Duration::from_millis(500));
+    let published: Vec<String> = [
+        ("cost.updated", r#"{"amount":42,"f":1.50}"#),
+        ("alert.created", "{}"),
+        ("cost.threshold_exceeded", "[1,2.0]"),
+    ]
+    .iter()
+    .map(|(t, d)| {
+        let out = run(cmd(&["publish", "--type", t, "--data", d]).envs(env));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let reply: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json reply");
+        assert_eq!(reply["duplicate"], false);
+        reply["id"].as_str().expect("id").to_string()
+    })
+    .collect();
+    let out = tail.wait_with_output().expect("tail exits after --count");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON envelope per line"))
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["id"], published[0].as_str());
+    assert_eq!(lines[1]["id"], published[2].as_str());
+    // Exact data: the raw line keeps 1.50 and 2.0.
+    let raw = text(&out.stdout);
+    assert!(raw.contains(r#""data":{"amount":42,"f":1.50}"#), "{raw}");
+    assert!(raw.contains(r#""data":[1,2.0]"#), "{raw}");
+    assert_eq!(lines[0]["tenant_id"], "tenant-dev");
+
+    // tail --since replays what came after.
+    let out = run(cmd(&["tail", "--since", &published[0], "--count", "2"]).envs(env));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("recovered=true"),
+        "{}",
+        text(&out.stderr)
+    );
+    let ids: Vec<String> = text(&out.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["id"]
+                .as_str()
+                .expect("id")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids, published[1..]);
+
+    // A refused publish says why and exits non-zero.
+    let out = run(cmd(&["publish", "--type", "Cost", "--data", "{}"]).envs(env));
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("events[0].type:"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // SIGTERM shuts down cleanly and promptly.
+    let pid = server.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "serve did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(
+        &mut server.child.stderr.take().expect("stderr"),
+        &mut stderr,
+    )
+    .expect("stderr");
+    assert!(stderr.contains("DEVELOPMENT MODE"), "{stderr}");
+}
+
+#[test]
+fn token_and_check_token() {
+    let out = run(cmd(&[
+        "token",
+        "--tenant",
+        "tenant-x",
+        "--scope",
+        "events:publish",
+        "--ttl",
+        "5m",
+        "--sub",
+        "svc",
+    ])
+    .env("TC_JWT_SECRET", SECRET));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let token = text(&out.stdout).trim().to_string();
+    assert_eq!(token.split('.').count(), 3);
+
+    let out = run(cmd(&["check-token", &token]).env("TC_JWT_SECRET", SECRET));
+    assert!(out.status.success());
+    let said = text(&out.stdout);
+    assert!(
+        said.starts_with("accepted: tenant=tenant-x subject=svc scopes=events:publish"),
+        "{said}"
+    );
+
+    let out =
+        run(cmd(&["check-token", &token])
+            .env("TC_JWT_SECRET", "another-secret-another-secret-another"));
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "refused: invalid signature: the token was not signed with this broker's secret"
+    );
+
+    let out = run(cmd(&["check-token"])
+        .env("TC_TOKEN", "x.y")
+        .env("TC_JWT_SECRET", SECRET));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stdout).starts_with("refused: malformed token"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = run(&mut cmd(&["token", "--tenant", "t"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("no secret: set TC_JWT_SECRET"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = run(cmd(&["token"]).env("TC_JWT_SECRET", SECRET));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("--tenant is required"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = run(&mut cmd(&["version"]));
+    assert!(out.status.success());
+    assert!(
+        text(&out.stdout).starts_with("tensorcost-events "),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn bad_settings_and_unreachable_brokers_get_clear_errors() {
+    let cases: [(&str, &str, &str); 4] = [
+        ("TC_MAX_EVENT_BYTES", "0", "must be at least 1"),
+        ("TC_MAX_BATCH", "lots", "\"lots\" is not a whole number"),
+        (
+            "TC_HISTORY_MAX_AGE",
+            "forever",
+            "is not a duration like 30s, 10m or 1h",
+        ),
+        ("TC_GRPC_ADDR", "not-an-address", "invalid socket address"),
+    ];
+    for (key, value, expected) in cases {
+        let out = run(cmd(&["serve"]).env(key, value));
+        assert_eq!(out.status.code(), Some(2), "{key}");
+        let err = text(&out.stderr);
+        assert!(err.contains(expected), "{key}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+
+    // A port in use is named.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let out = run(
+        cmd(&["serve", "--grpc-addr", &addr, "--http-addr", "127.0.0.1:0"])
+            .env("TC_JWT_SECRET", SECRET),
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains(&format!("cannot listen for gRPC on {addr}")),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = run(&mut cmd(&["publish", "--type", "a.b"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("no token: pass --token or set TC_TOKEN"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Nothing listens on the port just released.
+    drop(taken);
+    let out = run(cmd(&[
+        "publish",
+        "--type",
+        "a.b",
+        "--server",
+        &format!("http://{addr}"),
+    ])
+    .env("TC_TOKEN", "t"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("cannot connect to"),
+        "{}",
+        text(&out.stderr)
+    );
+}
