@@ -11,9 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
@@ -85,15 +86,19 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
     let broker_service = EventBrokerServer::new(GrpcService::new(app.clone()))
         .max_decoding_message_size(app.limits.max_request_bytes());
     let grpc = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(broker_service)
+        // Socket options set on the builder are ignored for an incoming
+        // stream; without TCP_NODELAY each unary call waits out Nagle and
+        // delayed ACKs (~40 ms).
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(grpc_listener),
+            TcpIncoming::from(grpc_listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(Duration::from_secs(60))),
             shutdown.clone().cancelled_owned(),
         );
     let grpc = tokio::spawn(async move { grpc.await.context("gRPC server failed") });
@@ -101,6 +106,11 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
     let router = http::router(HttpState {
         app: app.clone(),
         ready,
+    });
+    let http_listener = http_listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {e}");
+        }
     });
     let http_server = axum::serve(http_listener, router)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
