@@ -16,6 +16,7 @@
 //! future per event for nothing.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::num::NonZeroUsize;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -407,6 +408,7 @@ impl Broker {
             overflowed,
             last_sent: None,
             finished: false,
+            deadline: None,
             _guard: Unsubscribe {
                 broker: Arc::downgrade(shared),
                 scope,
@@ -505,6 +507,10 @@ pub enum Delivery {
     Closed {
         last_id: Option<String>,
     },
+    /// The subscription's deadline (its token's expiry) passed.
+    Expired {
+        last_id: Option<String>,
+    },
 }
 
 /// A live subscription: the replay, then live events, then at most one
@@ -517,6 +523,7 @@ pub struct Subscription {
     overflowed: Arc<AtomicBool>,
     last_sent: Option<SharedEvent>,
     finished: bool,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     _guard: Unsubscribe,
 }
 
@@ -524,6 +531,17 @@ impl Subscription {
     /// Events replayed from history before live events.
     pub fn replay_len(&self) -> usize {
         self.replay.len()
+    }
+
+    /// Ends the subscription with [`Delivery::Expired`] at `deadline` (the
+    /// subscriber's token expiry), replayed events or not.
+    pub fn with_deadline(mut self, deadline: tokio::time::Instant) -> Self {
+        self.deadline = Some(Box::pin(tokio::time::sleep_until(deadline)));
+        self
+    }
+
+    fn last_id(&self) -> Option<String> {
+        self.last_sent.as_ref().map(|e| e.id.clone())
     }
 }
 
@@ -534,6 +552,14 @@ impl Stream for Subscription {
         let this = &mut *self;
         if this.finished {
             return Poll::Ready(None);
+        }
+        if let Some(deadline) = &mut this.deadline
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            this.finished = true;
+            return Poll::Ready(Some(Delivery::Expired {
+                last_id: this.last_id(),
+            }));
         }
         if let Some(event) = this.replay.next() {
             this.last_sent = Some(Arc::clone(&event));
@@ -548,7 +574,7 @@ impl Stream for Subscription {
             // because it was too slow, or because it is closing.
             Poll::Ready(None) => {
                 this.finished = true;
-                let last_id = this.last_sent.as_ref().map(|e| e.id.clone());
+                let last_id = this.last_id();
                 Poll::Ready(Some(if this.overflowed.load(Ordering::Acquire) {
                     Delivery::Lagged { last_id }
                 } else {

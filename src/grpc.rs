@@ -2,13 +2,14 @@
 //! messages to [`App`] calls and back. No broker logic lives here.
 
 use std::pin::Pin;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::app::{App, SubscribeParams};
-use crate::auth::Identity;
+use crate::auth::{Identity, LEEWAY_SECS};
 use crate::broker::{Delivery, Outcome, TenantScope};
 use crate::error::ApiError;
 use crate::event::{Event, EventDraft};
@@ -90,6 +91,17 @@ fn ended_early(code: tonic::Code, reason: &str, last_id: Option<String>) -> Stat
     status
 }
 
+/// When a stream opened with a token that expires at `exp` (Unix seconds)
+/// must end: the same instant, leeway included, at which the token would
+/// be refused.
+fn token_deadline(exp: u64) -> tokio::time::Instant {
+    let now_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let end = Duration::from_secs(exp + LEEWAY_SECS);
+    tokio::time::Instant::now() + end.saturating_sub(now_unix)
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -158,6 +170,7 @@ impl EventBroker for GrpcService {
             tenant_id: request.tenant_id,
         };
         let (scope, subscription) = self.app.subscribe(&identity, &params)?;
+        let subscription = subscription.with_deadline(token_deadline(identity.expires_at));
         let status = SubscribeStatus {
             tenant_id: match scope {
                 TenantScope::One(t) => t,
@@ -182,6 +195,11 @@ impl EventBroker for GrpcService {
             Delivery::Closed { last_id } => Err(ended_early(
                 tonic::Code::Unavailable,
                 "broker is shutting down",
+                last_id,
+            )),
+            Delivery::Expired { last_id } => Err(ended_early(
+                tonic::Code::Unauthenticated,
+                "token expired: subscribe again with a fresh token",
                 last_id,
             )),
         });

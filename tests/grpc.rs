@@ -956,3 +956,46 @@ async fn shutdown_ends_streams_with_the_last_id_sent() {
         .expect("stops promptly")
         .expect("stop task");
 }
+
+#[tokio::test]
+async fn a_subscription_ends_when_its_token_expires() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    // Expired 28 s ago: still inside the 30 s leeway, so accepted, and the
+    // stream must end about 2 s from now.
+    let short = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"tenantId": "tenant-a", "exp": now - 28}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign");
+    let mut sub = subscribe(&mut client, &short, &[], "")
+        .await
+        .expect("subscribe");
+    let ids = publish(
+        &mut client,
+        &full("tenant-a"),
+        vec![draft("cost.updated", "{}")],
+    )
+    .await
+    .expect("publish");
+    assert_eq!(sub.next().await.expect("event").id, ids[0].id);
+    let status = sub.next().await.expect_err("ended at expiry");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    assert!(
+        status.message().starts_with("token expired"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        status
+            .metadata()
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok()),
+        Some(ids[0].id.as_str())
+    );
+}
