@@ -679,6 +679,16 @@ async fn every_invalid_event_is_refused_naming_the_field_and_nothing_half_accept
         status.message()
     );
 
+    // A request larger than any valid batch is refused before decoding.
+    let huge = draft("cost.updated", &format!("\"{}\"", "x".repeat(200_000)));
+    let status = publish(&mut client, &token, vec![huge])
+        .await
+        .expect_err("refused");
+    assert!(
+        status.message().contains("message length too large"),
+        "{status:?}"
+    );
+
     publish(&mut client, &token, vec![draft("cost.sentinel", "{}")])
         .await
         .expect("publish");
