@@ -45,9 +45,14 @@ pub struct SubscribeParams {
 }
 
 impl App {
-    /// Verifies an `authorization` header value.
-    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Identity, ApiError> {
-        Ok(self.auth.verify_header(authorization)?)
+    /// Verifies an `authorization` header value; `active_tenant` is the
+    /// `x-active-tenant-id` header (a Cognito user's choice of tenant).
+    pub async fn authenticate(
+        &self,
+        authorization: Option<&str>,
+        active_tenant: Option<&str>,
+    ) -> Result<Identity, ApiError> {
+        Ok(self.auth.verify_header(authorization, active_tenant).await?)
     }
 
     /// Publish-wide context: limits and the caller's `traceparent`.

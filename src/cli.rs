@@ -137,7 +137,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Publish(args) => publish(args).await,
         Command::Tail(args) => tail(args).await,
         Command::Token(args) => token(args),
-        Command::CheckToken(args) => check_token(args),
+        Command::CheckToken(args) => check_token(args).await,
         Command::Version => {
             println!(
                 "tensorcost-events {} (gRPC API tensorcost.events.v1)",
@@ -413,7 +413,7 @@ fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn check_token(args: CheckTokenArgs) -> anyhow::Result<ExitCode> {
+async fn check_token(args: CheckTokenArgs) -> anyhow::Result<ExitCode> {
     let secret = args
         .secret
         .filter(|s| !s.is_empty())
@@ -422,7 +422,7 @@ fn check_token(args: CheckTokenArgs) -> anyhow::Result<ExitCode> {
         secret.as_bytes(),
         Scopes::parse(&args.default_scopes.replace(',', " ")),
     );
-    match auth.verify(args.token.trim()) {
+    match auth.verify(args.token.trim(), None).await {
         Ok(identity) => {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)

@@ -118,7 +118,13 @@ impl From<FilterError> for ApiError {
 
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
-        Self::new(Code::Unauthenticated, e.to_string())
+        let code = match e {
+            AuthError::KeysUnavailable { .. } => Code::Unavailable,
+            AuthError::NoMembership { .. } | AuthError::NoMemberships => Code::PermissionDenied,
+            AuthError::ActiveTenantRequired { .. } => Code::InvalidArgument,
+            _ => Code::Unauthenticated,
+        };
+        Self::new(code, e.to_string())
     }
 }
 

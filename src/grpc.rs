@@ -24,6 +24,10 @@ use crate::proto::{
 /// stream that ends early (too slow, or server shutting down).
 pub const LAST_EVENT_ID: &str = "last-event-id";
 
+/// Metadata key (and HTTP header) with which a Cognito user picks one of
+/// their tenants, like Socket.IO's `activeTenantId`.
+pub const ACTIVE_TENANT: &str = "x-active-tenant-id";
+
 pub struct GrpcService {
     app: App,
 }
@@ -33,9 +37,12 @@ impl GrpcService {
         Self { app }
     }
 
-    fn identity(&self, metadata: &MetadataMap) -> Result<Identity, Status> {
-        let header = metadata.get("authorization").and_then(|v| v.to_str().ok());
-        Ok(self.app.authenticate(header)?)
+    async fn identity(&self, metadata: &MetadataMap) -> Result<Identity, Status> {
+        let header = |name| metadata.get(name).and_then(|v| v.to_str().ok());
+        Ok(self
+            .app
+            .authenticate(header("authorization"), header(ACTIVE_TENANT))
+            .await?)
     }
 }
 
@@ -110,7 +117,7 @@ impl EventBroker for GrpcService {
         &self,
         request: Request<PublishRequest>,
     ) -> Result<Response<PublishResponse>, Status> {
-        let identity = self.identity(request.metadata())?;
+        let identity = self.identity(request.metadata()).await?;
         let stamp = self.app.stamp(traceparent(request.metadata()));
         let drafts = request
             .into_inner()
@@ -130,7 +137,7 @@ impl EventBroker for GrpcService {
         &self,
         request: Request<Streaming<PublishStreamRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
-        let identity = self.identity(request.metadata())?;
+        let identity = self.identity(request.metadata()).await?;
         let stamp = self.app.stamp(traceparent(request.metadata()));
         let app = self.app.clone();
         let mut next_sequence = 0u64;
@@ -162,7 +169,7 @@ impl EventBroker for GrpcService {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let identity = self.identity(request.metadata())?;
+        let identity = self.identity(request.metadata()).await?;
         let request = request.into_inner();
         let params = SubscribeParams {
             types: request.types,

@@ -165,7 +165,11 @@ async fn publish(
     let app = &state.app;
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let identity = app
-        .authenticate(header(header::AUTHORIZATION.as_str()))
+        .authenticate(
+            header(header::AUTHORIZATION.as_str()),
+            header(crate::grpc::ACTIVE_TENANT),
+        )
+        .await
         .map_err(unauthorized)?;
     let limit = app.limits.max_request_bytes();
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {

@@ -3,10 +3,15 @@
 //! MCP), so a token means the same thing everywhere.
 //!
 //! Backend-issued tokens are HS256, verified against the shared secret; the
-//! tenant is the `tenantId` or `tenant_id` claim. The algorithm is decided
-//! by the broker, never by the token: the header's `alg` is read only to
-//! give a precise refusal (`none`, a different algorithm).
+//! tenant is the `tenantId` or `tenant_id` claim. Cognito ID tokens are
+//! RS256, verified against the user pool's JWKS ([`cognito`]); their tenant
+//! comes from the user's memberships ([`memberships`]) and the client's
+//! `activeTenantId`. The header's `alg` only picks which verifier runs, and
+//! each verifier accepts exactly one algorithm with its own key, so an
+//! HS256 token is never checked with an RSA key or the reverse.
 
+pub mod cognito;
+pub mod memberships;
 pub mod rbac;
 
 use std::collections::BTreeSet;
@@ -18,15 +23,27 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::event::check_identifier;
+use cognito::Cognito;
+use memberships::Memberships;
 pub use rbac::Scopes;
 
 /// Clock skew tolerated on `exp` and `nbf`, in seconds.
 pub const LEEWAY_SECS: u64 = 30;
 
+/// Which kind of token a caller presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    /// HS256, issued by a backend with the shared secret.
+    Backend,
+    /// RS256 Cognito ID token.
+    Cognito,
+}
+
 /// A verified caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
-    /// The token's `sub`, when it has one.
+    pub kind: TokenKind,
+    /// The token's `sub` (for Cognito, the user's `cognito_sub`).
     pub subject: Option<String>,
     /// The token's tenant. `None` only for all-tenants service tokens.
     pub tenant: Option<String>,
@@ -47,8 +64,32 @@ pub enum AuthError {
     Malformed(String),
     #[error("token algorithm \"none\" is not accepted: tokens must be signed")]
     AlgNone,
-    #[error("token algorithm {found} is not accepted: backend tokens must be HS256")]
+    #[error(
+        "token algorithm {found} is not accepted: use HS256 (backend tokens) or RS256 (Cognito ID tokens)"
+    )]
     WrongAlgorithm { found: String },
+    #[error("token algorithm RS256 is not accepted: Cognito is not configured on this broker")]
+    CognitoNotConfigured,
+    #[error("unknown signing key kid={kid}: not in the user pool's JWKS")]
+    UnknownKey { kid: String },
+    #[error(
+        "unknown signing key kid={kid}: not in the user pool's JWKS (checked {secs} s ago)"
+    )]
+    UnknownKeyRecentlyChecked { kid: String, secs: u64 },
+    #[error("cannot verify the token now: the user pool's JWKS is unavailable ({reason})")]
+    KeysUnavailable { reason: String },
+    #[error("token issuer is not this broker's Cognito user pool")]
+    WrongIssuer,
+    #[error("token audience is not this broker's Cognito app client")]
+    WrongAudience,
+    #[error("token_use is {found}: send the Cognito ID token, not the access token")]
+    WrongTokenUse { found: String },
+    #[error("no membership in {tenant}")]
+    NoMembership { tenant: String },
+    #[error("user has no tenant membership")]
+    NoMemberships,
+    #[error("activeTenantId required: user belongs to {count} tenants")]
+    ActiveTenantRequired { count: usize },
     #[error("invalid signature: the token was not signed with this broker's secret")]
     InvalidSignature,
     #[error("token expired at {at}")]
@@ -88,8 +129,12 @@ pub struct Claims {
 pub struct Authenticator {
     hs256: DecodingKey,
     validation: Validation,
-    /// Scopes of a token that carries no `scope`/`scopes` claim at all.
+    /// Scopes of a backend token that carries no `scope`/`scopes` claim.
     default_scopes: Scopes,
+    cognito: Option<Cognito>,
+    memberships: Memberships,
+    /// Scopes of every Cognito user.
+    cognito_scopes: Scopes,
 }
 
 impl Authenticator {
@@ -103,36 +148,98 @@ impl Authenticator {
             hs256: DecodingKey::from_secret(hs256_secret),
             validation,
             default_scopes,
+            cognito: None,
+            memberships: Memberships::None,
+            cognito_scopes: Scopes::parse(rbac::SUBSCRIBE),
         }
     }
 
-    /// Verifies the value of an `authorization` header (or of a bare token
-    /// when `header` has no scheme and `bare_ok` is set).
-    pub fn verify_header(&self, header: Option<&str>) -> Result<Identity, AuthError> {
+    /// Also accepts Cognito ID tokens of this pool, whose users get
+    /// `scopes` and the tenants `memberships` lists for them.
+    pub fn with_cognito(mut self, cognito: Cognito, memberships: Memberships, scopes: Scopes) -> Self {
+        self.cognito = Some(cognito);
+        self.memberships = memberships;
+        self.cognito_scopes = scopes;
+        self
+    }
+
+    pub fn cognito(&self) -> Option<&Cognito> {
+        self.cognito.as_ref()
+    }
+
+    /// Verifies the value of an `authorization: Bearer <JWT>` header.
+    pub async fn verify_header(
+        &self,
+        header: Option<&str>,
+        active_tenant: Option<&str>,
+    ) -> Result<Identity, AuthError> {
         let header = header.map(str::trim).filter(|h| !h.is_empty());
         let header = header.ok_or(AuthError::Missing)?;
         let (scheme, token) = header.split_once(' ').ok_or(AuthError::NotBearer)?;
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Err(AuthError::NotBearer);
         }
-        self.verify(token.trim())
+        self.verify(token.trim(), active_tenant).await
     }
 
-    /// Verifies a bare JWT.
-    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+    /// Verifies a bare JWT. `active_tenant` (a client's `activeTenantId`)
+    /// picks among a Cognito user's memberships; for a backend token it must
+    /// be the token's own tenant, or any tenant for an all-tenants token.
+    pub async fn verify(
+        &self,
+        token: &str,
+        active_tenant: Option<&str>,
+    ) -> Result<Identity, AuthError> {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
-        let alg = header_alg(token)?;
-        if alg.eq_ignore_ascii_case("none") {
-            return Err(AuthError::AlgNone);
+        let active_tenant = active_tenant.filter(|t| !t.is_empty());
+        let header = read_header(token)?;
+        match header.alg.as_str() {
+            "HS256" => {
+                let data = jsonwebtoken::decode::<Claims>(token, &self.hs256, &self.validation)
+                    .map_err(|e| map_jwt_error(e.kind(), token))?;
+                self.backend_identity(data.claims, active_tenant)
+            }
+            "RS256" => {
+                let cognito = self.cognito.as_ref().ok_or(AuthError::CognitoNotConfigured)?;
+                let user = cognito.verify(token, header.kid.as_deref()).await?;
+                let tenants = self.memberships.tenants_of(&user.sub).await;
+                let tenant = choose_tenant(&tenants, active_tenant)?;
+                Ok(Identity {
+                    kind: TokenKind::Cognito,
+                    subject: Some(user.sub),
+                    tenant: Some(tenant),
+                    scopes: self.cognito_scopes.clone(),
+                    expires_at: user.exp,
+                })
+            }
+            alg if alg.eq_ignore_ascii_case("none") => Err(AuthError::AlgNone),
+            alg => Err(AuthError::WrongAlgorithm {
+                found: alg.chars().take(16).collect(),
+            }),
         }
-        if alg != "HS256" {
-            return Err(AuthError::WrongAlgorithm { found: alg });
+    }
+
+    fn backend_identity(
+        &self,
+        claims: Claims,
+        active_tenant: Option<&str>,
+    ) -> Result<Identity, AuthError> {
+        let mut identity = self.identity(claims)?;
+        if let Some(active) = active_tenant {
+            check_identifier(active).map_err(AuthError::BadTenant)?;
+            match &identity.tenant {
+                Some(own) if own == active => {}
+                _ if identity.scopes.all_tenants() => identity.tenant = Some(active.to_string()),
+                _ => {
+                    return Err(AuthError::NoMembership {
+                        tenant: active.to_string(),
+                    });
+                }
+            }
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.hs256, &self.validation)
-            .map_err(|e| map_jwt_error(e.kind(), token))?;
-        self.identity(data.claims)
+        Ok(identity)
     }
 
     fn identity(&self, claims: Claims) -> Result<Identity, AuthError> {
@@ -148,6 +255,7 @@ impl Authenticator {
             return Err(AuthError::NoTenant);
         }
         Ok(Identity {
+            kind: TokenKind::Backend,
             subject: claims.sub,
             tenant,
             scopes,
@@ -156,8 +264,28 @@ impl Authenticator {
     }
 }
 
-/// Reads `alg` from a JWT header without trusting anything else in it.
-fn header_alg(token: &str) -> Result<String, AuthError> {
+/// A Cognito user's tenant: the `activeTenantId` when it is one of the
+/// memberships, the only membership when there is one.
+fn choose_tenant(tenants: &[String], active: Option<&str>) -> Result<String, AuthError> {
+    match (active, tenants) {
+        (Some(active), _) if tenants.iter().any(|t| t == active) => Ok(active.to_string()),
+        (Some(active), _) => Err(AuthError::NoMembership {
+            tenant: active.chars().take(128).collect(),
+        }),
+        (None, []) => Err(AuthError::NoMemberships),
+        (None, [only]) => Ok(only.clone()),
+        (None, many) => Err(AuthError::ActiveTenantRequired { count: many.len() }),
+    }
+}
+
+/// The header fields that pick a verifier. Nothing else in the header is
+/// trusted.
+struct RawHeader {
+    alg: String,
+    kid: Option<String>,
+}
+
+fn read_header(token: &str) -> Result<RawHeader, AuthError> {
     let mut parts = token.split('.');
     let (Some(header), Some(_), Some(_), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -170,16 +298,22 @@ fn header_alg(token: &str) -> Result<String, AuthError> {
         .decode(header.trim_end_matches('='))
         .map_err(|_| AuthError::Malformed("header is not base64url".into()))?;
     #[derive(Deserialize)]
-    struct RawHeader {
+    struct Fields {
         alg: Option<String>,
+        kid: Option<String>,
     }
-    let raw: RawHeader = serde_json::from_slice(&bytes)
+    let fields: Fields = serde_json::from_slice(&bytes)
         .map_err(|_| AuthError::Malformed("header is not a JSON object".into()))?;
-    raw.alg
-        .ok_or_else(|| AuthError::Malformed("header has no alg".into()))
+    let alg = fields
+        .alg
+        .ok_or_else(|| AuthError::Malformed("header has no alg".into()))?;
+    Ok(RawHeader {
+        alg,
+        kid: fields.kid,
+    })
 }
 
-fn map_jwt_error(kind: &ErrorKind, token: &str) -> AuthError {
+pub(crate) fn map_jwt_error(kind: &ErrorKind, token: &str) -> AuthError {
     match kind {
         ErrorKind::InvalidSignature => AuthError::InvalidSignature,
         ErrorKind::ExpiredSignature => {
@@ -277,15 +411,15 @@ mod tests {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
     }
 
-    #[test]
-    fn accepts_either_tenant_claim_and_scope_forms() {
+    #[tokio::test]
+    async fn accepts_either_tenant_claim_and_scope_forms() {
         let a = auth();
         let t = sign(
             serde_json::json!({"tenantId": "tenant-a", "exp": now() + 60, "scope": "events:subscribe"}),
             Algorithm::HS256,
             SECRET,
         );
-        let id = a.verify_header(Some(&format!("Bearer {t}"))).expect("ok");
+        let id = a.verify_header(Some(&format!("Bearer {t}")), None).await.expect("ok");
         assert_eq!(id.tenant.as_deref(), Some("tenant-a"));
         assert!(id.scopes.has(SUBSCRIBE));
         assert!(!id.scopes.has(PUBLISH));
@@ -294,7 +428,7 @@ mod tests {
             Algorithm::HS256,
             SECRET,
         );
-        let id = a.verify(&t).expect("ok");
+        let id = a.verify(&t, None).await.expect("ok");
         assert_eq!(id.tenant.as_deref(), Some("tenant-b"));
         assert!(id.scopes.has(PUBLISH));
         let t = sign(
@@ -302,35 +436,35 @@ mod tests {
             Algorithm::HS256,
             SECRET,
         );
-        let id = a.verify(&t).expect("ok");
+        let id = a.verify(&t, None).await.expect("ok");
         assert!(
             id.scopes.has(PUBLISH) && id.scopes.has(SUBSCRIBE),
             "defaults"
         );
     }
 
-    #[test]
-    fn refusals_say_which() {
+    #[tokio::test]
+    async fn refusals_say_which() {
         let a = auth();
-        assert_eq!(a.verify_header(None), Err(AuthError::Missing));
+        assert_eq!(a.verify_header(None, None).await, Err(AuthError::Missing));
         assert_eq!(
-            a.verify_header(Some("Basic abc")),
+            a.verify_header(Some("Basic abc"), None).await,
             Err(AuthError::NotBearer)
         );
-        assert!(matches!(a.verify("abc"), Err(AuthError::Malformed(_))));
+        assert!(matches!(a.verify("abc", None).await, Err(AuthError::Malformed(_))));
         let none = format!(
             "{}.{}.",
             b64(r#"{"alg":"none","typ":"JWT"}"#),
             b64(&format!(r#"{{"tenantId":"t","exp":{}}}"#, now() + 60))
         );
-        assert_eq!(a.verify(&none), Err(AuthError::AlgNone));
+        assert_eq!(a.verify(&none, None).await, Err(AuthError::AlgNone));
         let hs512 = sign(
             serde_json::json!({"tenantId": "t", "exp": now() + 60}),
             Algorithm::HS512,
             SECRET,
         );
         assert_eq!(
-            a.verify(&hs512),
+            a.verify(&hs512, None).await,
             Err(AuthError::WrongAlgorithm {
                 found: "HS512".into()
             })
@@ -340,14 +474,14 @@ mod tests {
             Algorithm::HS256,
             b"another secret another secret !!",
         );
-        assert_eq!(a.verify(&forged), Err(AuthError::InvalidSignature));
+        assert_eq!(a.verify(&forged, None).await, Err(AuthError::InvalidSignature));
         let expired = sign(
             serde_json::json!({"tenantId": "t", "exp": 1_700_000_000}),
             Algorithm::HS256,
             SECRET,
         );
         assert_eq!(
-            a.verify(&expired),
+            a.verify(&expired, None).await,
             Err(AuthError::Expired {
                 at: "2023-11-14T22:13:20.000Z".into()
             })
@@ -357,44 +491,93 @@ mod tests {
             Algorithm::HS256,
             SECRET,
         );
-        assert_eq!(a.verify(&no_exp), Err(AuthError::NoExpiry));
+        assert_eq!(a.verify(&no_exp, None).await, Err(AuthError::NoExpiry));
         let no_tenant = sign(
             serde_json::json!({"exp": now() + 60}),
             Algorithm::HS256,
             SECRET,
         );
-        assert_eq!(a.verify(&no_tenant), Err(AuthError::NoTenant));
+        assert_eq!(a.verify(&no_tenant, None).await, Err(AuthError::NoTenant));
         let bad_tenant = sign(
             serde_json::json!({"tenantId": "a/b", "exp": now() + 60}),
             Algorithm::HS256,
             SECRET,
         );
         assert!(matches!(
-            a.verify(&bad_tenant),
+            a.verify(&bad_tenant, None).await,
             Err(AuthError::BadTenant(_))
         ));
         // Messages never carry the token or the secret.
-        for err in [a.verify(&forged), a.verify(&expired)] {
+        for err in [a.verify(&forged, None).await, a.verify(&expired, None).await] {
             let msg = err.expect_err("refused").to_string();
             assert!(!msg.contains(&forged) && !msg.contains("0123456789abcdef"));
         }
     }
 
-    #[test]
-    fn all_tenants_token_needs_no_tenant() {
+    #[tokio::test]
+    async fn all_tenants_token_needs_no_tenant() {
         let a = auth();
         let t = sign(
             serde_json::json!({"exp": now() + 60, "scope": format!("{ALL_TENANTS} {PUBLISH}")}),
             Algorithm::HS256,
             SECRET,
         );
-        let id = a.verify(&t).expect("ok");
+        let id = a.verify(&t, None).await.expect("ok");
         assert_eq!(id.tenant, None);
         assert!(id.scopes.all_tenants());
     }
 
+    #[tokio::test]
+    async fn active_tenant_must_be_the_tokens_own() {
+        let a = auth();
+        let t = sign(
+            serde_json::json!({"tenantId": "tenant-a", "exp": now() + 60}),
+            Algorithm::HS256,
+            SECRET,
+        );
+        assert_eq!(
+            a.verify(&t, Some("tenant-a")).await.expect("own").tenant.as_deref(),
+            Some("tenant-a")
+        );
+        assert_eq!(
+            a.verify(&t, Some("tenant-b")).await,
+            Err(AuthError::NoMembership {
+                tenant: "tenant-b".into()
+            })
+        );
+        let service = sign(
+            serde_json::json!({"exp": now() + 60, "scope": ALL_TENANTS}),
+            Algorithm::HS256,
+            SECRET,
+        );
+        assert_eq!(
+            a.verify(&service, Some("tenant-z")).await.expect("any").tenant.as_deref(),
+            Some("tenant-z")
+        );
+        let rs = format!("{}.{}.sig", b64(r#"{"alg":"RS256","kid":"k"}"#), b64("{}"));
+        assert_eq!(a.verify(&rs, None).await, Err(AuthError::CognitoNotConfigured));
+    }
+
     #[test]
-    fn minted_tokens_verify() {
+    fn choosing_among_memberships() {
+        let two = ["tenant-a".to_string(), "tenant-b".to_string()];
+        assert_eq!(choose_tenant(&two, Some("tenant-b")), Ok("tenant-b".into()));
+        assert_eq!(
+            choose_tenant(&two, Some("tenant-x")),
+            Err(AuthError::NoMembership {
+                tenant: "tenant-x".into()
+            })
+        );
+        assert_eq!(
+            choose_tenant(&two, None),
+            Err(AuthError::ActiveTenantRequired { count: 2 })
+        );
+        assert_eq!(choose_tenant(&two[..1], None), Ok("tenant-a".into()));
+        assert_eq!(choose_tenant(&[], None), Err(AuthError::NoMemberships));
+    }
+
+    #[tokio::test]
+    async fn minted_tokens_verify() {
         let scopes: BTreeSet<String> = [PUBLISH.to_string()].into();
         let t = mint_hs256(
             SECRET,
@@ -404,7 +587,7 @@ mod tests {
             Duration::from_secs(60),
         )
         .expect("mint");
-        let id = auth().verify(&t).expect("ok");
+        let id = auth().verify(&t, None).await.expect("ok");
         assert_eq!(id.tenant.as_deref(), Some("tenant-x"));
         assert_eq!(id.subject.as_deref(), Some("svc"));
         assert!(id.scopes.has(PUBLISH) && !id.scopes.has(SUBSCRIBE));

@@ -132,6 +132,7 @@ mod tests {
 
     fn identity(tenant: Option<&str>, scopes: &str) -> Identity {
         Identity {
+            kind: super::super::TokenKind::Backend,
             subject: None,
             tenant: tenant.map(str::to_string),
             scopes: Scopes::parse(scopes),
