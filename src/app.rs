@@ -52,7 +52,10 @@ impl App {
         authorization: Option<&str>,
         active_tenant: Option<&str>,
     ) -> Result<Identity, ApiError> {
-        Ok(self.auth.verify_header(authorization, active_tenant).await?)
+        Ok(self
+            .auth
+            .verify_header(authorization, active_tenant)
+            .await?)
     }
 
     /// Publish-wide context: limits and the caller's `traceparent`.

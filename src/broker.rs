@@ -25,6 +25,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use lru::LruCache;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 
@@ -118,6 +119,18 @@ impl TypeFilter {
         Ok(filter)
     }
 
+    /// The patterns this filter was parsed from; `["*"]` for every type.
+    pub fn patterns(&self) -> Vec<String> {
+        if self.is_all() {
+            return vec!["*".into()];
+        }
+        self.exact
+            .iter()
+            .cloned()
+            .chain(self.prefixes.iter().map(|p| format!("{p}*")))
+            .collect()
+    }
+
     pub fn is_all(&self) -> bool {
         self.exact.is_empty() && self.prefixes.is_empty()
     }
@@ -145,13 +158,17 @@ pub struct Outcome {
     pub duplicate: bool,
 }
 
-/// Counters for metrics and tests.
-#[derive(Debug, Default)]
+/// Counters for metrics (registered by [`crate::metrics`]) and tests.
+#[derive(Debug, Default, Clone)]
 pub struct Stats {
-    pub published: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub delivered: AtomicU64,
-    pub slow_subscribers_dropped: AtomicU64,
+    /// Events accepted and dispatched.
+    pub published: Counter,
+    /// Publishes acknowledged as duplicates and not delivered.
+    pub duplicates: Counter,
+    /// Events handed to subscriber buffers.
+    pub delivered: Counter,
+    /// Subscribers dropped because their buffer was full.
+    pub slow_subscribers_dropped: Counter,
 }
 
 /// A cheap handle to the broker; clone it freely.
@@ -192,14 +209,12 @@ impl Subscriber {
         }
         match self.tx.try_send(Arc::clone(event)) {
             Ok(()) => {
-                stats.delivered.fetch_add(1, Ordering::Relaxed);
+                stats.delivered.inc();
                 true
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.overflowed.store(true, Ordering::Release);
-                stats
-                    .slow_subscribers_dropped
-                    .fetch_add(1, Ordering::Relaxed);
+                stats.slow_subscribers_dropped.inc();
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -289,9 +304,35 @@ impl History {
         }
     }
 
+    /// Events after `since_id` up to and including `until_id`. `until_id`
+    /// `None`, or no longer held, means nothing up to now: every event held
+    /// is newer than it.
+    fn between(&self, since_id: &str, until_id: Option<&str>, filter: &TypeFilter) -> Replay {
+        let position = |id: &str| self.events.iter().rposition(|(_, e)| e.id == id);
+        let since = position(since_id);
+        let end = until_id.and_then(position).map_or(0, |p| p + 1);
+        let start = since.map_or(0, |p| p + 1);
+        Replay {
+            events: if start < end {
+                self.matching_range(start..end, filter)
+            } else {
+                Vec::new()
+            },
+            recovered: since.is_some() || until_id == Some(since_id),
+        }
+    }
+
     fn matching(&self, start: usize, filter: &TypeFilter) -> Vec<SharedEvent> {
+        self.matching_range(start..self.events.len(), filter)
+    }
+
+    fn matching_range(
+        &self,
+        range: std::ops::Range<usize>,
+        filter: &TypeFilter,
+    ) -> Vec<SharedEvent> {
         self.events
-            .range(start..)
+            .range(range)
             .filter(|(_, e)| filter.matches(&e.event_type))
             .map(|(_, e)| Arc::clone(e))
             .collect()
@@ -337,13 +378,13 @@ impl Broker {
         let now = Instant::now();
         let first = lock(&shared.dedupe).first_sighting(&event.tenant_id, &event.id, now);
         if !first {
-            shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            shared.stats.duplicates.inc();
             return Outcome {
                 id: event.id,
                 duplicate: true,
             };
         }
-        shared.stats.published.fetch_add(1, Ordering::Relaxed);
+        shared.stats.published.inc();
         let event = Arc::new(event);
         let tenant = self.tenant(&event.tenant_id);
         let mut state = lock(&tenant);
@@ -383,11 +424,13 @@ impl Broker {
             events: Vec::new(),
             recovered: true,
         };
+        let mut history_tail = None;
         match &scope {
             TenantScope::One(tenant) => {
                 let tenant = self.tenant(tenant);
                 let mut state = lock(&tenant);
                 state.history.trim(Instant::now(), &shared.config);
+                history_tail = state.history.events.back().map(|(_, e)| e.id.clone());
                 if let Some(since) = since_id {
                     replay = state.history.after(since, &filter);
                 }
@@ -404,6 +447,7 @@ impl Broker {
         Subscription {
             replay: replay.events.into_iter(),
             recovered: since_id.map(|_| replay.recovered),
+            history_tail,
             rx,
             overflowed,
             last_sent: None,
@@ -415,6 +459,25 @@ impl Broker {
                 id,
             },
         }
+    }
+
+    /// Events of `tenant` after `since_id`, up to and including `until_id`,
+    /// that match `filter`. For a consumer that follows a tenant through its
+    /// own subscription and fans out to late joiners (the Socket.IO edge):
+    /// `until_id` is the last event it forwarded, so a joiner gets from
+    /// history exactly what it missed of what was already forwarded, and the
+    /// rest live. `recovered` is false when `since_id` is no longer held.
+    pub fn history_between(
+        &self,
+        tenant: &str,
+        since_id: &str,
+        until_id: Option<&str>,
+        filter: &TypeFilter,
+    ) -> Replay {
+        let tenant = self.tenant(tenant);
+        let mut state = lock(&tenant);
+        state.history.trim(Instant::now(), &self.shared.config);
+        state.history.between(since_id, until_id, filter)
     }
 
     /// Ends every subscription (their streams see `Closed`) and refuses new
@@ -519,6 +582,9 @@ pub struct Subscription {
     replay: std::vec::IntoIter<SharedEvent>,
     /// `Some` when a resume was asked for: whether the history reached back.
     pub recovered: Option<bool>,
+    /// The newest event in the tenant's history when this subscription
+    /// started: everything after it arrives live (or in the replay).
+    pub history_tail: Option<String>,
     rx: mpsc::Receiver<SharedEvent>,
     overflowed: Arc<AtomicBool>,
     last_sent: Option<SharedEvent>,
@@ -657,6 +723,25 @@ mod tests {
         let r = h.after("0", &TypeFilter::all());
         assert!(!r.recovered);
         assert_eq!(r.events.len(), 3);
+        let b = |since, until| {
+            let r = h.between(since, until, &TypeFilter::all());
+            let ids: Vec<String> = r.events.iter().map(|e| e.id.clone()).collect();
+            (ids, r.recovered)
+        };
+        assert_eq!(b("2", Some("4")), (vec!["3".into(), "4".into()], true));
+        assert_eq!(b("4", Some("3")), (vec![], true), "since after until");
+        assert_eq!(b("0", Some("3")), (vec!["2".into(), "3".into()], false));
+        assert_eq!(b("0", None), (vec![], false), "nothing forwarded yet");
+        assert_eq!(
+            b("1", Some("1")),
+            (vec![], true),
+            "up to date, even if evicted"
+        );
+        assert_eq!(
+            b("3", Some("gone")),
+            (vec![], true),
+            "until evicted: all held is newer"
+        );
         let aged = BrokerConfig {
             history_max_age: Duration::from_secs(1),
             ..config
@@ -685,13 +770,7 @@ mod tests {
             matches!(&got[2], Delivery::Lagged { last_id: Some(id) } if id == "e1"),
             "{got:?}"
         );
-        assert_eq!(
-            broker
-                .stats()
-                .slow_subscribers_dropped
-                .load(Ordering::Relaxed),
-            1
-        );
+        assert_eq!(broker.stats().slow_subscribers_dropped.get(), 1);
     }
 
     #[tokio::test]

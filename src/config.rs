@@ -2,13 +2,20 @@
 //! win). Every setting and its default is in the README's configuration
 //! table.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::app::Limits;
 use crate::auth::Scopes;
+use crate::auth::cognito::CognitoConfig;
 use crate::broker::BrokerConfig;
+use crate::edge::EdgeConfig;
+use crate::edge::origin::Origins;
+use crate::edge::ratelimit::Limit;
+use crate::edge::room::RateLimits;
+use crate::event::check_identifier;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
@@ -65,6 +72,66 @@ pub struct Settings {
     #[arg(long, env = "TC_SUBSCRIBER_BUFFER", default_value_t = 1024, value_parser = positive)]
     pub subscriber_buffer: usize,
 
+    /// Cognito user pool issuer, e.g.
+    /// `https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_AbC123`.
+    /// Setting it (or region and pool id) turns Cognito RS256 tokens on.
+    #[arg(long, env = "TC_COGNITO_ISSUER")]
+    pub cognito_issuer: Option<String>,
+
+    /// Cognito region (with `TC_COGNITO_USER_POOL_ID`, instead of the issuer).
+    #[arg(long, env = "TC_COGNITO_REGION")]
+    pub cognito_region: Option<String>,
+
+    /// Cognito user pool id (with `TC_COGNITO_REGION`).
+    #[arg(long, env = "TC_COGNITO_USER_POOL_ID")]
+    pub cognito_user_pool_id: Option<String>,
+
+    /// JWKS URL (default: `<issuer>/.well-known/jwks.json`).
+    #[arg(long, env = "TC_COGNITO_JWKS_URL")]
+    pub cognito_jwks_url: Option<String>,
+
+    /// The app client id Cognito ID tokens must carry as `aud`.
+    #[arg(long, env = "TC_COGNITO_CLIENT_ID")]
+    pub cognito_client_id: Option<String>,
+
+    /// Scopes of every Cognito user.
+    #[arg(long, env = "TC_COGNITO_SCOPES", default_value = "events:subscribe")]
+    pub cognito_scopes: String,
+
+    /// Least time between JWKS re-fetches caused by unknown key ids.
+    #[arg(long, env = "TC_JWKS_MIN_REFETCH", default_value = "30s", value_parser = duration)]
+    pub jwks_min_refetch: Duration,
+
+    /// Timeout of one JWKS fetch.
+    #[arg(long, env = "TC_JWKS_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub jwks_timeout: Duration,
+
+    /// JSON file of Cognito users' tenant memberships
+    /// (`{"<cognito_sub>": ["tenant-a", …]}`), re-read when it changes.
+    #[arg(long, env = "TC_MEMBERSHIPS_FILE")]
+    pub memberships_file: Option<PathBuf>,
+
+    /// Browser origins allowed to connect, comma separated, or `*`.
+    /// Unset: localhost on any port.
+    #[arg(long, env = "CORS_ORIGIN")]
+    pub cors_origin: Option<String>,
+
+    /// Events per second emitted to one tenant's sockets.
+    #[arg(long, env = "TC_RATE_LIMIT_PER_TENANT", default_value_t = 100, value_parser = positive_u32)]
+    pub rate_limit_per_tenant: u32,
+
+    /// Per-tenant rate limits, e.g. `tenant-a=1000,tenant-b=5000`.
+    #[arg(long, env = "TC_RATE_LIMIT_OVERRIDES", default_value = "", value_parser = overrides)]
+    pub rate_limit_overrides: Overrides,
+
+    /// Events waiting per tenant above its rate before the oldest is dropped.
+    #[arg(long, env = "TC_RATE_LIMIT_QUEUE", default_value_t = 1000, value_parser = positive)]
+    pub rate_limit_queue: usize,
+
+    /// Socket.IO packets buffered per socket before it counts as too slow.
+    #[arg(long, env = "TC_SOCKET_BUFFER", default_value_t = 1024, value_parser = positive)]
+    pub socket_buffer: usize,
+
     /// Once listening, write the bound addresses here as JSON
     /// (`{"grpc":"127.0.0.1:50051","http":"127.0.0.1:8080"}`): for
     /// supervisors and tests that bind port 0.
@@ -78,6 +145,28 @@ fn positive(s: &str) -> Result<usize, String> {
         Ok(n) => Ok(n),
         Err(_) => Err(format!("{s:?} is not a whole number")),
     }
+}
+
+fn positive_u32(s: &str) -> Result<u32, String> {
+    let n = positive(s)?;
+    u32::try_from(n).map_err(|_| format!("{n} is too large"))
+}
+
+/// Per-tenant overrides of the emit rate limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides(pub HashMap<String, u32>);
+
+fn overrides(s: &str) -> Result<Overrides, String> {
+    let mut map = HashMap::new();
+    for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (tenant, rate) = entry
+            .split_once('=')
+            .ok_or_else(|| format!("{entry:?} is not tenant=events_per_second"))?;
+        check_identifier(tenant.trim()).map_err(|r| format!("tenant {tenant:?}: {r}"))?;
+        let rate = positive_u32(rate).map_err(|r| format!("{entry:?}: {r}"))?;
+        map.insert(tenant.trim().to_string(), rate);
+    }
+    Ok(Overrides(map))
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -128,5 +217,60 @@ impl Settings {
 
     pub fn default_scopes(&self) -> Scopes {
         Scopes::parse(&self.default_scopes.replace(',', " "))
+    }
+
+    pub fn cognito_scopes(&self) -> Scopes {
+        Scopes::parse(&self.cognito_scopes.replace(',', " "))
+    }
+
+    /// The Cognito settings, if Cognito is configured; an error names what
+    /// is missing.
+    pub fn cognito(&self) -> Result<Option<CognitoConfig>, String> {
+        let nonempty = |o: &Option<String>| {
+            o.as_deref()
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+        };
+        let issuer = match (
+            nonempty(&self.cognito_issuer),
+            nonempty(&self.cognito_region),
+            nonempty(&self.cognito_user_pool_id),
+        ) {
+            (Some(issuer), _, _) => issuer,
+            (None, Some(region), Some(pool)) => CognitoConfig::issuer_for(&region, &pool),
+            (None, Some(_), None) => {
+                return Err("TC_COGNITO_REGION is set but TC_COGNITO_USER_POOL_ID is not".into());
+            }
+            (None, None, Some(_)) => {
+                return Err("TC_COGNITO_USER_POOL_ID is set but TC_COGNITO_REGION is not".into());
+            }
+            (None, None, None) => return Ok(None),
+        };
+        let client_id = nonempty(&self.cognito_client_id).ok_or(
+            "TC_COGNITO_CLIENT_ID is required with Cognito: ID tokens are checked against it",
+        )?;
+        Ok(Some(CognitoConfig {
+            jwks_url: nonempty(&self.cognito_jwks_url)
+                .unwrap_or_else(|| CognitoConfig::jwks_url_for(&issuer)),
+            issuer,
+            client_id,
+            min_refetch: self.jwks_min_refetch,
+            fetch_timeout: self.jwks_timeout,
+        }))
+    }
+
+    pub fn edge(&self) -> EdgeConfig {
+        EdgeConfig {
+            origins: Origins::parse(self.cors_origin.as_deref()),
+            limits: RateLimits {
+                default: Limit {
+                    per_second: self.rate_limit_per_tenant,
+                    queue: self.rate_limit_queue,
+                },
+                overrides: self.rate_limit_overrides.0.clone(),
+            },
+            socket_buffer: self.socket_buffer,
+        }
     }
 }

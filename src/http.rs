@@ -16,12 +16,14 @@ use serde_json::value::RawValue;
 use crate::app::App;
 use crate::error::{ApiError, Code};
 use crate::event::EventDraft;
+use crate::metrics::Metrics;
 
 #[derive(Clone)]
 pub struct HttpState {
     pub app: App,
     /// False once shutdown has begun, so load balancers stop sending work.
     pub ready: Arc<AtomicBool>,
+    pub metrics: Arc<Metrics>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -29,6 +31,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/events", post(publish))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(state)
 }
@@ -49,6 +52,17 @@ async fn readyz(State(state): State<HttpState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<HttpState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {

@@ -11,10 +11,12 @@ pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod edge;
 pub mod error;
 pub mod event;
 pub mod grpc;
 pub mod http;
+pub mod metrics;
 pub mod server;
 pub mod telemetry;
 

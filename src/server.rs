@@ -19,10 +19,14 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::app::App;
 use crate::auth::Authenticator;
+use crate::auth::cognito::Cognito;
+use crate::auth::memberships::{FileMemberships, Memberships};
 use crate::broker::Broker;
 use crate::config::Settings;
+use crate::edge::Edge;
 use crate::grpc::GrpcService;
 use crate::http::{self, HttpState};
+use crate::metrics::{EdgeMetrics, Metrics};
 use crate::proto;
 use crate::proto::event_broker_server::EventBrokerServer;
 
@@ -43,9 +47,23 @@ pub struct Running {
 pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running> {
     let app = App {
         broker: Broker::new(settings.broker()),
-        auth: Arc::new(Authenticator::new(secret, settings.default_scopes())),
+        auth: Arc::new(authenticator(settings, secret)?),
         limits: settings.limits(),
     };
+    if let Some(cognito) = app.auth.cognito() {
+        tracing::info!(issuer = %cognito.config().issuer, "Cognito ID tokens accepted");
+        let auth = Arc::clone(&app.auth);
+        tokio::spawn(async move {
+            if let Some(cognito) = auth.cognito() {
+                cognito.prefetch().await;
+            }
+        });
+    }
+    let edge_metrics = EdgeMetrics::default();
+    let metrics = Arc::new(Metrics::new(app.broker.stats(), &edge_metrics));
+    let edge_config = settings.edge();
+    let cors = edge_config.origins.cors_layer();
+    let (socketio, io) = Edge::layer(app.clone(), edge_config, edge_metrics);
     let grpc_listener = TcpListener::bind(settings.grpc_addr)
         .await
         .with_context(|| format!("cannot listen for gRPC on {}", settings.grpc_addr))?;
@@ -71,6 +89,9 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
                 .set_not_serving::<EventBrokerServer<GrpcService>>()
                 .await;
             broker.close();
+            // Closing the transports (not a Socket.IO disconnect) lets
+            // clients reconnect by themselves, to another instance.
+            io.close().await;
             Ok(())
         })
     };
@@ -106,7 +127,10 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
     let router = http::router(HttpState {
         app: app.clone(),
         ready,
-    });
+        metrics,
+    })
+    .layer(socketio)
+    .layer(cors);
     let http_listener = http_listener.tap_io(|tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!("cannot set TCP_NODELAY: {e}");
@@ -127,6 +151,31 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         shutdown,
         tasks: vec![closer, grpc, http],
     })
+}
+
+/// The token verifier the settings describe: HS256 always, Cognito when
+/// configured.
+fn authenticator(settings: &Settings, secret: &[u8]) -> anyhow::Result<Authenticator> {
+    let auth = Authenticator::new(secret, settings.default_scopes());
+    let Some(cognito) = settings.cognito().map_err(anyhow::Error::msg)? else {
+        if settings.memberships_file.is_some() {
+            tracing::warn!(
+                "TC_MEMBERSHIPS_FILE is set but Cognito is not configured: it is not used"
+            );
+        }
+        return Ok(auth);
+    };
+    let memberships = match &settings.memberships_file {
+        Some(path) => Memberships::File(FileMemberships::load(path)?),
+        None => {
+            tracing::warn!(
+                "Cognito is configured without TC_MEMBERSHIPS_FILE: Cognito users belong to no tenant"
+            );
+            Memberships::None
+        }
+    };
+    let cognito = Cognito::new(cognito).context("cannot build the JWKS client")?;
+    Ok(auth.with_cognito(cognito, memberships, settings.cognito_scopes()))
 }
 
 /// Writes `{"grpc": …, "http": …}` atomically (write, then rename), so a

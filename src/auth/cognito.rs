@@ -139,7 +139,8 @@ impl Cognito {
 
     fn with_key<T>(&self, kid: &str, f: impl FnOnce(&DecodingKey) -> T) -> Option<T> {
         let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
-        keys.get(&(self.config.issuer.clone(), kid.to_string())).map(f)
+        keys.get(&(self.config.issuer.clone(), kid.to_string()))
+            .map(f)
     }
 
     fn decode(&self, token: &str, key: &DecodingKey) -> Result<CognitoClaims, AuthError> {

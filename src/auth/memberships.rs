@@ -47,7 +47,7 @@ pub struct FileMemberships {
 struct FileState {
     modified: Option<SystemTime>,
     checked: Instant,
-    users: HashMap<String, Vec<String>>,
+    users: Users,
 }
 
 /// Why a memberships file cannot be used.
@@ -103,20 +103,20 @@ impl FileMemberships {
     }
 }
 
-fn read(
-    path: &Path,
-) -> Result<(Option<SystemTime>, HashMap<String, Vec<String>>), MembershipsError> {
+/// Tenant ids by `cognito_sub`.
+type Users = HashMap<String, Vec<String>>;
+
+fn read(path: &Path) -> Result<(Option<SystemTime>, Users), MembershipsError> {
     let shown = path.display().to_string();
     let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let text = std::fs::read_to_string(path).map_err(|source| MembershipsError::Read {
         path: shown.clone(),
         source,
     })?;
-    let users: HashMap<String, Vec<String>> =
-        serde_json::from_str(&text).map_err(|e| MembershipsError::Parse {
-            path: shown.clone(),
-            reason: e.to_string(),
-        })?;
+    let users: Users = serde_json::from_str(&text).map_err(|e| MembershipsError::Parse {
+        path: shown.clone(),
+        reason: e.to_string(),
+    })?;
     for (sub, tenants) in &users {
         for tenant in tenants {
             check_identifier(tenant).map_err(|reason| MembershipsError::Parse {

@@ -72,9 +72,7 @@ pub enum AuthError {
     CognitoNotConfigured,
     #[error("unknown signing key kid={kid}: not in the user pool's JWKS")]
     UnknownKey { kid: String },
-    #[error(
-        "unknown signing key kid={kid}: not in the user pool's JWKS (checked {secs} s ago)"
-    )]
+    #[error("unknown signing key kid={kid}: not in the user pool's JWKS (checked {secs} s ago)")]
     UnknownKeyRecentlyChecked { kid: String, secs: u64 },
     #[error("cannot verify the token now: the user pool's JWKS is unavailable ({reason})")]
     KeysUnavailable { reason: String },
@@ -156,7 +154,12 @@ impl Authenticator {
 
     /// Also accepts Cognito ID tokens of this pool, whose users get
     /// `scopes` and the tenants `memberships` lists for them.
-    pub fn with_cognito(mut self, cognito: Cognito, memberships: Memberships, scopes: Scopes) -> Self {
+    pub fn with_cognito(
+        mut self,
+        cognito: Cognito,
+        memberships: Memberships,
+        scopes: Scopes,
+    ) -> Self {
         self.cognito = Some(cognito);
         self.memberships = memberships;
         self.cognito_scopes = scopes;
@@ -202,7 +205,10 @@ impl Authenticator {
                 self.backend_identity(data.claims, active_tenant)
             }
             "RS256" => {
-                let cognito = self.cognito.as_ref().ok_or(AuthError::CognitoNotConfigured)?;
+                let cognito = self
+                    .cognito
+                    .as_ref()
+                    .ok_or(AuthError::CognitoNotConfigured)?;
                 let user = cognito.verify(token, header.kid.as_deref()).await?;
                 let tenants = self.memberships.tenants_of(&user.sub).await;
                 let tenant = choose_tenant(&tenants, active_tenant)?;
@@ -419,7 +425,10 @@ mod tests {
             Algorithm::HS256,
             SECRET,
         );
-        let id = a.verify_header(Some(&format!("Bearer {t}")), None).await.expect("ok");
+        let id = a
+            .verify_header(Some(&format!("Bearer {t}")), None)
+            .await
+            .expect("ok");
         assert_eq!(id.tenant.as_deref(), Some("tenant-a"));
         assert!(id.scopes.has(SUBSCRIBE));
         assert!(!id.scopes.has(PUBLISH));
@@ -451,7 +460,10 @@ mod tests {
             a.verify_header(Some("Basic abc"), None).await,
             Err(AuthError::NotBearer)
         );
-        assert!(matches!(a.verify("abc", None).await, Err(AuthError::Malformed(_))));
+        assert!(matches!(
+            a.verify("abc", None).await,
+            Err(AuthError::Malformed(_))
+        ));
         let none = format!(
             "{}.{}.",
             b64(r#"{"alg":"none","typ":"JWT"}"#),
@@ -474,7 +486,10 @@ mod tests {
             Algorithm::HS256,
             b"another secret another secret !!",
         );
-        assert_eq!(a.verify(&forged, None).await, Err(AuthError::InvalidSignature));
+        assert_eq!(
+            a.verify(&forged, None).await,
+            Err(AuthError::InvalidSignature)
+        );
         let expired = sign(
             serde_json::json!({"tenantId": "t", "exp": 1_700_000_000}),
             Algorithm::HS256,
@@ -508,7 +523,10 @@ mod tests {
             Err(AuthError::BadTenant(_))
         ));
         // Messages never carry the token or the secret.
-        for err in [a.verify(&forged, None).await, a.verify(&expired, None).await] {
+        for err in [
+            a.verify(&forged, None).await,
+            a.verify(&expired, None).await,
+        ] {
             let msg = err.expect_err("refused").to_string();
             assert!(!msg.contains(&forged) && !msg.contains("0123456789abcdef"));
         }
@@ -536,7 +554,11 @@ mod tests {
             SECRET,
         );
         assert_eq!(
-            a.verify(&t, Some("tenant-a")).await.expect("own").tenant.as_deref(),
+            a.verify(&t, Some("tenant-a"))
+                .await
+                .expect("own")
+                .tenant
+                .as_deref(),
             Some("tenant-a")
         );
         assert_eq!(
@@ -551,11 +573,18 @@ mod tests {
             SECRET,
         );
         assert_eq!(
-            a.verify(&service, Some("tenant-z")).await.expect("any").tenant.as_deref(),
+            a.verify(&service, Some("tenant-z"))
+                .await
+                .expect("any")
+                .tenant
+                .as_deref(),
             Some("tenant-z")
         );
         let rs = format!("{}.{}.sig", b64(r#"{"alg":"RS256","kid":"k"}"#), b64("{}"));
-        assert_eq!(a.verify(&rs, None).await, Err(AuthError::CognitoNotConfigured));
+        assert_eq!(
+            a.verify(&rs, None).await,
+            Err(AuthError::CognitoNotConfigured)
+        );
     }
 
     #[test]

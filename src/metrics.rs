@@ -1,0 +1,132 @@
+//! Prometheus metrics, served at `GET /metrics` in the OpenMetrics text
+//! format. Every counter is a cheap handle (an `Arc` of an atomic), so the
+//! parts that count keep their own clones.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::broker::Stats;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabel {
+    pub tenant: String,
+}
+
+impl TenantLabel {
+    pub fn new(tenant: &str) -> Self {
+        Self {
+            tenant: tenant.to_string(),
+        }
+    }
+}
+
+/// Counters of the Socket.IO edge.
+#[derive(Clone, Debug, Default)]
+pub struct EdgeMetrics {
+    /// Sockets connected now.
+    pub sockets: Gauge,
+    /// Handshakes refused (bad token, origin, membership, …).
+    pub handshakes_refused: Counter,
+    /// Events emitted to sockets (one per socket per event).
+    pub events_sent: Counter,
+    /// Events replayed to reconnecting sockets.
+    pub events_replayed: Counter,
+    /// Events that waited for their tenant's rate limit.
+    pub rate_delayed: Family<TenantLabel, Counter>,
+    /// Events dropped because their tenant's rate-limit queue was full.
+    pub rate_dropped: Family<TenantLabel, Counter>,
+    /// Sockets disconnected because they could not keep up.
+    pub slow_sockets: Counter,
+    /// Sockets disconnected because their token expired.
+    pub expired_sockets: Counter,
+    /// Tokens refreshed on open sockets.
+    pub token_refreshes: Counter,
+}
+
+/// The registry behind `/metrics`.
+pub struct Metrics {
+    registry: Registry,
+}
+
+impl Metrics {
+    pub fn new(broker: &Stats, edge: &EdgeMetrics) -> Self {
+        let mut registry = Registry::with_prefix("tc");
+        registry.register(
+            "events_published",
+            "Events accepted and dispatched",
+            broker.published.clone(),
+        );
+        registry.register(
+            "events_duplicate",
+            "Publishes of an id recently dispatched: acknowledged, not delivered",
+            broker.duplicates.clone(),
+        );
+        registry.register(
+            "events_delivered",
+            "Events handed to in-process subscribers",
+            broker.delivered.clone(),
+        );
+        registry.register(
+            "slow_subscribers_dropped",
+            "gRPC and internal subscribers dropped because their buffer was full",
+            broker.slow_subscribers_dropped.clone(),
+        );
+        registry.register(
+            "socketio_sockets",
+            "Socket.IO sockets connected",
+            edge.sockets.clone(),
+        );
+        registry.register(
+            "socketio_handshakes_refused",
+            "Socket.IO handshakes refused",
+            edge.handshakes_refused.clone(),
+        );
+        registry.register(
+            "socketio_events_sent",
+            "Events emitted to Socket.IO sockets",
+            edge.events_sent.clone(),
+        );
+        registry.register(
+            "socketio_events_replayed",
+            "Events replayed to reconnecting Socket.IO sockets",
+            edge.events_replayed.clone(),
+        );
+        registry.register(
+            "socketio_rate_delayed",
+            "Events that waited for their tenant's emit rate limit",
+            edge.rate_delayed.clone(),
+        );
+        registry.register(
+            "socketio_rate_dropped",
+            "Events dropped because their tenant's rate-limit queue was full",
+            edge.rate_dropped.clone(),
+        );
+        registry.register(
+            "socketio_slow_sockets",
+            "Sockets disconnected because they could not keep up",
+            edge.slow_sockets.clone(),
+        );
+        registry.register(
+            "socketio_expired_sockets",
+            "Sockets disconnected because their token expired",
+            edge.expired_sockets.clone(),
+        );
+        registry.register(
+            "socketio_token_refreshes",
+            "Tokens refreshed on open sockets",
+            edge.token_refreshes.clone(),
+        );
+        Self { registry }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
