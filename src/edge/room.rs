@@ -14,7 +14,7 @@
 //! is told `too_slow` and disconnected as soon as its buffer has room, and
 //! recovers what it missed by reconnecting with its last event id.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -36,6 +36,10 @@ use crate::metrics::{EdgeMetrics, TenantLabel};
 const TICK: Duration = Duration::from_millis(250);
 /// Least time between two `system.events_dropped` notices.
 const NOTICE_EVERY: Duration = Duration::from_secs(1);
+/// How soon waiting events are retried on a socket whose buffer was full.
+const FLUSH_EVERY: Duration = Duration::from_millis(10);
+/// Most events that may wait for one socket before it counts as too slow.
+pub const MAX_BACKLOG: usize = 10_000;
 
 /// Rate limits: a default and per-tenant overrides.
 #[derive(Debug, Clone)]
@@ -157,6 +161,7 @@ impl Rooms {
             members: HashMap::new(),
             limiter: RateLimiter::new(self.limits.for_tenant(tenant), Instant::now()),
             last_notice: Instant::now(),
+            backlogged: false,
         };
         tokio::spawn(pump.run());
     }
@@ -183,10 +188,17 @@ struct Member {
     /// `exp` of the socket's token, Unix seconds.
     expires_at: u64,
     last_sent: Option<String>,
+    /// Events waiting for room in the socket's send buffer (a replay larger
+    /// than the buffer, or a burst), in order. While it is not empty, new
+    /// events queue behind it.
+    backlog: VecDeque<(String, Payload)>,
     /// Set when the socket must go (too slow, token expired): it receives
     /// nothing more and is disconnected as soon as it has been told why.
     leaving: Option<Leaving>,
 }
+
+/// A pre-serialised envelope, shared by every socket it goes to.
+type Payload = Arc<RawValue>;
 
 struct Leaving {
     code: &'static str,
@@ -209,10 +221,56 @@ impl Member {
         if self.leaving.is_none() {
             metrics.slow_sockets.inc();
         }
+        self.backlog.clear();
         self.leave(
             "too_slow",
-            "socket too slow: its send buffer filled up; reconnect with lastEventId to recover what it missed".into(),
+            format!(
+                "socket too slow: more than {MAX_BACKLOG} events waited for it; reconnect with lastEventId to recover what it missed"
+            ),
         );
+    }
+
+    /// Sends one event, or queues it behind those already waiting. Returns
+    /// false when the socket is gone.
+    fn send(&mut self, id: &str, payload: &Payload, metrics: &EdgeMetrics) -> bool {
+        if self.leaving.is_some() {
+            return true;
+        }
+        if self.backlog.is_empty() {
+            match self.socket.emit("event", &**payload) {
+                Ok(()) => {
+                    self.last_sent = Some(id.to_string());
+                    metrics.events_sent.inc();
+                    return true;
+                }
+                Err(SendError::Socket(SocketError::InternalChannelFull)) => {}
+                Err(_) => return false,
+            }
+        }
+        if self.backlog.len() >= MAX_BACKLOG {
+            self.too_slow(metrics);
+        } else {
+            self.backlog
+                .push_back((id.to_string(), Arc::clone(payload)));
+        }
+        true
+    }
+
+    /// Sends what waits, as far as the socket's buffer allows. Returns
+    /// false when the socket is gone.
+    fn flush(&mut self, metrics: &EdgeMetrics) -> bool {
+        while let Some((id, payload)) = self.backlog.front() {
+            match self.socket.emit("event", &**payload) {
+                Ok(()) => {
+                    metrics.events_sent.inc();
+                    self.last_sent = Some(id.clone());
+                    self.backlog.pop_front();
+                }
+                Err(SendError::Socket(SocketError::InternalChannelFull)) => return true,
+                Err(_) => return false,
+            }
+        }
+        true
     }
 
     /// Tells the socket why, then disconnects it; both need room in its
@@ -256,6 +314,8 @@ struct Pump {
     emitted_upto: Option<String>,
     last_received: Option<String>,
     last_notice: Instant,
+    /// Some member has events waiting for room in its buffer.
+    backlogged: bool,
 }
 
 /// The envelope a socket receives on channel `event`.
@@ -271,7 +331,7 @@ struct Envelope<'a> {
 
 /// The envelope as pre-serialised JSON: emitting it to each socket copies
 /// bytes instead of serialising the event again.
-fn payload(e: &Event) -> Option<Box<RawValue>> {
+fn payload(e: &Event) -> Option<Payload> {
     serde_json::value::to_raw_value(&Envelope {
         id: &e.id,
         event_type: &e.event_type,
@@ -280,6 +340,7 @@ fn payload(e: &Event) -> Option<Box<RawValue>> {
         trace_id: &e.trace_id,
     })
     .ok()
+    .map(Payload::from)
 }
 
 fn unix_now() -> u64 {
@@ -310,6 +371,7 @@ impl Pump {
                     None => std::future::pending().await,
                 }
             };
+            let backlogged = self.backlogged;
             tokio::select! {
                 biased;
                 command = self.commands.recv() => match command {
@@ -323,6 +385,7 @@ impl Pump {
                     Some(Delivery::Closed { .. } | Delivery::Expired { .. }) | None => break,
                 },
                 () = paced => self.emit_ready(),
+                () = tokio::time::sleep(FLUSH_EVERY), if backlogged => self.flush(),
                 _ = tick.tick() => {
                     self.housekeeping();
                     if self.members.is_empty()
@@ -396,6 +459,7 @@ impl Pump {
             filter,
             expires_at,
             last_sent: None,
+            backlog: VecDeque::new(),
             leaving: None,
         };
         if member.socket.emit("session", &session).is_err() {
@@ -404,9 +468,10 @@ impl Pump {
         for e in replay.map(|r| r.events).unwrap_or_default() {
             if let Some(p) = payload(&e) {
                 self.rooms.metrics.events_replayed.inc();
-                send(&mut member, &e.id, &p, &self.rooms.metrics);
+                member.send(&e.id, &p, &self.rooms.metrics);
             }
         }
+        self.backlogged |= !member.backlog.is_empty();
         self.members.insert(member.socket.id, member);
     }
 
@@ -449,12 +514,28 @@ impl Pump {
             return;
         };
         let metrics = &self.rooms.metrics;
+        let mut backlogged = false;
         self.members.retain(|_, m| {
             if m.leaving.is_some() || !m.filter.matches(&event.event_type) {
                 return true;
             }
-            send(m, &event.id, &p, metrics)
+            let alive = m.send(&event.id, &p, metrics);
+            backlogged |= !m.backlog.is_empty();
+            alive
         });
+        self.backlogged |= backlogged;
+    }
+
+    /// Retries events waiting for sockets whose buffers were full.
+    fn flush(&mut self) {
+        let metrics = &self.rooms.metrics;
+        let mut backlogged = false;
+        self.members.retain(|_, m| {
+            let alive = m.flush(metrics);
+            backlogged |= !m.backlog.is_empty();
+            alive
+        });
+        self.backlogged = backlogged;
     }
 
     /// The pump itself fell behind the broker: pick up where it left off.
@@ -498,11 +579,14 @@ impl Pump {
     /// types its filter covers.
     fn notify_dropped(&mut self, dropped: &BTreeMap<String, u64>) {
         let now = SystemTime::now();
-        let (id, timestamp, trace_id) = (
-            event::new_event_id(),
-            event::format_timestamp(now),
-            event::new_trace_id(),
-        );
+        // A notice is not an event of the history: its id is the stream
+        // position it was sent at (the last event emitted before it), so a
+        // client that resumes from the id it saw last misses nothing.
+        let id = self
+            .emitted_upto
+            .clone()
+            .unwrap_or_else(event::new_event_id);
+        let (timestamp, trace_id) = (event::format_timestamp(now), event::new_trace_id());
         let metrics = &self.rooms.metrics;
         for m in self.members.values_mut() {
             if m.leaving.is_some() {
@@ -524,30 +608,10 @@ impl Pump {
                 "timestamp": timestamp,
                 "trace_id": trace_id,
             });
-            if let Err(SendError::Socket(SocketError::InternalChannelFull)) =
-                m.socket.emit("event", &notice)
-            {
-                m.too_slow(metrics);
+            if let Ok(p) = serde_json::value::to_raw_value(&notice) {
+                m.send(&id, &Payload::from(p), metrics);
+                self.backlogged |= !m.backlog.is_empty();
             }
         }
-    }
-}
-
-/// Emits one event to one member. Returns false when the member is gone.
-fn send(member: &mut Member, id: &str, payload: &RawValue, metrics: &EdgeMetrics) -> bool {
-    if member.leaving.is_some() {
-        return true;
-    }
-    match member.socket.emit("event", payload) {
-        Ok(()) => {
-            member.last_sent = Some(id.to_string());
-            metrics.events_sent.inc();
-            true
-        }
-        Err(SendError::Socket(SocketError::InternalChannelFull)) => {
-            member.too_slow(metrics);
-            true
-        }
-        Err(_) => false,
     }
 }
