@@ -159,10 +159,13 @@ export async function startBroker(env = {}) {
     async stop() {
       if (!exited) {
         child.kill('SIGTERM');
-        const gone = await Promise.race([exitedPromise.then(() => true), sleep(3000).then(() => false)]);
+        const gone = await withTimeout(exitedPromise, 3000, 'broker exit').then(
+          () => true,
+          () => false,
+        );
         if (!gone) {
           child.kill('SIGKILL');
-          await Promise.race([exitedPromise, sleep(2000)]);
+          await withTimeout(exitedPromise, 2000, 'broker exit after SIGKILL').catch(() => {});
         }
       }
       fs.rmSync(dir, { recursive: true, force: true });
