@@ -288,6 +288,57 @@ fn bad_settings_and_unreachable_brokers_get_clear_errors() {
         assert!(!err.contains("panicked"), "{err}");
     }
 
+    // Settings that only make sense together, and files that do not parse.
+    let bad_memberships = tmp_path("memberships.json");
+    std::fs::write(&bad_memberships, r#"{"sub-1": ["tenant a"]}"#).expect("write");
+    let env_cases: Vec<(Vec<(&str, &str)>, String)> = vec![
+        (
+            vec![("TC_COGNITO_ISSUER", "https://cognito-idp.test/pool")],
+            "TC_COGNITO_CLIENT_ID is required with Cognito".into(),
+        ),
+        (
+            vec![("TC_COGNITO_REGION", "eu-west-1")],
+            "TC_COGNITO_REGION is set but TC_COGNITO_USER_POOL_ID is not".into(),
+        ),
+        (
+            vec![
+                ("TC_COGNITO_ISSUER", "https://cognito-idp.test/pool"),
+                ("TC_COGNITO_CLIENT_ID", "client"),
+                (
+                    "TC_MEMBERSHIPS_FILE",
+                    bad_memberships.to_str().expect("utf-8"),
+                ),
+            ],
+            format!(
+                "memberships file {} is not a JSON object of cognito_sub to tenant id lists: tenant \"tenant a\" of \"sub-1\"",
+                bad_memberships.display()
+            ),
+        ),
+        (
+            vec![("TC_RATE_LIMIT_OVERRIDES", "tenant-a=fast")],
+            "\"tenant-a=fast\": \"fast\" is not a whole number".into(),
+        ),
+    ];
+    for (vars, expected) in env_cases {
+        let out = run(cmd(&[
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .env("TC_JWT_SECRET", SECRET)
+        .envs(vars.iter().copied()));
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{vars:?}: {}",
+            text(&out.stderr)
+        );
+        let err = text(&out.stderr);
+        assert!(err.contains(&expected), "{vars:?}: {err}");
+    }
+
     // A port in use is named.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();

@@ -36,6 +36,18 @@ async fn health_and_readiness() {
     assert_eq!(ready.status(), 200);
     let body: Value = serde_json::from_str(&ready.text().await.expect("body")).expect("json");
     assert_eq!(body["status"], "ready");
+    let metrics = reqwest::get(format!("{}/metrics", server.http))
+        .await
+        .expect("request");
+    assert_eq!(metrics.status(), 200);
+    let text = metrics.text().await.expect("body");
+    for name in [
+        "tc_events_published_total",
+        "tc_socketio_sockets",
+        "tc_socketio_handshakes_refused_total",
+    ] {
+        assert!(text.contains(name), "{name} missing from {text}");
+    }
     let missing = reqwest::get(format!("{}/nope", server.http))
         .await
         .expect("request");
