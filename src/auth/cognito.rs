@@ -109,11 +109,11 @@ impl Cognito {
     /// Verifies an RS256 ID token of this pool.
     pub async fn verify(&self, token: &str, kid: Option<&str>) -> Result<CognitoUser, AuthError> {
         let kid = kid.ok_or_else(|| AuthError::Malformed("header has no kid".into()))?;
-        let claims = match self.with_key(kid, |key| self.decode(token, key)) {
+        let claims = match self.with_key(kid, |key| self.decode(token, kid, key)) {
             Some(result) => result?,
             None => {
                 self.refetch_for(kid).await?;
-                self.with_key(kid, |key| self.decode(token, key))
+                self.with_key(kid, |key| self.decode(token, kid, key))
                     .ok_or_else(|| AuthError::UnknownKey {
                         kid: kid.chars().take(64).collect(),
                     })??
@@ -143,10 +143,18 @@ impl Cognito {
             .map(f)
     }
 
-    fn decode(&self, token: &str, key: &DecodingKey) -> Result<CognitoClaims, AuthError> {
+    fn decode(
+        &self,
+        token: &str,
+        kid: &str,
+        key: &DecodingKey,
+    ) -> Result<CognitoClaims, AuthError> {
         jsonwebtoken::decode::<CognitoClaims>(token, key, &self.validation)
             .map(|d| d.claims)
             .map_err(|e| match e.kind() {
+                ErrorKind::InvalidSignature => AuthError::InvalidPoolSignature {
+                    kid: kid.chars().take(64).collect(),
+                },
                 ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
                 ErrorKind::InvalidAudience => AuthError::WrongAudience,
                 ErrorKind::MissingRequiredClaim(c) if c == "exp" => AuthError::NoExpiry,

@@ -7,8 +7,9 @@
 //! {"8a3c…-sub": ["tenant-acme", "tenant-beta"], "f00d…-sub": ["tenant-acme"]}
 //! ```
 //!
-//! It is re-read when its modification time changes (checked at most once
-//! per [`RELOAD_CHECK`]), so memberships change without a restart. A file
+//! It is re-read when its modification time or length changes (checked at
+//! most once per [`RELOAD_CHECK`]), so memberships change without a
+//! restart; write it atomically (write a temporary file, then rename). A file
 //! that fails to parse on reload is logged and the last good version kept;
 //! at start-up it is an error that names the problem.
 
@@ -45,7 +46,9 @@ pub struct FileMemberships {
 }
 
 struct FileState {
-    modified: Option<SystemTime>,
+    /// Modification time and length of the file as last read (or tried):
+    /// the length catches a completed write that kept a coarse timestamp.
+    seen: Option<(SystemTime, u64)>,
     checked: Instant,
     users: Users,
 }
@@ -66,11 +69,11 @@ pub enum MembershipsError {
 
 impl FileMemberships {
     pub fn load(path: &Path) -> Result<Self, MembershipsError> {
-        let (modified, users) = read(path)?;
+        let (seen, users) = read(path)?;
         Ok(Self {
             path: path.to_path_buf(),
             state: Mutex::new(FileState {
-                modified,
+                seen,
                 checked: Instant::now(),
                 users,
             }),
@@ -81,21 +84,18 @@ impl FileMemberships {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if state.checked.elapsed() >= RELOAD_CHECK {
             state.checked = Instant::now();
-            let modified = std::fs::metadata(&self.path)
-                .and_then(|m| m.modified())
-                .ok();
-            if modified != state.modified {
+            let seen = stamp(&self.path);
+            if seen != state.seen {
+                // Whatever the outcome, do not re-read until the file changes
+                // again (a half-written file changes again when completed).
+                state.seen = seen;
                 match read(&self.path) {
-                    Ok((modified, users)) => {
+                    Ok((seen, users)) => {
                         tracing::info!(path = %self.path.display(), users = users.len(), "reloaded memberships");
-                        state.modified = modified;
+                        state.seen = seen;
                         state.users = users;
                     }
-                    Err(e) => {
-                        // Keep serving the last good file; try again when it changes.
-                        state.modified = modified;
-                        tracing::error!("{e}; keeping the previous memberships");
-                    }
+                    Err(e) => tracing::error!("{e}; keeping the previous memberships"),
                 }
             }
         }
@@ -106,9 +106,14 @@ impl FileMemberships {
 /// Tenant ids by `cognito_sub`.
 type Users = HashMap<String, Vec<String>>;
 
-fn read(path: &Path) -> Result<(Option<SystemTime>, Users), MembershipsError> {
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+fn read(path: &Path) -> Result<(Option<(SystemTime, u64)>, Users), MembershipsError> {
     let shown = path.display().to_string();
-    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let seen = stamp(path);
     let text = std::fs::read_to_string(path).map_err(|source| MembershipsError::Read {
         path: shown.clone(),
         source,
@@ -125,5 +130,5 @@ fn read(path: &Path) -> Result<(Option<SystemTime>, Users), MembershipsError> {
             })?;
         }
     }
-    Ok((modified, users))
+    Ok((seen, users))
 }

@@ -90,6 +90,8 @@ pub enum AuthError {
     ActiveTenantRequired { count: usize },
     #[error("invalid signature: the token was not signed with this broker's secret")]
     InvalidSignature,
+    #[error("invalid signature: the token was not signed by the user pool's key {kid}")]
+    InvalidPoolSignature { kid: String },
     #[error("token expired at {at}")]
     Expired { at: String },
     #[error("token has no exp claim: tokens must expire")]

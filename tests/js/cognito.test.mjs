@@ -182,7 +182,7 @@ describe('Cognito ID tokens', () => {
     const message = await connectRefused(broker.http, {
       auth: { token: signRs256(idTokenClaims('user-one'), stranger) },
     });
-    assert.ok(message.startsWith('invalid signature'), message);
+    assert.equal(message, "invalid signature: the token was not signed by the user pool's key key-a");
   });
 
   it('HS256/RS256 confusion: HS256 signed with the RSA public key as secret', async () => {
@@ -203,7 +203,7 @@ describe('Cognito ID tokens', () => {
     for (const secret of [keyA.pem, keyA.publicKey.export({ type: 'spki', format: 'der' })]) {
       const token = signHmac(claims, secret, { alg: 'RS256', typ: 'JWT', kid: 'key-a' });
       const message = await connectRefused(broker.http, { auth: { token } });
-      assert.ok(typeof message === 'string' && message.length > 0, 'refused with a message');
+      assert.equal(message, "invalid signature: the token was not signed by the user pool's key key-a");
     }
   });
 
