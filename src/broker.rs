@@ -46,6 +46,11 @@ pub struct BrokerConfig {
     pub dedupe_max_age: Duration,
     /// Events buffered per subscriber before it counts as too slow.
     pub subscriber_buffer: usize,
+    /// On resume, also replay held events accepted up to this long before
+    /// the resume point. Events reach instances in different orders; with
+    /// several instances this covers what another instance's subscriber
+    /// had not yet seen. Zero for a single instance.
+    pub resume_margin: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -57,6 +62,7 @@ impl Default for BrokerConfig {
             dedupe_max_ids: 100_000,
             dedupe_max_age: Duration::from_secs(600),
             subscriber_buffer: 1024,
+            resume_margin: Duration::ZERO,
         }
     }
 }
@@ -169,6 +175,15 @@ pub struct Stats {
     pub delivered: Counter,
     /// Subscribers dropped because their buffer was full.
     pub slow_subscribers_dropped: Counter,
+    /// Events accepted by other instances and delivered here.
+    pub relayed: Counter,
+}
+
+/// Where accepted events go after local dispatch (the Redis writer).
+/// `offer` is called in the publish path under the tenant's lock, so it
+/// sees each tenant's events in order; it must not block.
+pub trait Persist: Send + Sync {
+    fn offer(&self, event: &SharedEvent);
 }
 
 /// A cheap handle to the broker; clone it freely.
@@ -186,6 +201,7 @@ struct Shared {
     next_subscriber: AtomicU64,
     closed: AtomicBool,
     stats: Stats,
+    persist: std::sync::OnceLock<Box<dyn Persist>>,
 }
 
 struct TenantState {
@@ -291,10 +307,10 @@ impl History {
     /// Events after `since_id` that match `filter`. When `since_id` is not
     /// held (too old, or never seen here), everything held is returned and
     /// `recovered` is false: the subscriber should refetch its state.
-    fn after(&self, since_id: &str, filter: &TypeFilter) -> Replay {
+    fn after(&self, since_id: &str, filter: &TypeFilter, margin: Duration) -> Replay {
         match self.events.iter().rposition(|(_, e)| e.id == since_id) {
             Some(pos) => Replay {
-                events: self.matching(pos + 1, filter),
+                events: self.matching(self.resume_start(pos, margin), filter),
                 recovered: true,
             },
             None => Replay {
@@ -304,14 +320,41 @@ impl History {
         }
     }
 
+    /// Where a replay after the event at `pos` starts: just after it, or
+    /// earlier to include events accepted within `margin` before it.
+    fn resume_start(&self, pos: usize, margin: Duration) -> usize {
+        if margin.is_zero() {
+            return pos + 1;
+        }
+        let Some(since) = self.events.get(pos).and_then(|(_, e)| {
+            humantime::parse_rfc3339(&e.timestamp).ok()
+        }) else {
+            return pos + 1;
+        };
+        // Timestamps share one fixed format, so they compare as text.
+        let from = crate::event::format_timestamp(since - margin);
+        let first = self
+            .events
+            .iter()
+            .position(|(_, e)| e.timestamp >= from)
+            .unwrap_or(pos + 1);
+        first.min(pos + 1)
+    }
+
     /// Events after `since_id` up to and including `until_id`. `until_id`
     /// `None`, or no longer held, means nothing up to now: every event held
     /// is newer than it.
-    fn between(&self, since_id: &str, until_id: Option<&str>, filter: &TypeFilter) -> Replay {
+    fn between(
+        &self,
+        since_id: &str,
+        until_id: Option<&str>,
+        filter: &TypeFilter,
+        margin: Duration,
+    ) -> Replay {
         let position = |id: &str| self.events.iter().rposition(|(_, e)| e.id == id);
         let since = position(since_id);
         let end = until_id.and_then(position).map_or(0, |p| p + 1);
-        let start = since.map_or(0, |p| p + 1);
+        let start = since.map_or(0, |p| self.resume_start(p, margin));
         Replay {
             events: if start < end {
                 self.matching_range(start..end, filter)
@@ -354,6 +397,7 @@ impl Broker {
                 next_subscriber: AtomicU64::new(1),
                 closed: AtomicBool::new(false),
                 stats: Stats::default(),
+                persist: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -375,9 +419,7 @@ impl Broker {
 
     pub fn publish_one(&self, event: Event) -> Outcome {
         let shared = &self.shared;
-        let now = Instant::now();
-        let first = lock(&shared.dedupe).first_sighting(&event.tenant_id, &event.id, now);
-        if !first {
+        if !lock(&shared.dedupe).first_sighting(&event.tenant_id, &event.id, Instant::now()) {
             shared.stats.duplicates.inc();
             return Outcome {
                 id: event.id,
@@ -386,17 +428,52 @@ impl Broker {
         }
         shared.stats.published.inc();
         let event = Arc::new(event);
-        let tenant = self.tenant(&event.tenant_id);
-        let mut state = lock(&tenant);
-        state.history.push(Arc::clone(&event), now, &shared.config);
-        state.subscribers.retain(|s| s.offer(&event, &shared.stats));
-        let mut everyone = lock(&shared.all_tenants);
-        if !everyone.is_empty() {
-            everyone.retain(|s| s.offer(&event, &shared.stats));
-        }
+        self.dispatch(&event, shared.persist.get());
         Outcome {
             id: event.id.clone(),
             duplicate: false,
+        }
+    }
+
+    /// Delivers an event that another instance accepted (read back from
+    /// Redis): dispatched and kept in history like a local one, but not
+    /// persisted again. An id already dispatched here (this instance's own
+    /// event, or one relayed before) is dropped. Returns whether it was new.
+    pub fn relay(&self, event: Event) -> bool {
+        let shared = &self.shared;
+        if !lock(&shared.dedupe).first_sighting(&event.tenant_id, &event.id, Instant::now()) {
+            return false;
+        }
+        shared.stats.relayed.inc();
+        self.dispatch(&Arc::new(event), None);
+        true
+    }
+
+    /// Sends `persist` a copy of every locally accepted event from now on.
+    /// Set once, at start-up.
+    pub fn set_persist(&self, persist: Box<dyn Persist>) {
+        if self.shared.persist.set(persist).is_err() {
+            tracing::warn!("a persistence sink was already set");
+        }
+    }
+
+    /// History, subscribers and persistence, under the tenant's lock so
+    /// every one of them sees the tenant's events in the same order.
+    fn dispatch(&self, event: &SharedEvent, persist: Option<&Box<dyn Persist>>) {
+        let shared = &self.shared;
+        let tenant = self.tenant(&event.tenant_id);
+        let mut state = lock(&tenant);
+        state
+            .history
+            .push(Arc::clone(event), Instant::now(), &shared.config);
+        state.subscribers.retain(|s| s.offer(event, &shared.stats));
+        let mut everyone = lock(&shared.all_tenants);
+        if !everyone.is_empty() {
+            everyone.retain(|s| s.offer(event, &shared.stats));
+        }
+        drop(everyone);
+        if let Some(persist) = persist {
+            persist.offer(event);
         }
     }
 
@@ -432,7 +509,7 @@ impl Broker {
                 state.history.trim(Instant::now(), &shared.config);
                 history_tail = state.history.events.back().map(|(_, e)| e.id.clone());
                 if let Some(since) = since_id {
-                    replay = state.history.after(since, &filter);
+                    replay = state.history.after(since, &filter, shared.config.resume_margin);
                 }
                 if !shared.closed.load(Ordering::Acquire) {
                     state.subscribers.push(subscriber);
@@ -477,7 +554,9 @@ impl Broker {
         let tenant = self.tenant(tenant);
         let mut state = lock(&tenant);
         state.history.trim(Instant::now(), &self.shared.config);
-        state.history.between(since_id, until_id, filter)
+        state
+            .history
+            .between(since_id, until_id, filter, self.shared.config.resume_margin)
     }
 
     /// Ends every subscription (their streams see `Closed`) and refuses new
@@ -717,14 +796,14 @@ mod tests {
         }
         let ids: Vec<_> = h.events.iter().map(|(_, e)| e.id.clone()).collect();
         assert_eq!(ids, ["2", "3", "4"]);
-        let r = h.after("3", &TypeFilter::all());
+        let r = h.after("3", &TypeFilter::all(), Duration::ZERO);
         assert!(r.recovered);
         assert_eq!(r.events.len(), 1);
-        let r = h.after("0", &TypeFilter::all());
+        let r = h.after("0", &TypeFilter::all(), Duration::ZERO);
         assert!(!r.recovered);
         assert_eq!(r.events.len(), 3);
         let b = |since, until| {
-            let r = h.between(since, until, &TypeFilter::all());
+            let r = h.between(since, until, &TypeFilter::all(), Duration::ZERO);
             let ids: Vec<String> = r.events.iter().map(|e| e.id.clone()).collect();
             (ids, r.recovered)
         };

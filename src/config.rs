@@ -16,6 +16,7 @@ use crate::edge::origin::Origins;
 use crate::edge::ratelimit::Limit;
 use crate::edge::room::RateLimits;
 use crate::event::check_identifier;
+use crate::store::{StoreConfig, Target};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
@@ -132,6 +133,43 @@ pub struct Settings {
     #[arg(long, env = "TC_SOCKET_BUFFER", default_value_t = 1024, value_parser = positive)]
     pub socket_buffer: usize,
 
+    /// Redis: `redis://[:password@]host:port[/db]`, `rediss://` for TLS, or
+    /// several node URLs separated by commas for Redis Cluster. Unset: a
+    /// single instance with in-memory history only.
+    #[arg(long, env = "TC_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Treat a single `TC_REDIS_URL` as a Redis Cluster seed node.
+    #[arg(long, env = "TC_REDIS_CLUSTER", default_value_t = false, action = clap::ArgAction::Set)]
+    pub redis_cluster: bool,
+
+    /// Stream partitions (each a Redis Cluster hash tag, and one relay
+    /// reader per instance). Every instance must use the same number.
+    #[arg(long, env = "TC_REDIS_PARTITIONS", default_value_t = 4, value_parser = positive_u32)]
+    pub redis_partitions: u32,
+
+    /// Most entries kept per event-type stream (approximate, `MAXLEN ~`).
+    #[arg(long, env = "TC_REDIS_STREAM_MAX_LEN", default_value_t = 100_000, value_parser = positive)]
+    pub redis_stream_max_len: usize,
+
+    /// Oldest entry kept per event-type stream (approximate, `MINID ~`).
+    #[arg(long, env = "TC_REDIS_STREAM_MAX_AGE", default_value = "24h", value_parser = duration)]
+    pub redis_stream_max_age: Duration,
+
+    /// Events waiting to be written while Redis is slow or down; past it,
+    /// events are still delivered locally but lost to other instances.
+    #[arg(long, env = "TC_REDIS_BUFFER", default_value_t = 100_000, value_parser = positive)]
+    pub redis_buffer: usize,
+
+    /// With Redis: a resume also replays events accepted up to this long
+    /// before the resume point (instances see events in different orders).
+    #[arg(long, env = "TC_RESUME_MARGIN", default_value = "2s", value_parser = duration_or_zero)]
+    pub resume_margin: Duration,
+
+    /// This instance's id in Redis entries (default: random at start).
+    #[arg(long, env = "TC_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
     /// Once listening, write the bound addresses here as JSON
     /// (`{"grpc":"127.0.0.1:50051","http":"127.0.0.1:8080"}`): for
     /// supervisors and tests that bind port 0.
@@ -167,6 +205,14 @@ fn overrides(s: &str) -> Result<Overrides, String> {
         map.insert(tenant.trim().to_string(), rate);
     }
     Ok(Overrides(map))
+}
+
+fn duration_or_zero(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration like 0, 500ms or 2s: {e}"))
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -205,6 +251,11 @@ impl Settings {
             dedupe_max_ids: self.dedupe_max_ids,
             dedupe_max_age: self.dedupe_max_age,
             subscriber_buffer: self.subscriber_buffer,
+            resume_margin: if self.redis_url.is_some() {
+                self.resume_margin
+            } else {
+                Duration::ZERO
+            },
         }
     }
 
@@ -213,6 +264,32 @@ impl Settings {
             max_event_bytes: self.max_event_bytes,
             max_batch: self.max_batch,
         }
+    }
+
+    /// The Redis target and store settings, if Redis is configured.
+    pub fn store(&self) -> Result<Option<(Target, StoreConfig)>, String> {
+        let Some(url) = self.redis_url.as_deref().filter(|u| !u.trim().is_empty()) else {
+            return Ok(None);
+        };
+        let target = Target::parse(url, self.redis_cluster)?;
+        let instance_id = match &self.instance_id {
+            Some(id) => {
+                check_identifier(id).map_err(|r| format!("TC_INSTANCE_ID: {r}"))?;
+                id.clone()
+            }
+            None => uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
+        };
+        Ok(Some((
+            target,
+            StoreConfig {
+                partitions: self.redis_partitions,
+                stream_max_len: self.redis_stream_max_len,
+                stream_max_age: self.redis_stream_max_age,
+                buffer: self.redis_buffer,
+                warm_window: self.history_max_age.min(self.redis_stream_max_age),
+                instance_id,
+            },
+        )))
     }
 
     pub fn default_scopes(&self) -> Scopes {

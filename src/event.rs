@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 /// Longest accepted event type name.
@@ -16,9 +16,10 @@ pub const MAX_TYPE_LEN: usize = 128;
 /// Longest accepted producer-supplied event id or tenant id.
 pub const MAX_ID_LEN: usize = 128;
 
-/// An accepted event, as it is stored in history and delivered to
-/// subscribers. Shared by `Arc` between every subscriber that receives it.
-#[derive(Debug, Clone, Serialize)]
+/// An accepted event, as it is stored in history, delivered to
+/// subscribers and written to Redis. Shared by `Arc` between every
+/// subscriber that receives it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Event {
     pub id: String,
     #[serde(rename = "type")]

@@ -24,6 +24,8 @@ pub struct HttpState {
     /// False once shutdown has begun, so load balancers stop sending work.
     pub ready: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
+    /// Redis state, when Redis is configured.
+    pub redis: Option<Arc<crate::store::Status>>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -42,10 +44,13 @@ async fn healthz() -> &'static str {
 
 async fn readyz(State(state): State<HttpState>) -> Response {
     let ready = state.ready.load(Ordering::Acquire);
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "status": if ready { "ready" } else { "shutting_down" },
         "subscribers": state.app.broker.subscriber_count(),
     });
+    if let Some(redis) = &state.redis {
+        body["redis"] = redis.snapshot();
+    }
     let status = if ready {
         StatusCode::OK
     } else {

@@ -18,6 +18,7 @@ pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod server;
+pub mod store;
 pub mod telemetry;
 
 /// Generated gRPC code for `tensorcost.events.v1`.

@@ -9,6 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::broker::Stats;
+use crate::store::StoreMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TenantLabel {
@@ -52,8 +53,42 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(broker: &Stats, edge: &EdgeMetrics) -> Self {
+    pub fn new(broker: &Stats, edge: &EdgeMetrics, store: Option<&StoreMetrics>) -> Self {
         let mut registry = Registry::with_prefix("tc");
+        registry.register(
+            "events_relayed",
+            "Events accepted by other instances and delivered here",
+            broker.relayed.clone(),
+        );
+        if let Some(store) = store {
+            registry.register("redis_up", "1 while Redis answers", store.up.clone());
+            registry.register(
+                "redis_buffered",
+                "Events accepted here and waiting to be written to Redis",
+                store.buffered.clone(),
+            );
+            registry.register("redis_written", "Events written to Redis", store.written.clone());
+            registry.register(
+                "redis_lost",
+                "Events delivered locally but never written to Redis (buffer full): lost to other instances",
+                store.lost.clone(),
+            );
+            registry.register(
+                "redis_write_errors",
+                "Failed Redis write rounds (each is retried)",
+                store.write_errors.clone(),
+            );
+            registry.register(
+                "redis_relayed",
+                "Events read from Redis that other instances wrote and delivered here",
+                store.relayed.clone(),
+            );
+            registry.register(
+                "redis_relay_lag_ms",
+                "Milliseconds between a Redis entry's append and its relay here (last entry)",
+                store.relay_lag_ms.clone(),
+            );
+        }
         registry.register(
             "events_published",
             "Events accepted and dispatched",

@@ -27,11 +27,14 @@ use crate::edge::Edge;
 use crate::grpc::GrpcService;
 use crate::http::{self, HttpState};
 use crate::metrics::{EdgeMetrics, Metrics};
+use crate::store::{Store, StoreMetrics};
 use crate::proto;
 use crate::proto::event_broker_server::EventBrokerServer;
 
 /// How long open streams get to finish after shutdown begins.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long buffered events get to reach Redis at shutdown.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A started server.
 pub struct Running {
@@ -40,6 +43,8 @@ pub struct Running {
     pub app: App,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+    /// With Redis: how much is still to be written at shutdown.
+    store_metrics: Option<StoreMetrics>,
 }
 
 /// Binds both listeners and starts serving. `secret` is the HS256 secret
@@ -59,8 +64,25 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
             }
         });
     }
+    let store_metrics = StoreMetrics::default();
+    let store = match settings.store().map_err(anyhow::Error::msg)? {
+        Some((target, config)) => {
+            tracing::info!(
+                cluster = target.is_cluster(),
+                partitions = config.partitions,
+                instance = %config.instance_id,
+                "Redis configured"
+            );
+            Some(Store::start(target, config, &app.broker, store_metrics.clone()))
+        }
+        None => None,
+    };
     let edge_metrics = EdgeMetrics::default();
-    let metrics = Arc::new(Metrics::new(app.broker.stats(), &edge_metrics));
+    let metrics = Arc::new(Metrics::new(
+        app.broker.stats(),
+        &edge_metrics,
+        store.as_ref().map(|_| &store_metrics),
+    ));
     let edge_config = settings.edge();
     let cors = edge_config.origins.cors_layer();
     let (socketio, io) = Edge::layer(app.clone(), edge_config, edge_metrics);
@@ -128,6 +150,7 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         app: app.clone(),
         ready,
         metrics,
+        redis: store.as_ref().map(Store::status),
     })
     .layer(socketio)
     .layer(cors);
@@ -150,6 +173,7 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         app,
         shutdown,
         tasks: vec![closer, grpc, http],
+        store_metrics: store.map(|_| store_metrics),
     })
 }
 
@@ -220,6 +244,18 @@ impl Running {
                     tracing::warn!("streams still open after {DRAIN_TIMEOUT:?}; closing them");
                     task.abort();
                 }
+            }
+        }
+        // Give the Redis writer a moment to write what was accepted, so
+        // other instances get it.
+        if let Some(store) = &self.store_metrics {
+            let deadline = tokio::time::Instant::now() + FLUSH_TIMEOUT;
+            while store.buffered.get() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let left = store.buffered.get();
+            if left > 0 {
+                tracing::warn!(left, "Redis unreachable at shutdown: events not written");
             }
         }
         result
