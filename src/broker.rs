@@ -428,7 +428,7 @@ impl Broker {
         }
         shared.stats.published.inc();
         let event = Arc::new(event);
-        self.dispatch(&event, shared.persist.get());
+        self.dispatch(&event, shared.persist.get().map(|p| p.as_ref()));
         Outcome {
             id: event.id.clone(),
             duplicate: false,
@@ -459,7 +459,7 @@ impl Broker {
 
     /// History, subscribers and persistence, under the tenant's lock so
     /// every one of them sees the tenant's events in the same order.
-    fn dispatch(&self, event: &SharedEvent, persist: Option<&Box<dyn Persist>>) {
+    fn dispatch(&self, event: &SharedEvent, persist: Option<&dyn Persist>) {
         let shared = &self.shared;
         let tenant = self.tenant(&event.tenant_id);
         let mut state = lock(&tenant);

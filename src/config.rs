@@ -166,6 +166,11 @@ pub struct Settings {
     #[arg(long, env = "TC_RESUME_MARGIN", default_value = "2s", value_parser = duration_or_zero)]
     pub resume_margin: Duration,
 
+    /// How often per-tenant rate limits are re-read from Redis
+    /// (`tc:ratelimits`).
+    #[arg(long, env = "TC_RATE_LIMITS_REFRESH", default_value = "5s", value_parser = duration)]
+    pub rate_limits_refresh: Duration,
+
     /// This instance's id in Redis entries (default: random at start).
     #[arg(long, env = "TC_INSTANCE_ID")]
     pub instance_id: Option<String>,

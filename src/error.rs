@@ -119,7 +119,9 @@ impl From<FilterError> for ApiError {
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         let code = match e {
-            AuthError::KeysUnavailable { .. } => Code::Unavailable,
+            AuthError::KeysUnavailable { .. } | AuthError::MembershipsUnavailable => {
+                Code::Unavailable
+            }
             AuthError::NoMembership { .. } | AuthError::NoMemberships => Code::PermissionDenied,
             AuthError::ActiveTenantRequired { .. } => Code::InvalidArgument,
             _ => Code::Unauthenticated,

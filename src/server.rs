@@ -27,7 +27,7 @@ use crate::edge::Edge;
 use crate::grpc::GrpcService;
 use crate::http::{self, HttpState};
 use crate::metrics::{EdgeMetrics, Metrics};
-use crate::store::{Store, StoreMetrics};
+use crate::store::{Lazy, Store, StoreMetrics, Target};
 use crate::proto;
 use crate::proto::event_broker_server::EventBrokerServer;
 
@@ -50,9 +50,11 @@ pub struct Running {
 /// Binds both listeners and starts serving. `secret` is the HS256 secret
 /// (from settings, or generated in development mode).
 pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running> {
+    let shutdown = CancellationToken::new();
+    let redis = settings.store().map_err(anyhow::Error::msg)?;
     let app = App {
         broker: Broker::new(settings.broker()),
-        auth: Arc::new(authenticator(settings, secret)?),
+        auth: Arc::new(authenticator(settings, secret, redis.as_ref().map(|(t, _)| t))?),
         limits: settings.limits(),
     };
     if let Some(cognito) = app.auth.cognito() {
@@ -65,7 +67,7 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         });
     }
     let store_metrics = StoreMetrics::default();
-    let store = match settings.store().map_err(anyhow::Error::msg)? {
+    let store = match redis {
         Some((target, config)) => {
             tracing::info!(
                 cluster = target.is_cluster(),
@@ -85,7 +87,15 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
     ));
     let edge_config = settings.edge();
     let cors = edge_config.origins.cors_layer();
-    let (socketio, io) = Edge::layer(app.clone(), edge_config, edge_metrics);
+    let (socketio, io, edge) = Edge::layer(app.clone(), edge_config, edge_metrics);
+    if let Some(store) = &store {
+        tokio::spawn(refresh_rate_overrides(
+            Lazy::new(store.target().clone()),
+            edge,
+            settings.rate_limits_refresh,
+            shutdown.clone(),
+        ));
+    }
     let grpc_listener = TcpListener::bind(settings.grpc_addr)
         .await
         .with_context(|| format!("cannot listen for gRPC on {}", settings.grpc_addr))?;
@@ -95,7 +105,6 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
     let grpc_addr = grpc_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
 
-    let shutdown = CancellationToken::new();
     let ready = Arc::new(AtomicBool::new(true));
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<EventBrokerServer<GrpcService>>().await;
@@ -179,27 +188,64 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
 
 /// The token verifier the settings describe: HS256 always, Cognito when
 /// configured.
-fn authenticator(settings: &Settings, secret: &[u8]) -> anyhow::Result<Authenticator> {
+fn authenticator(
+    settings: &Settings,
+    secret: &[u8],
+    redis: Option<&Target>,
+) -> anyhow::Result<Authenticator> {
     let auth = Authenticator::new(secret, settings.default_scopes());
     let Some(cognito) = settings.cognito().map_err(anyhow::Error::msg)? else {
         if settings.memberships_file.is_some() {
-            tracing::warn!(
-                "TC_MEMBERSHIPS_FILE is set but Cognito is not configured: it is not used"
-            );
+            tracing::warn!("TC_MEMBERSHIPS_FILE is set but Cognito is not configured: it is not used");
         }
         return Ok(auth);
     };
-    let memberships = match &settings.memberships_file {
-        Some(path) => Memberships::File(FileMemberships::load(path)?),
-        None => {
-            tracing::warn!(
-                "Cognito is configured without TC_MEMBERSHIPS_FILE: Cognito users belong to no tenant"
-            );
-            Memberships::None
-        }
+    let memberships = Memberships {
+        file: match &settings.memberships_file {
+            Some(path) => Some(FileMemberships::load(path)?),
+            None => None,
+        },
+        redis: redis.map(|t| Lazy::new(t.clone())),
     };
+    if memberships.file.is_none() && memberships.redis.is_none() {
+        tracing::warn!(
+            "Cognito is configured without TC_MEMBERSHIPS_FILE or Redis: Cognito users belong to no tenant"
+        );
+    }
     let cognito = Cognito::new(cognito).context("cannot build the JWKS client")?;
     Ok(auth.with_cognito(cognito, memberships, settings.cognito_scopes()))
+}
+
+/// Keeps the edge's per-tenant rates in step with the Redis hash
+/// `tc:ratelimits` (field tenant, value events per second).
+async fn refresh_rate_overrides(
+    redis: Lazy,
+    edge: Edge,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let map: std::collections::HashMap<String, String> =
+            match redis.query(redis::cmd("HGETALL").arg(crate::store::RATE_LIMITS_KEY)).await {
+                Ok(m) => m,
+                Err(_) => continue, // Redis down: keep the last known rates.
+            };
+        let mut overrides = std::collections::HashMap::new();
+        for (tenant, rate) in map {
+            match rate.trim().parse::<u32>() {
+                Ok(r) if r > 0 && crate::event::check_identifier(&tenant).is_ok() => {
+                    overrides.insert(tenant, r);
+                }
+                _ => tracing::warn!(%tenant, %rate, "ignoring a bad entry in Redis tc:ratelimits"),
+            }
+        }
+        edge.set_rate_overrides(overrides);
+    }
 }
 
 /// Writes `{"grpc": …, "http": …}` atomically (write, then rename), so a

@@ -7,7 +7,11 @@
 //! {"8a3c…-sub": ["tenant-acme", "tenant-beta"], "f00d…-sub": ["tenant-acme"]}
 //! ```
 //!
-//! It is re-read when its modification time or length changes (checked at
+//! Memberships can also live in Redis (hash `tc:memberships`, field
+//! `cognito_sub`, value a JSON array of tenant ids), read at each
+//! handshake; a user's tenants are the union of both sources.
+//!
+//! The file is re-read when its modification time or length changes (checked at
 //! most once per [`RELOAD_CHECK`]), so memberships change without a
 //! restart; write it atomically (write a temporary file, then rename). A file
 //! that fails to parse on reload is logged and the last good version kept;
@@ -18,26 +22,54 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
+use super::AuthError;
 use crate::event::check_identifier;
+use crate::store::{Lazy, MEMBERSHIPS_KEY};
 
 /// How often the file's modification time is looked at.
 pub const RELOAD_CHECK: Duration = Duration::from_secs(1);
 
-/// Where memberships come from.
-pub enum Memberships {
-    /// No source configured: Cognito users belong to no tenant.
-    None,
-    File(FileMemberships),
+/// Where memberships come from: the file, Redis, both (a user's tenants
+/// are the union) or neither (Cognito users belong to no tenant).
+#[derive(Default)]
+pub struct Memberships {
+    pub file: Option<FileMemberships>,
+    pub redis: Option<Lazy>,
 }
 
 impl Memberships {
-    /// The tenants `sub` belongs to, in the source's order.
-    pub async fn tenants_of(&self, sub: &str) -> Vec<String> {
-        match self {
-            Memberships::None => Vec::new(),
-            Memberships::File(f) => f.tenants_of(sub),
+    /// The tenants `sub` belongs to: the file's first, then Redis's.
+    pub async fn tenants_of(&self, sub: &str) -> Result<Vec<String>, AuthError> {
+        let mut tenants = self
+            .file
+            .as_ref()
+            .map(|f| f.tenants_of(sub))
+            .unwrap_or_default();
+        if let Some(redis) = &self.redis {
+            let value: Option<String> = redis
+                .query(redis::cmd("HGET").arg(MEMBERSHIPS_KEY).arg(sub))
+                .await
+                .map_err(|_| AuthError::MembershipsUnavailable)?;
+            for tenant in value.as_deref().map(parse_list).unwrap_or_default() {
+                if check_identifier(&tenant).is_ok() && !tenants.contains(&tenant) {
+                    tenants.push(tenant);
+                }
+            }
         }
+        Ok(tenants)
     }
+}
+
+/// A JSON array of strings, or a comma-separated list.
+fn parse_list(value: &str) -> Vec<String> {
+    serde_json::from_str::<Vec<String>>(value).unwrap_or_else(|_| {
+        value
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(String::from)
+            .collect()
+    })
 }
 
 pub struct FileMemberships {

@@ -86,6 +86,8 @@ pub enum AuthError {
     NoMembership { tenant: String },
     #[error("user has no tenant membership")]
     NoMemberships,
+    #[error("cannot read tenant memberships now: Redis is unavailable")]
+    MembershipsUnavailable,
     #[error("activeTenantId required: user belongs to {count} tenants")]
     ActiveTenantRequired { count: usize },
     #[error("invalid signature: the token was not signed with this broker's secret")]
@@ -149,7 +151,7 @@ impl Authenticator {
             validation,
             default_scopes,
             cognito: None,
-            memberships: Memberships::None,
+            memberships: Memberships::default(),
             cognito_scopes: Scopes::parse(rbac::SUBSCRIBE),
         }
     }
@@ -212,7 +214,7 @@ impl Authenticator {
                     .as_ref()
                     .ok_or(AuthError::CognitoNotConfigured)?;
                 let user = cognito.verify(token, header.kid.as_deref()).await?;
-                let tenants = self.memberships.tenants_of(&user.sub).await;
+                let tenants = self.memberships.tenants_of(&user.sub).await?;
                 let tenant = choose_tenant(&tenants, active_tenant)?;
                 Ok(Identity {
                     kind: TokenKind::Cognito,

@@ -96,9 +96,13 @@ impl std::fmt::Display for Refusal {
 }
 
 impl Edge {
-    /// Builds the Socket.IO layer to mount on the HTTP router, and the
-    /// handle that closes every socket at shutdown.
-    pub fn layer(app: App, config: EdgeConfig, metrics: EdgeMetrics) -> (SocketIoLayer, SocketIo) {
+    /// Builds the edge: the Socket.IO layer to mount on the HTTP router,
+    /// the handle that closes every socket at shutdown, and the edge itself.
+    pub fn layer(
+        app: App,
+        config: EdgeConfig,
+        metrics: EdgeMetrics,
+    ) -> (SocketIoLayer, SocketIo, Edge) {
         let edge = Edge {
             inner: Arc::new(EdgeInner {
                 rooms: Rooms::new(app.broker.clone(), config.limits, metrics.clone()),
@@ -111,10 +115,15 @@ impl Edge {
             .req_path(PATH)
             .transports([TransportType::Polling, TransportType::Websocket])
             .max_buffer_size(config.socket_buffer.max(16))
-            .with_state(edge)
+            .with_state(edge.clone())
             .build_layer();
         io.ns("/", on_connect.with(handshake));
-        (layer, io)
+        (layer, io, edge)
+    }
+
+    /// Per-tenant rates from Redis, replacing the previous set.
+    pub fn set_rate_overrides(&self, overrides: std::collections::HashMap<String, u32>) {
+        self.inner.rooms.set_live_overrides(overrides);
     }
 }
 

@@ -60,6 +60,13 @@ impl RateLimiter {
         self.limit
     }
 
+    /// Changes the limit from now on (tokens already earned are capped by
+    /// the new burst).
+    pub fn set_limit(&mut self, limit: Limit) {
+        self.limit = limit;
+        self.tokens = self.tokens.min(limit.burst());
+    }
+
     fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
         self.refilled = now;

@@ -97,6 +97,9 @@ impl Command {
 pub struct Rooms {
     broker: Broker,
     limits: RateLimits,
+    /// Per-tenant rates from Redis (`tc:ratelimits`); they win over
+    /// configured overrides.
+    live_overrides: std::sync::RwLock<HashMap<String, u32>>,
     metrics: EdgeMetrics,
     pumps: Mutex<HashMap<String, mpsc::UnboundedSender<Command>>>,
 }
@@ -106,13 +109,30 @@ impl Rooms {
         Arc::new(Self {
             broker,
             limits,
+            live_overrides: std::sync::RwLock::new(HashMap::new()),
             metrics,
             pumps: Mutex::new(HashMap::new()),
         })
     }
 
     pub fn limit_for(&self, tenant: &str) -> Limit {
-        self.limits.for_tenant(tenant)
+        let live = self.live_overrides.read().unwrap_or_else(|p| p.into_inner());
+        match live.get(tenant) {
+            Some(&per_second) => Limit {
+                per_second,
+                ..self.limits.default
+            },
+            None => self.limits.for_tenant(tenant),
+        }
+    }
+
+    /// Replaces the per-tenant rates read from Redis; running pumps pick
+    /// them up within a tick.
+    pub fn set_live_overrides(&self, overrides: HashMap<String, u32>) {
+        *self
+            .live_overrides
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = overrides;
     }
 
     /// Hands a command to the tenant's pump, starting one if needed.
@@ -159,7 +179,7 @@ impl Rooms {
             subscription,
             commands: rx,
             members: HashMap::new(),
-            limiter: RateLimiter::new(self.limits.for_tenant(tenant), Instant::now()),
+            limiter: RateLimiter::new(self.limit_for(tenant), Instant::now()),
             last_notice: Instant::now(),
             backlogged: false,
         };
@@ -553,6 +573,11 @@ impl Pump {
     }
 
     fn housekeeping(&mut self) {
+        let limit = self.rooms.limit_for(&self.tenant);
+        if limit != self.limiter.limit() {
+            tracing::info!(tenant = %self.tenant, per_second = limit.per_second, "rate limit changed");
+            self.limiter.set_limit(limit);
+        }
         if self.last_notice.elapsed() >= NOTICE_EVERY {
             let dropped = self.limiter.take_dropped();
             if !dropped.is_empty() {

@@ -11,7 +11,7 @@ use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, RedisResult, Valu
 /// Where Redis is.
 #[derive(Clone)]
 pub enum Target {
-    Single(redis::Client),
+    Single(Box<redis::Client>),
     Cluster(Vec<String>),
 }
 
@@ -57,7 +57,7 @@ impl Target {
         } else {
             let client = redis::Client::open(urls[0].as_str())
                 .map_err(|_| "TC_REDIS_URL is not a valid Redis URL".to_string())?;
-            Ok(Target::Single(client))
+            Ok(Target::Single(Box::new(client)))
         }
     }
 

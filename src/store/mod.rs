@@ -256,6 +256,48 @@ pub fn registry_key(partition: u32) -> String {
     format!("tc:{{p{partition}}}:types")
 }
 
+/// A connection made on first use and remade after an error, for lookups
+/// that must not hold up start-up when Redis is down.
+pub struct Lazy {
+    target: Target,
+    conn: tokio::sync::Mutex<Option<Conn>>,
+}
+
+impl Lazy {
+    pub fn new(target: Target) -> Self {
+        Self {
+            target,
+            conn: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Runs `cmd`; on error the connection is dropped and made again next time.
+    pub async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        let mut conn = {
+            let mut slot = self.conn.lock().await;
+            match slot.as_ref() {
+                Some(c) => c.clone(),
+                None => {
+                    let c = self.target.managed().await?;
+                    *slot = Some(c.clone());
+                    c
+                }
+            }
+        };
+        let result = cmd.query_async(&mut conn).await;
+        if result.is_err() {
+            *self.conn.lock().await = None;
+        }
+        result
+    }
+}
+
+/// Cognito memberships in Redis: field `cognito_sub`, value a JSON array of
+/// tenant ids (or a comma-separated list).
+pub const MEMBERSHIPS_KEY: &str = "tc:memberships";
+/// Per-tenant Socket.IO rate limits in Redis: field tenant, value events/s.
+pub const RATE_LIMITS_KEY: &str = "tc:ratelimits";
+
 /// Stream entry fields.
 const FIELD_ORIGIN: &str = "o";
 const FIELD_EVENT: &str = "e";

@@ -27,8 +27,11 @@ const BLOCK: Duration = Duration::from_millis(1000);
 const COUNT: usize = 1000;
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// How often streams are trimmed by age.
-const TRIM_EVERY: Duration = Duration::from_secs(10);
+/// How often streams are trimmed by age: a quarter of the age cap,
+/// between 1 and 60 seconds.
+fn trim_every(max_age: Duration) -> Duration {
+    (max_age / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
 
 struct Relay {
     partition: u32,
@@ -78,7 +81,7 @@ pub(super) async fn run(
                 relay.warm(c).await?;
             }
             relay.follow(c).await?;
-            if trimmed.elapsed() >= TRIM_EVERY {
+            if trimmed.elapsed() >= trim_every(relay.config.stream_max_age) {
                 trimmed = Instant::now();
                 relay.trim(c).await?;
             }

@@ -65,6 +65,8 @@ pub(super) async fn run(
                 Err(e) => {
                     metrics.write_errors.inc();
                     status.mark_down(&e);
+                    // Redis may have restarted empty: register types again.
+                    registered.clear();
                     // A cluster connection is rebuilt; a managed one heals.
                     if matches!(conn, Some(Conn::Cluster(_))) {
                         conn = None;
