@@ -326,9 +326,11 @@ impl History {
         if margin.is_zero() {
             return pos + 1;
         }
-        let Some(since) = self.events.get(pos).and_then(|(_, e)| {
-            humantime::parse_rfc3339(&e.timestamp).ok()
-        }) else {
+        let Some(since) = self
+            .events
+            .get(pos)
+            .and_then(|(_, e)| humantime::parse_rfc3339(&e.timestamp).ok())
+        else {
             return pos + 1;
         };
         // Timestamps share one fixed format, so they compare as text.
@@ -509,7 +511,9 @@ impl Broker {
                 state.history.trim(Instant::now(), &shared.config);
                 history_tail = state.history.events.back().map(|(_, e)| e.id.clone());
                 if let Some(since) = since_id {
-                    replay = state.history.after(since, &filter, shared.config.resume_margin);
+                    replay = state
+                        .history
+                        .after(since, &filter, shared.config.resume_margin);
                 }
                 if !shared.closed.load(Ordering::Acquire) {
                     state.subscribers.push(subscriber);

@@ -67,7 +67,11 @@ impl Metrics {
                 "Events accepted here and waiting to be written to Redis",
                 store.buffered.clone(),
             );
-            registry.register("redis_written", "Events written to Redis", store.written.clone());
+            registry.register(
+                "redis_written",
+                "Events written to Redis",
+                store.written.clone(),
+            );
             registry.register(
                 "redis_lost",
                 "Events delivered locally but never written to Redis (buffer full): lost to other instances",

@@ -27,9 +27,9 @@ use crate::edge::Edge;
 use crate::grpc::GrpcService;
 use crate::http::{self, HttpState};
 use crate::metrics::{EdgeMetrics, Metrics};
-use crate::store::{Lazy, Store, StoreMetrics, Target};
 use crate::proto;
 use crate::proto::event_broker_server::EventBrokerServer;
+use crate::store::{Lazy, Store, StoreMetrics, Target};
 
 /// How long open streams get to finish after shutdown begins.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,7 +54,11 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
     let redis = settings.store().map_err(anyhow::Error::msg)?;
     let app = App {
         broker: Broker::new(settings.broker()),
-        auth: Arc::new(authenticator(settings, secret, redis.as_ref().map(|(t, _)| t))?),
+        auth: Arc::new(authenticator(
+            settings,
+            secret,
+            redis.as_ref().map(|(t, _)| t),
+        )?),
         limits: settings.limits(),
     };
     if let Some(cognito) = app.auth.cognito() {
@@ -75,7 +79,12 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
                 instance = %config.instance_id,
                 "Redis configured"
             );
-            Some(Store::start(target, config, &app.broker, store_metrics.clone()))
+            Some(Store::start(
+                target,
+                config,
+                &app.broker,
+                store_metrics.clone(),
+            ))
         }
         None => None,
     };
@@ -196,7 +205,9 @@ fn authenticator(
     let auth = Authenticator::new(secret, settings.default_scopes());
     let Some(cognito) = settings.cognito().map_err(anyhow::Error::msg)? else {
         if settings.memberships_file.is_some() {
-            tracing::warn!("TC_MEMBERSHIPS_FILE is set but Cognito is not configured: it is not used");
+            tracing::warn!(
+                "TC_MEMBERSHIPS_FILE is set but Cognito is not configured: it is not used"
+            );
         }
         return Ok(auth);
     };
@@ -230,11 +241,13 @@ async fn refresh_rate_overrides(
             _ = tick.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        let map: std::collections::HashMap<String, String> =
-            match redis.query(redis::cmd("HGETALL").arg(crate::store::RATE_LIMITS_KEY)).await {
-                Ok(m) => m,
-                Err(_) => continue, // Redis down: keep the last known rates.
-            };
+        let map: std::collections::HashMap<String, String> = match redis
+            .query(redis::cmd("HGETALL").arg(crate::store::RATE_LIMITS_KEY))
+            .await
+        {
+            Ok(m) => m,
+            Err(_) => continue, // Redis down: keep the last known rates.
+        };
         let mut overrides = std::collections::HashMap::new();
         for (tenant, rate) in map {
             match rate.trim().parse::<u32>() {

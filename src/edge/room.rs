@@ -116,7 +116,10 @@ impl Rooms {
     }
 
     pub fn limit_for(&self, tenant: &str) -> Limit {
-        let live = self.live_overrides.read().unwrap_or_else(|p| p.into_inner());
+        let live = self
+            .live_overrides
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         match live.get(tenant) {
             Some(&per_second) => Limit {
                 per_second,

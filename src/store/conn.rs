@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, RedisResult, Value};
@@ -111,7 +113,9 @@ impl Target {
                 ))
             }
             Target::Cluster(_) => Ok(Conn::Cluster(
-                self.cluster(response_timeout)?.get_async_connection().await?,
+                self.cluster(response_timeout)?
+                    .get_async_connection()
+                    .await?,
             )),
         }
     }

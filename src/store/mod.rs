@@ -145,7 +145,12 @@ impl Store {
     /// Starts the writer and one relay reader per partition, and hooks the
     /// writer into the broker's publish path. Returns at once: Redis being
     /// down at start is an outage like any other.
-    pub fn start(target: Target, config: StoreConfig, broker: &Broker, metrics: StoreMetrics) -> Self {
+    pub fn start(
+        target: Target,
+        config: StoreConfig,
+        broker: &Broker,
+        metrics: StoreMetrics,
+    ) -> Self {
         let status = Arc::new(Status::new(config.partitions, metrics.clone()));
         let (tx, rx) = mpsc::channel(config.buffer.max(1));
         broker.set_persist(Box::new(Sink {
@@ -248,7 +253,10 @@ pub fn partition_of(event_type: &str, partitions: u32) -> u32 {
 
 /// The stream of an event type.
 pub fn stream_key(event_type: &str, partitions: u32) -> String {
-    format!("tc:{{p{}}}:ev:{event_type}", partition_of(event_type, partitions))
+    format!(
+        "tc:{{p{}}}:ev:{event_type}",
+        partition_of(event_type, partitions)
+    )
 }
 
 /// A partition's registry of event types.
@@ -322,10 +330,16 @@ mod tests {
         // Stable: the same everywhere, forever.
         assert_eq!(partition_of("cost.updated", 1), 0);
         assert_eq!(partition_of("", 7), 0x811c_9dc5 % 7);
-        let spread: std::collections::HashSet<u32> = ["a.b", "cost.updated", "alert.created", "instance.created", "ml.training.started"]
-            .iter()
-            .map(|t| partition_of(t, 4))
-            .collect();
+        let spread: std::collections::HashSet<u32> = [
+            "a.b",
+            "cost.updated",
+            "alert.created",
+            "instance.created",
+            "ml.training.started",
+        ]
+        .iter()
+        .map(|t| partition_of(t, 4))
+        .collect();
         assert!(spread.len() > 1);
     }
 

@@ -161,7 +161,12 @@ impl Relay {
         self.warmed = true;
         self.status.warmed.fetch_add(1, Ordering::AcqRel);
         self.status.mark_up();
-        tracing::info!(partition = self.partition, entries = n, streams = self.positions.len(), "history warmed from Redis");
+        tracing::info!(
+            partition = self.partition,
+            entries = n,
+            streams = self.positions.len(),
+            "history warmed from Redis"
+        );
         Ok(())
     }
 
@@ -204,8 +209,7 @@ impl Relay {
 
     /// Trims every stream by age.
     async fn trim(&mut self, conn: &mut Conn) -> redis::RedisResult<()> {
-        let min_ms =
-            unix_millis().saturating_sub(self.config.stream_max_age.as_millis() as u64);
+        let min_ms = unix_millis().saturating_sub(self.config.stream_max_age.as_millis() as u64);
         for key in self.positions.keys() {
             redis::cmd("XTRIM")
                 .arg(key)

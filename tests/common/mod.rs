@@ -1,6 +1,10 @@
 //! Shared test harness: the real server, in-process on ephemeral loopback
-//! ports, and real gRPC clients generated from `proto/`.
+//! ports, and real gRPC clients generated from `proto/`; real processes
+//! ([`procs`]) and a Socket.IO client ([`sio`]).
 #![allow(dead_code)]
+
+pub mod procs;
+pub mod sio;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

@@ -1,0 +1,493 @@
+//! Several broker instances sharing Redis, all real processes: delivery
+//! across instances, Redis and instance crashes (SIGKILL), Redis Cluster,
+//! and stream retention.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::procs::{Instance, RedisCluster, RedisServer};
+use common::{SECRET, authed, draft, full, sio, token_opt};
+use tensorcost_events::proto::event_broker_client::EventBrokerClient;
+use tensorcost_events::proto::{self, PublishRequest, SubscribeRequest, subscribe_response};
+use tokio_stream::StreamExt;
+
+type Seen = Arc<Mutex<Vec<proto::Event>>>;
+
+/// Follows a tenant over gRPC on `grpc`, collecting every event.
+async fn grpc_follow(grpc: &str, token: &str) -> Seen {
+    let seen: Seen = Arc::default();
+    let mut client = EventBrokerClient::connect(grpc.to_string())
+        .await
+        .expect("connect");
+    let mut stream = client
+        .subscribe(authed(SubscribeRequest::default(), token))
+        .await
+        .expect("subscribe")
+        .into_inner();
+    // The status message: the subscription is live.
+    let first = stream.next().await.expect("status").expect("ok");
+    assert!(matches!(
+        first.message,
+        Some(subscribe_response::Message::Status(_))
+    ));
+    let sink = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = stream.next().await {
+            if let Some(subscribe_response::Message::Event(e)) = m.message {
+                sink.lock().expect("lock").push(e);
+            }
+        }
+    });
+    seen
+}
+
+/// Follows a tenant over Socket.IO on `http`, collecting `event` payloads.
+async fn sio_follow(http: &str, token: &str) -> Arc<Mutex<Vec<serde_json::Value>>> {
+    let seen: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let mut socket = sio::connect(http, serde_json::json!({ "token": token }))
+        .await
+        .expect("socket connects");
+    let sink = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Some(e) = socket.next_event(Duration::from_secs(3600)).await {
+            sink.lock().expect("lock").push(e);
+        }
+    });
+    seen
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const TYPES: [&str; 3] = ["cost.updated", "alert.created", "instance.state_changed"];
+
+/// Publishes `n` events for `tenant` through `grpc` in batches, round robin
+/// over [`TYPES`], with data `{"p":publisher,"i":index}`. Returns the ids.
+async fn publish_many(grpc: String, tenant: &str, publisher: usize, n: usize) -> Vec<String> {
+    let token = full(tenant);
+    let mut client = EventBrokerClient::connect(grpc).await.expect("connect");
+    let mut ids = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(25) {
+        let events = chunk
+            .iter()
+            .map(|&i| draft(TYPES[i % 3], &format!(r#"{{"p":{publisher},"i":{i}}}"#)))
+            .collect();
+        let results = client
+            .publish(authed(PublishRequest { events }, &token))
+            .await
+            .expect("publish")
+            .into_inner()
+            .results;
+        ids.extend(results.into_iter().map(|r| r.id));
+    }
+    ids
+}
+
+/// Every id exactly once, and per publisher and type in publish order.
+fn assert_exactly_once_in_order(
+    name: &str,
+    events: &[(String, String, String)],
+    expected: &HashSet<String>,
+) {
+    let ids: Vec<&String> = events.iter().map(|(id, _, _)| id).collect();
+    let unique: HashSet<&String> = ids.iter().copied().collect();
+    assert_eq!(unique.len(), ids.len(), "{name}: duplicates");
+    assert_eq!(
+        unique.len(),
+        expected.len(),
+        "{name}: got {} of {}",
+        unique.len(),
+        expected.len()
+    );
+    assert!(
+        unique.iter().all(|id| expected.contains(*id)),
+        "{name}: foreign ids"
+    );
+    let mut last: HashMap<(u64, String), i64> = HashMap::new();
+    for (_, event_type, data) in events {
+        let v: serde_json::Value = serde_json::from_str(data).expect("json");
+        let key = (v["p"].as_u64().expect("p"), event_type.clone());
+        let i = v["i"].as_i64().expect("i");
+        let prev = last.insert(key.clone(), i).unwrap_or(-1);
+        assert!(i > prev, "{name}: {key:?} out of order: {i} after {prev}");
+    }
+}
+
+fn instance_env(redis_url: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("TC_REDIS_URL", redis_url.to_string()),
+        ("TC_RATE_LIMIT_PER_TENANT", "1000000".into()),
+        ("TC_SUBSCRIBER_BUFFER", "100000".into()),
+    ]
+}
+
+fn spawn(env: &[(&'static str, String)]) -> Instance {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Instance::spawn(SECRET, &env)
+}
+
+/// Three instances: each publishes, and each one's gRPC and Socket.IO
+/// subscribers get every event of the tenant exactly once, in order.
+async fn cross_instance(redis_url: &str, per_publisher: usize) {
+    let env = instance_env(redis_url);
+    let instances: Vec<Instance> = (0..3).map(|_| spawn(&env)).collect();
+    // Let each relay warm up and start following.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let token = full("tenant-x");
+    let mut grpc_seen = Vec::new();
+    let mut sio_seen = Vec::new();
+    for instance in &instances {
+        grpc_seen.push(grpc_follow(&instance.grpc, &token).await);
+        sio_seen.push(sio_follow(&instance.http, &token).await);
+    }
+    let other_tenant = grpc_follow(&instances[0].grpc, &full("tenant-other")).await;
+
+    let publishers: Vec<_> = instances
+        .iter()
+        .enumerate()
+        .map(|(p, instance)| {
+            tokio::spawn(publish_many(
+                instance.grpc.clone(),
+                "tenant-x",
+                p,
+                per_publisher,
+            ))
+        })
+        .collect();
+    let mut expected = HashSet::new();
+    for p in publishers {
+        expected.extend(p.await.expect("publisher"));
+    }
+    let total = expected.len();
+    assert_eq!(total, 3 * per_publisher);
+
+    for (i, seen) in grpc_seen.iter().enumerate() {
+        wait_for(
+            &format!("gRPC subscriber {i}"),
+            Duration::from_secs(30),
+            || seen.lock().expect("lock").len() >= total,
+        )
+        .await;
+    }
+    for (i, seen) in sio_seen.iter().enumerate() {
+        wait_for(
+            &format!("Socket.IO client {i}"),
+            Duration::from_secs(30),
+            || seen.lock().expect("lock").len() >= total,
+        )
+        .await;
+    }
+    // Anything extra (a duplicate) would arrive right behind.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (i, seen) in grpc_seen.iter().enumerate() {
+        let events: Vec<_> = seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|e| (e.id.clone(), e.r#type.clone(), e.data.clone()))
+            .collect();
+        assert_exactly_once_in_order(&format!("gRPC on instance {i}"), &events, &expected);
+    }
+    for (i, seen) in sio_seen.iter().enumerate() {
+        let events: Vec<_> = seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|e| {
+                (
+                    e["id"].as_str().expect("id").to_string(),
+                    e["type"].as_str().expect("type").to_string(),
+                    e["data"].to_string(),
+                )
+            })
+            .collect();
+        assert_exactly_once_in_order(&format!("Socket.IO on instance {i}"), &events, &expected);
+    }
+    assert!(
+        other_tenant.lock().expect("lock").is_empty(),
+        "another tenant saw events"
+    );
+    for instance in &instances {
+        assert!(instance.metric("tc_redis_written_total").await >= per_publisher as f64);
+        assert_eq!(instance.metric("tc_redis_lost_total").await, 0.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_instances_one_redis_deliver_everything_once_in_order() {
+    let redis = RedisServer::start();
+    cross_instance(&redis.url(), 1000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_instances_on_a_redis_cluster_of_three_masters() {
+    let cluster = RedisCluster::start();
+    cross_instance(&cluster.url(), 400).await;
+    // The streams really are spread over the masters.
+    let holding: usize = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.cli(&["dbsize"]).parse::<u64>().unwrap_or(0) > 0)
+        .count();
+    assert!(holding >= 2, "streams on {holding} of 3 masters");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_killed_while_publishing_loses_nothing_in_process_and_catches_up_after() {
+    let mut redis = RedisServer::start();
+    let env = instance_env(&redis.url());
+    let a = spawn(&env);
+    let b = spawn(&env);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let token = full("tenant-k");
+    let on_a = grpc_follow(&a.grpc, &token).await;
+    let on_b = grpc_follow(&b.grpc, &token).await;
+
+    // A steady 200 events/s on instance A for 6 s; Redis dies at 1.5 s and
+    // comes back (empty) at 3.5 s.
+    let mut client = EventBrokerClient::connect(a.grpc.clone())
+        .await
+        .expect("connect");
+    let start = Instant::now();
+    let mut published = Vec::new();
+    let mut killed = false;
+    let mut restarted = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    while start.elapsed() < Duration::from_secs(6) {
+        tick.tick().await;
+        if !killed && start.elapsed() >= Duration::from_millis(1500) {
+            redis.kill9();
+            killed = true;
+        }
+        if !restarted && start.elapsed() >= Duration::from_millis(3500) {
+            redis.restart();
+            restarted = true;
+        }
+        let i = published.len();
+        let r = client
+            .publish(authed(
+                PublishRequest {
+                    events: vec![draft(TYPES[i % 3], &format!(r#"{{"p":0,"i":{i}}}"#))],
+                },
+                &token,
+            ))
+            .await
+            .expect("publishing never depends on Redis");
+        published.push(r.into_inner().results[0].id.clone());
+    }
+    let expected: HashSet<String> = published.iter().cloned().collect();
+
+    // In process: every event, at once, in order.
+    wait_for(
+        "instance A's own subscriber",
+        Duration::from_secs(5),
+        || on_a.lock().expect("lock").len() >= published.len(),
+    )
+    .await;
+    let got_a: Vec<String> = on_a
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|e| e.id.clone())
+        .collect();
+    assert_eq!(
+        got_a, published,
+        "in-process delivery is complete and in order"
+    );
+
+    // Across instances: the buffered events arrive once Redis is back.
+    wait_for("instance B to catch up", Duration::from_secs(30), || {
+        on_b.lock().expect("lock").len() >= published.len()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let events: Vec<_> = on_b
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|e| (e.id.clone(), e.r#type.clone(), e.data.clone()))
+        .collect();
+    assert_exactly_once_in_order("instance B", &events, &expected);
+    assert!(
+        a.metric("tc_redis_write_errors_total").await > 0.0,
+        "the outage was seen"
+    );
+    assert_eq!(
+        a.metric("tc_redis_lost_total").await,
+        0.0,
+        "within the buffer nothing is lost"
+    );
+    assert_eq!(
+        a.metric("tc_redis_buffered").await,
+        0.0,
+        "everything written"
+    );
+    assert_eq!(a.metric("tc_redis_up").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_instances_socket_clients_resume_on_another_and_miss_nothing() {
+    let redis = RedisServer::start();
+    let env = instance_env(&redis.url());
+    let mut a = spawn(&env);
+    let b = spawn(&env);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let token = full("tenant-r");
+
+    let mut socket = sio::connect(&a.http, serde_json::json!({ "token": token }))
+        .await
+        .expect("connect to A");
+    // Events are published on B at a steady rate; the client is on A.
+    let publisher = {
+        let grpc = b.grpc.clone();
+        tokio::spawn(async move {
+            let token = full("tenant-r");
+            let mut client = EventBrokerClient::connect(grpc).await.expect("connect");
+            let mut ids = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            for i in 0..300 {
+                tick.tick().await;
+                let r = client
+                    .publish(authed(
+                        PublishRequest {
+                            events: vec![draft(TYPES[i % 3], &format!(r#"{{"p":0,"i":{i}}}"#))],
+                        },
+                        &token,
+                    ))
+                    .await
+                    .expect("publish");
+                ids.push(r.into_inner().results[0].id.clone());
+            }
+            ids
+        })
+    };
+    let mut received: Vec<String> = Vec::new();
+    while received.len() < 50 {
+        let e = socket
+            .next_event(Duration::from_secs(10))
+            .await
+            .expect("events via A");
+        received.push(e["id"].as_str().expect("id").to_string());
+    }
+    a.kill9();
+    // Drain what A had already sent, then notice the connection is gone.
+    while let Some(e) = socket.next_event(Duration::from_secs(2)).await {
+        received.push(e["id"].as_str().expect("id").to_string());
+    }
+    let last = received.last().expect("some").clone();
+    let mut resumed = sio::connect(
+        &b.http,
+        serde_json::json!({ "token": token, "lastEventId": last }),
+    )
+    .await
+    .expect("reconnect to B");
+    assert_eq!(resumed.session["resumed"], true);
+    assert_eq!(resumed.session["recovered"], true, "{}", resumed.session);
+    let published = publisher.await.expect("publisher");
+    let mut all: HashSet<String> = received.iter().cloned().collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !published.iter().all(|id| all.contains(id)) {
+        assert!(
+            Instant::now() < deadline,
+            "missing {} events",
+            published.iter().filter(|id| !all.contains(*id)).count()
+        );
+        if let Some(e) = resumed.next_event(Duration::from_millis(500)).await {
+            all.insert(e["id"].as_str().expect("id").to_string());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_stay_within_their_caps() {
+    let redis = RedisServer::start();
+    let env = vec![
+        ("TC_REDIS_URL", redis.url()),
+        ("TC_REDIS_STREAM_MAX_LEN", "500".to_string()),
+        ("TC_REDIS_PARTITIONS", "1".to_string()),
+    ];
+    let instance = spawn(&env);
+    let service = token_opt(Some("tenant-t"), "events:publish");
+    let mut client = EventBrokerClient::connect(instance.grpc.clone())
+        .await
+        .expect("connect");
+    for chunk in 0..40 {
+        let events = (0..250)
+            .map(|i| {
+                draft(
+                    "metrics.collected",
+                    &format!(r#"{{"i":{}}}"#, chunk * 250 + i),
+                )
+            })
+            .collect();
+        client
+            .publish(authed(PublishRequest { events }, &service))
+            .await
+            .expect("publish");
+    }
+    let key = "tc:{p0}:ev:metrics.collected";
+    wait_for("all 10,000 written", Duration::from_secs(20), || {
+        redis
+            .cli(&["xinfo", "stream", key])
+            .contains("entries-added\n10000")
+    })
+    .await;
+    let len: u64 = redis.cli(&["xlen", key]).parse().expect("xlen");
+    // MAXLEN ~ trims whole macro nodes (100 entries by default).
+    assert!((500..=600).contains(&len), "count cap: {len} entries");
+    drop(instance);
+
+    // The age cap: entries older than it are trimmed (MINID ~, whole nodes).
+    let env = vec![
+        ("TC_REDIS_URL", redis.url()),
+        ("TC_REDIS_STREAM_MAX_AGE", "2s".to_string()),
+        ("TC_REDIS_PARTITIONS", "1".to_string()),
+    ];
+    let instance = spawn(&env);
+    let mut client = EventBrokerClient::connect(instance.grpc.clone())
+        .await
+        .expect("connect");
+    let key = "tc:{p0}:ev:metrics.aged";
+    for chunk in 0..10 {
+        let events = (0..100)
+            .map(|i| draft("metrics.aged", &format!(r#"{{"i":{}}}"#, chunk * 100 + i)))
+            .collect();
+        client
+            .publish(authed(PublishRequest { events }, &service))
+            .await
+            .expect("publish");
+    }
+    wait_for(
+        "1,000 aged entries written",
+        Duration::from_secs(10),
+        || redis.cli(&["xlen", key]).parse::<u64>().unwrap_or(0) >= 1000,
+    )
+    .await;
+    // Keep the stream growing so old macro nodes are complete and removable.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        client
+            .publish(authed(
+                PublishRequest {
+                    events: vec![draft("metrics.aged", r#"{"late":true}"#)],
+                },
+                &service,
+            ))
+            .await
+            .expect("publish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let len: u64 = redis.cli(&["xlen", key]).parse().expect("xlen");
+    assert!(
+        len < 200,
+        "age cap: {len} entries left of 1,000 older than 2 s"
+    );
+}
