@@ -1,0 +1,504 @@
+//! Clients that drive the systems like real ones: gRPC publishers and
+//! subscribers, Socket.IO over websocket, and a NATS client speaking the
+//! text protocol. Every event carries its publish time (`"t"`, Unix
+//! nanoseconds) at the start of its JSON data, padded to 256 bytes, so any
+//! receiver can record publish-to-receipt latency.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use tensorcost_events::proto::event_broker_client::EventBrokerClient;
+use tensorcost_events::proto::{
+    self, PublishRequest, PublishStreamRequest, SubscribeRequest, subscribe_response,
+};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+pub const EVENT_TYPE: &str = "metrics.collected";
+pub const DATA_BYTES: usize = 256;
+
+pub fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// 256 bytes of JSON: `{"t":<now>,"pad":"xxx…"}`.
+pub fn data_now() -> String {
+    let head = format!(r#"{{"t":{},"pad":""#, unix_nanos());
+    let pad = DATA_BYTES.saturating_sub(head.len() + 2);
+    let mut s = String::with_capacity(DATA_BYTES);
+    s.push_str(&head);
+    s.extend(std::iter::repeat_n('x', pad));
+    s.push_str("\"}");
+    s
+}
+
+/// The publish time in a received payload: the digits after the first `"t":`.
+pub fn sent_at(text: &str) -> Option<u64> {
+    let start = text.find("\"t\":")? + 4;
+    let digits = text[start..].bytes().take_while(u8::is_ascii_digit).count();
+    text[start..start + digits].parse().ok()
+}
+
+/// What receivers record: a count and latencies (µs), from when
+/// `measuring` is set.
+pub struct Recorder {
+    pub measuring: AtomicBool,
+    pub delivered: AtomicU64,
+    hist: std::sync::Mutex<Histogram<u64>>,
+}
+
+impl Recorder {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            measuring: AtomicBool::new(false),
+            delivered: AtomicU64::new(0),
+            hist: std::sync::Mutex::new(Histogram::new(3).expect("histogram")),
+        })
+    }
+
+    pub fn merge(&self, local: &Histogram<u64>, count: u64) {
+        self.delivered.fetch_add(count, Ordering::Relaxed);
+        let _ = self
+            .hist
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(local);
+    }
+
+    /// (p50, p99, p99.9) in milliseconds.
+    pub fn percentiles(&self) -> (f64, f64, f64) {
+        let h = self.hist.lock().unwrap_or_else(|p| p.into_inner());
+        let ms = |q| h.value_at_quantile(q) as f64 / 1000.0;
+        (ms(0.5), ms(0.99), ms(0.999))
+    }
+}
+
+/// Records into a local histogram, merged into the recorder every
+/// `FLUSH` events and at the end (keeps the shared lock cold).
+struct Local {
+    hist: Histogram<u64>,
+    count: u64,
+}
+
+impl Local {
+    fn new() -> Self {
+        Self {
+            hist: Histogram::new(3).expect("histogram"),
+            count: 0,
+        }
+    }
+
+    fn record(&mut self, recorder: &Recorder, sent: Option<u64>) {
+        if !recorder.measuring.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Some(t) = sent {
+            let _ = self.hist.record(unix_nanos().saturating_sub(t) / 1000);
+        }
+        self.count += 1;
+        if self.count >= 4096 {
+            self.flush(recorder);
+        }
+    }
+
+    fn flush(&mut self, recorder: &Recorder) {
+        recorder.merge(&self.hist, self.count);
+        self.hist.reset();
+        self.count = 0;
+    }
+}
+
+pub fn token(tenant: Option<&str>, scopes: &str) -> String {
+    let scopes = scopes.split_whitespace().map(String::from).collect();
+    tensorcost_events::auth::mint_hs256(
+        super::procs::SECRET.as_bytes(),
+        tenant,
+        Some("loadgen"),
+        Some(&scopes),
+        Duration::from_secs(6 * 3600),
+    )
+    .expect("token")
+}
+
+fn authed<T>(m: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(m);
+    if let Ok(v) = format!("Bearer {token}").parse() {
+        r.metadata_mut().insert("authorization", v);
+    }
+    r
+}
+
+pub fn event(tenant: Option<&str>) -> proto::Event {
+    proto::Event {
+        r#type: EVENT_TYPE.into(),
+        data: data_now(),
+        tenant_id: tenant.unwrap_or_default().to_string(),
+        ..Default::default()
+    }
+}
+
+// ---------- gRPC ----------
+
+/// A gRPC subscriber recording into `recorder` until `stop`.
+pub async fn grpc_subscriber(
+    grpc: &str,
+    token: &str,
+    recorder: Arc<Recorder>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let mut client = EventBrokerClient::connect(grpc.to_string()).await?;
+    let mut stream = client
+        .subscribe(authed(SubscribeRequest::default(), token))
+        .await?
+        .into_inner();
+    match stream.next().await {
+        Some(Ok(m)) if matches!(m.message, Some(subscribe_response::Message::Status(_))) => {}
+        other => bail!("subscribe did not start: {other:?}"),
+    }
+    Ok(tokio::spawn(async move {
+        let mut local = Local::new();
+        while !stop.load(Ordering::Relaxed) {
+            let next = tokio::select! {
+                m = stream.next() => m,
+                () = tokio::time::sleep(Duration::from_millis(200)) => continue,
+            };
+            match next {
+                Some(Ok(m)) => {
+                    if let Some(subscribe_response::Message::Event(e)) = m.message {
+                        local.record(&recorder, sent_at(&e.data));
+                    }
+                }
+                _ => break,
+            }
+        }
+        local.flush(&recorder);
+    }))
+}
+
+/// Publishes `n` events over one stream as fast as the stream allows.
+pub async fn grpc_stream_max(grpc: &str, token: &str, n: u64) -> anyhow::Result<Duration> {
+    let mut client = EventBrokerClient::connect(grpc.to_string()).await?;
+    let messages = tokio_stream::iter((0..n).map(|_| PublishStreamRequest {
+        event: Some(event(None)),
+    }));
+    let start = Instant::now();
+    let mut acks = client
+        .publish_stream(authed(messages, token))
+        .await?
+        .into_inner();
+    let mut acked = 0;
+    while let Some(ack) = acks.next().await {
+        ack?;
+        acked += 1;
+    }
+    if acked != n {
+        bail!("{acked} of {n} acknowledged");
+    }
+    Ok(start.elapsed())
+}
+
+/// Publishes `n` events one unary call at a time.
+pub async fn grpc_unary_max(grpc: &str, token: &str, n: u64) -> anyhow::Result<Duration> {
+    let mut client = EventBrokerClient::connect(grpc.to_string()).await?;
+    let start = Instant::now();
+    for _ in 0..n {
+        client
+            .publish(authed(
+                PublishRequest {
+                    events: vec![event(None)],
+                },
+                token,
+            ))
+            .await?;
+    }
+    Ok(start.elapsed())
+}
+
+/// Publishes at a steady total `rate` over one stream until `until`
+/// returns true, round robin over `tenants` (with an all-tenants token).
+/// Returns the count published while `measuring` was set.
+pub async fn grpc_stream_steady(
+    grpc: &str,
+    token: &str,
+    rate: u64,
+    tenants: &[String],
+    recorder: &Recorder,
+    duration: Duration,
+) -> anyhow::Result<u64> {
+    let mut client = EventBrokerClient::connect(grpc.to_string()).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<PublishStreamRequest>(65_536);
+    let mut acks = client
+        .publish_stream(authed(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            token,
+        ))
+        .await?
+        .into_inner();
+    let drain = tokio::spawn(async move { while let Some(Ok(_)) = acks.next().await {} });
+    let measured = pace(rate, duration, recorder, |i| {
+        let tenant = (!tenants.is_empty()).then(|| tenants[i as usize % tenants.len()].as_str());
+        let tx = tx.clone();
+        let e = event(tenant);
+        async move {
+            tx.send(PublishStreamRequest { event: Some(e) })
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    drop(tx);
+    let _ = drain.await;
+    Ok(measured)
+}
+
+/// Calls `send(i)` at `rate` per second in 1 ms ticks for `duration`;
+/// counts what was sent while the recorder measured.
+async fn pace<F, Fut>(rate: u64, duration: Duration, recorder: &Recorder, mut send: F) -> u64
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut measured = 0u64;
+    while start.elapsed() < duration {
+        tick.tick().await;
+        // How many should have gone by now.
+        let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+        while sent < due {
+            if !send(sent).await {
+                return measured;
+            }
+            sent += 1;
+            if recorder.measuring.load(Ordering::Relaxed) {
+                measured += 1;
+            }
+        }
+    }
+    measured
+}
+
+// ---------- Socket.IO over websocket ----------
+
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// Opens a Socket.IO v5 connection at `/ws` with `auth`, and waits for the
+/// `session` message (the broker's, or the peer's).
+pub async fn sio_connect(host: &str, auth: &serde_json::Value) -> anyhow::Result<Ws> {
+    let url = format!("ws://{host}/ws/?EIO=4&transport=websocket");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    match ws.next().await {
+        Some(Ok(Message::Text(t))) if t.starts_with('0') => {}
+        other => bail!("expected the Engine.IO open packet, got {other:?}"),
+    }
+    ws.send(Message::text(format!("40{auth}"))).await?;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                if t.as_str() == "2" {
+                    ws.send(Message::text("3")).await?;
+                } else if t.starts_with("44") {
+                    bail!("refused: {t}");
+                } else if t.starts_with("42[\"session\"") {
+                    return Ok(ws);
+                }
+            }
+            other => bail!("handshake ended: {other:?}"),
+        }
+    }
+}
+
+/// Reads events until `stop`, recording them; answers pings.
+pub async fn sio_receive(mut ws: Ws, recorder: Arc<Recorder>, stop: Arc<AtomicBool>) {
+    let mut local = Local::new();
+    while !stop.load(Ordering::Relaxed) {
+        let next = tokio::select! {
+            m = ws.next() => m,
+            () = tokio::time::sleep(Duration::from_millis(200)) => continue,
+        };
+        let Some(Ok(Message::Text(text))) = next else {
+            break;
+        };
+        if text.as_str() == "2" {
+            let _ = ws.send(Message::text("3")).await;
+        } else if text.starts_with("42[\"event\"") {
+            local.record(&recorder, sent_at(&text));
+        }
+    }
+    local.flush(&recorder);
+}
+
+/// Publishes to the Node peer: `42["publish",{tenant,type,data}]` at a
+/// steady rate, round robin over tenants.
+pub async fn sio_publish_steady(
+    host: &str,
+    rate: u64,
+    tenants: &[String],
+    recorder: &Recorder,
+    duration: Duration,
+) -> anyhow::Result<u64> {
+    let ws = sio_connect_publisher(host).await?;
+    let (mut sink, mut stream) = ws.split();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(65_536);
+    // Writes batched frames; a reader answers pings.
+    let (pong_tx, mut pong_rx) = tokio::sync::mpsc::channel::<()>(16);
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(Message::Text(t))) = stream.next().await {
+            if t.as_str() == "2" && pong_tx.send(()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let writer = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(text) => if sink.send(Message::text(text)).await.is_err() { break },
+                    None => break,
+                },
+                Some(()) = pong_rx.recv() => { let _ = sink.send(Message::text("3")).await; }
+            }
+        }
+    });
+    let measured = pace(rate, duration, recorder, |i| {
+        let tenant = &tenants[i as usize % tenants.len()];
+        let frame = format!(
+            r#"42["publish",{{"tenant":"{tenant}","type":"{EVENT_TYPE}","data":{}}}]"#,
+            data_now()
+        );
+        let tx = tx.clone();
+        async move { tx.send(frame).await.is_ok() }
+    })
+    .await;
+    drop(tx);
+    let _ = writer.await;
+    reader.abort();
+    Ok(measured)
+}
+
+async fn sio_connect_publisher(host: &str) -> anyhow::Result<Ws> {
+    let url = format!("ws://{host}/ws/?EIO=4&transport=websocket");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    match ws.next().await {
+        Some(Ok(Message::Text(t))) if t.starts_with('0') => {}
+        other => bail!("expected the open packet, got {other:?}"),
+    }
+    ws.send(Message::text(r#"40{"role":"publisher"}"#)).await?;
+    match ws.next().await {
+        Some(Ok(Message::Text(t))) if t.starts_with("40") => Ok(ws),
+        other => bail!("publisher not accepted: {other:?}"),
+    }
+}
+
+// ---------- NATS (text protocol) ----------
+
+async fn nats_connect(
+    port: u16,
+) -> anyhow::Result<(
+    BufReader<tokio::net::tcp::OwnedReadHalf>,
+    BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+)> {
+    let stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    stream.set_nodelay(true)?;
+    let (r, w) = stream.into_split();
+    let mut r = BufReader::with_capacity(1 << 20, r);
+    let mut w = BufWriter::with_capacity(1 << 20, w);
+    let mut info = String::new();
+    r.read_line(&mut info).await?;
+    if !info.starts_with("INFO") {
+        bail!("not a NATS server: {info:?}");
+    }
+    w.write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false,\"echo\":false}\r\nPING\r\n")
+        .await?;
+    w.flush().await?;
+    let mut pong = String::new();
+    r.read_line(&mut pong).await?;
+    if pong.trim() != "PONG" {
+        bail!("NATS handshake: {pong:?}");
+    }
+    Ok((r, w))
+}
+
+/// A NATS subscriber on `subject`, recording until it has `n` messages or `stop`.
+pub async fn nats_subscriber(
+    port: u16,
+    subject: &str,
+    recorder: Arc<Recorder>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let (mut r, mut w) = nats_connect(port).await?;
+    w.write_all(format!("SUB {subject} 1\r\nPING\r\n").as_bytes())
+        .await?;
+    w.flush().await?;
+    let mut pong = String::new();
+    r.read_line(&mut pong).await?;
+    Ok(tokio::spawn(async move {
+        let mut local = Local::new();
+        let mut line = String::new();
+        let mut payload = Vec::with_capacity(DATA_BYTES + 2);
+        while !stop.load(Ordering::Relaxed) {
+            line.clear();
+            let read = tokio::select! {
+                r = r.read_line(&mut line) => r,
+                () = tokio::time::sleep(Duration::from_millis(200)) => continue,
+            };
+            if !matches!(read, Ok(n) if n > 0) {
+                break;
+            }
+            if let Some(rest) = line.strip_prefix("MSG ") {
+                let len: usize = rest
+                    .split_whitespace()
+                    .last()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                payload.resize(len + 2, 0);
+                if r.read_exact(&mut payload).await.is_err() {
+                    break;
+                }
+                local.record(
+                    &recorder,
+                    sent_at(&String::from_utf8_lossy(&payload[..len])),
+                );
+            } else if line.starts_with("PING") {
+                let _ = w.write_all(b"PONG\r\n").await;
+                let _ = w.flush().await;
+            }
+        }
+        local.flush(&recorder);
+    }))
+}
+
+/// Publishes `n` messages as fast as the connection takes them, then waits
+/// for the server to have processed them all (PING/PONG).
+pub async fn nats_publish_max(port: u16, subject: &str, n: u64) -> anyhow::Result<Duration> {
+    let (mut r, mut w) = nats_connect(port).await?;
+    let start = Instant::now();
+    for _ in 0..n {
+        let data = data_now();
+        w.write_all(format!("PUB {subject} {}\r\n", data.len()).as_bytes())
+            .await?;
+        w.write_all(data.as_bytes()).await?;
+        w.write_all(b"\r\n").await?;
+    }
+    w.write_all(b"PING\r\n").await?;
+    w.flush().await?;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line).await.context("NATS connection")?;
+        if line.trim() == "PONG" {
+            break;
+        }
+    }
+    Ok(start.elapsed())
+}

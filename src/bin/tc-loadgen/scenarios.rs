@@ -1,0 +1,600 @@
+//! The five scenarios, each against the broker and the peer users would
+//! pick instead, in the same run with the same payloads and shapes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::clients::{self, Recorder};
+use super::procs::{self, Broker, CpuWindow, Proc};
+use super::{Config, Size};
+
+/// One system's figures in one scenario.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Row {
+    pub system: String,
+    /// Events (or messages) per second the publisher sent.
+    pub published_per_s: f64,
+    /// Events per second received, summed over receivers.
+    pub delivered_per_s: f64,
+    /// Delivered over expected (every receiver should get its share).
+    pub delivered_ratio: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    /// Server CPU over the measured window, percent of one core.
+    pub cpu_percent: f64,
+    pub rss_mib: f64,
+    /// For idle connections: server memory per connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kib_per_connection: Option<f64>,
+    /// Anything else worth a column.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// A target of the issue, and whether this run met it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub what: String,
+    pub measured: String,
+    pub met: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Scenario {
+    pub id: u32,
+    pub name: String,
+    pub shape: String,
+    pub rows: Vec<Row>,
+    pub targets: Vec<Target>,
+}
+
+fn broker_env(extra: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("TC_SUBSCRIBER_BUFFER", "1000000".to_string()),
+        ("TC_RATE_LIMIT_PER_TENANT", "10000000".to_string()),
+        ("TC_RATE_LIMIT_QUEUE", "1000000".to_string()),
+        ("TC_SOCKET_BUFFER", "4096".to_string()),
+        ("TC_HISTORY_MAX_EVENTS", "10000".to_string()),
+    ];
+    env.extend(extra.iter().cloned());
+    env
+}
+
+fn tenants(n: u32) -> Vec<String> {
+    (0..n).map(|t| format!("tenant-{t}")).collect()
+}
+
+/// Lets receivers catch up, then stops them and waits for their counts.
+async fn finish(stop: &AtomicBool, tasks: Vec<tokio::task::JoinHandle<()>>) {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+fn row(
+    system: &str,
+    recorder: &Recorder,
+    published: u64,
+    expected: u64,
+    secs: f64,
+    cpu: f64,
+    rss_kib: u64,
+) -> Row {
+    let delivered = recorder.delivered.load(Ordering::Relaxed);
+    let (p50, p99, p999) = recorder.percentiles();
+    Row {
+        system: system.into(),
+        published_per_s: published as f64 / secs,
+        delivered_per_s: delivered as f64 / secs,
+        delivered_ratio: delivered as f64 / expected.max(1) as f64,
+        p50_ms: p50,
+        p99_ms: p99,
+        p999_ms: p999,
+        cpu_percent: cpu,
+        rss_mib: rss_kib as f64 / 1024.0,
+        ..Default::default()
+    }
+}
+
+/// Scenario 1: one publisher, one subscriber, 256-byte events, maximum rate.
+pub async fn one_to_one(config: &Config) -> anyhow::Result<Scenario> {
+    let n: u64 = match config.size {
+        Size::Small => 20_000,
+        Size::Full => 1_000_000,
+    };
+    let mut rows = Vec::new();
+
+    let broker = procs::broker(&config.broker, &broker_env(&[]))?;
+    let token = clients::token(Some("tenant-0"), "events:publish events:subscribe");
+    for (label, streaming, count) in [
+        ("tensorcost-events, streaming publish", true, n),
+        (
+            "tensorcost-events, unary publish",
+            false,
+            (n / 20).max(1000),
+        ),
+    ] {
+        let recorder = Recorder::new();
+        recorder.measuring.store(true, Ordering::Relaxed);
+        let stop = Arc::new(AtomicBool::new(false));
+        let sub = clients::grpc_subscriber(
+            &broker.grpc,
+            &token,
+            Arc::clone(&recorder),
+            Arc::clone(&stop),
+        )
+        .await?;
+        let cpu = CpuWindow::start(&broker.proc);
+        let start = Instant::now();
+        if streaming {
+            clients::grpc_stream_max(&broker.grpc, &token, count).await?;
+        } else {
+            clients::grpc_unary_max(&broker.grpc, &token, count).await?;
+        }
+        wait_delivered(&recorder, count, Duration::from_secs(60)).await;
+        let secs = start.elapsed().as_secs_f64();
+        let cpu = cpu.percent(&broker.proc);
+        finish(&stop, vec![sub]).await;
+        rows.push(row(
+            label,
+            &recorder,
+            count,
+            count,
+            secs,
+            cpu,
+            broker.proc.rss_kib(),
+        ));
+    }
+    drop(broker);
+
+    let (nats, port) = procs::nats_server()?;
+    let recorder = Recorder::new();
+    recorder.measuring.store(true, Ordering::Relaxed);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sub =
+        clients::nats_subscriber(port, "bench", Arc::clone(&recorder), Arc::clone(&stop)).await?;
+    let cpu = CpuWindow::start(&nats);
+    let start = Instant::now();
+    clients::nats_publish_max(port, "bench", n).await?;
+    wait_delivered(&recorder, n, Duration::from_secs(60)).await;
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu.percent(&nats);
+    finish(&stop, vec![sub]).await;
+    rows.push(row(
+        "nats-server (core NATS)",
+        &recorder,
+        n,
+        n,
+        secs,
+        cpu,
+        nats.rss_kib(),
+    ));
+
+    let ours = rows[0].delivered_per_s;
+    let nats_rate = rows[2].delivered_per_s;
+    Ok(Scenario {
+        id: 1,
+        name: "One publisher to one subscriber".into(),
+        shape: format!(
+            "{n} events of 256 bytes at maximum rate (unary: {} calls)",
+            (n / 20).max(1000)
+        ),
+        targets: vec![Target {
+            what: "streaming publish ≥ 50% of NATS msgs/s".into(),
+            measured: format!(
+                "{:.0}% ({ours:.0} vs {nats_rate:.0})",
+                100.0 * ours / nats_rate.max(1.0)
+            ),
+            met: ours >= 0.5 * nats_rate,
+        }],
+        rows,
+    })
+}
+
+async fn wait_delivered(recorder: &Recorder, n: u64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    // Receivers flush their counts in chunks; the last chunk lands when
+    // they stop, so wait until nearly all are counted or time runs out.
+    while recorder.delivered.load(Ordering::Relaxed) + 4096 < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+struct Fanout {
+    clients: u32,
+    tenants: u32,
+    rate: u64,
+    warmup: Duration,
+    measure: Duration,
+}
+
+fn fanout_shape(size: Size) -> Fanout {
+    match size {
+        Size::Small => Fanout {
+            clients: 100,
+            tenants: 10,
+            rate: 1000,
+            warmup: Duration::from_secs(1),
+            measure: Duration::from_secs(3),
+        },
+        Size::Full => Fanout {
+            clients: 1000,
+            tenants: 10,
+            rate: 5000,
+            warmup: Duration::from_secs(2),
+            measure: Duration::from_secs(10),
+        },
+    }
+}
+
+/// Connects the clients, publishes at the steady rate, measures after the
+/// warm-up. `publish` is the system's publisher.
+async fn run_fanout<P, Fut>(
+    system: &str,
+    server: &Proc,
+    host: &str,
+    shape: &Fanout,
+    auth: impl Fn(&str) -> serde_json::Value,
+    publish: P,
+) -> anyhow::Result<Row>
+where
+    P: FnOnce(Arc<Recorder>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<u64>> + Send + 'static,
+{
+    let recorder = Recorder::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let names = tenants(shape.tenants);
+    let mut tasks = Vec::new();
+    for c in 0..shape.clients {
+        let tenant = &names[(c % shape.tenants) as usize];
+        let ws = clients::sio_connect(host, &auth(tenant)).await?;
+        tasks.push(tokio::spawn(clients::sio_receive(
+            ws,
+            Arc::clone(&recorder),
+            Arc::clone(&stop),
+        )));
+    }
+    let (published, secs, cpu) = measured(server, &recorder, shape.warmup, publish).await?;
+    finish(&stop, tasks).await;
+    let expected = published * u64::from(shape.clients / shape.tenants);
+    Ok(row(
+        system,
+        &recorder,
+        published,
+        expected,
+        secs,
+        cpu,
+        server.rss_kib(),
+    ))
+}
+
+/// Runs a publisher; after `warmup` turns measuring on and starts the CPU
+/// window. Returns (published while measuring, measured seconds, CPU %).
+async fn measured<P, Fut>(
+    server: &Proc,
+    recorder: &Arc<Recorder>,
+    warmup: Duration,
+    publish: P,
+) -> anyhow::Result<(u64, f64, f64)>
+where
+    P: FnOnce(Arc<Recorder>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<u64>> + Send + 'static,
+{
+    let publishing = tokio::spawn(publish(Arc::clone(recorder)));
+    tokio::time::sleep(warmup).await;
+    recorder.measuring.store(true, Ordering::Relaxed);
+    let window = CpuWindow::start(server);
+    let start = Instant::now();
+    let published = publishing.await??;
+    Ok((
+        published,
+        start.elapsed().as_secs_f64(),
+        window.percent(server),
+    ))
+}
+
+/// Scenario 2 (and 3 with Redis): fan-out to websocket clients in tenants.
+pub async fn fanout(config: &Config, with_redis: bool) -> anyhow::Result<(Scenario, Option<Row>)> {
+    let shape = fanout_shape(config.size);
+    let mut rows = Vec::new();
+    let names = tenants(shape.tenants);
+    let service = clients::token(None, "events:all_tenants events:publish");
+
+    let redis = if with_redis {
+        Some(procs::redis_server()?)
+    } else {
+        None
+    };
+    let mut extra = Vec::new();
+    if let Some((_, port)) = &redis {
+        extra.push(("TC_REDIS_URL", format!("redis://127.0.0.1:{port}")));
+    }
+    let broker = procs::broker(&config.broker, &broker_env(&extra))?;
+    let grpc = broker.grpc.clone();
+    let duration = shape.warmup + shape.measure;
+    let rate = shape.rate;
+    let label = if with_redis {
+        "tensorcost-events + Redis persistence"
+    } else {
+        "tensorcost-events"
+    };
+    rows.push(
+        run_fanout(
+            label,
+            &broker.proc,
+            &broker.http,
+            &shape,
+            |tenant| serde_json::json!({ "token": clients::token(Some(tenant), "events:subscribe") }),
+            |recorder| {
+                let names = names.clone();
+                let grpc = grpc.clone();
+                let service = service.clone();
+                async move { clients::grpc_stream_steady(&grpc, &service, rate, &names, &recorder, duration).await }
+            },
+        )
+        .await?,
+    );
+    drop(broker);
+
+    let mut ceiling = None;
+    if let Some((_, port)) = &redis {
+        // The persistence ceiling: streaming publish at maximum rate, and
+        // how fast the writer gets it into Redis.
+        let broker = procs::broker(
+            &config.broker,
+            &broker_env(&[
+                ("TC_REDIS_URL", format!("redis://127.0.0.1:{port}")),
+                ("TC_REDIS_BUFFER", "2000000".into()),
+            ]),
+        )?;
+        let n: u64 = match config.size {
+            Size::Small => 20_000,
+            Size::Full => 400_000,
+        };
+        let token = clients::token(Some("tenant-ceiling"), "events:publish");
+        let start = Instant::now();
+        let publish = clients::grpc_stream_max(&broker.grpc, &token, n).await?;
+        let written = wait_written(&broker, n, Duration::from_secs(120)).await;
+        let secs = start.elapsed().as_secs_f64();
+        let requests = match config.size {
+            Size::Small => 100_000,
+            Size::Full => 2_000_000,
+        };
+        let xadd = procs::redis_benchmark_xadd(*port, requests, 1, 256)?;
+        ceiling = Some(Row {
+            system: "tensorcost-events writer, streaming publish at maximum rate".into(),
+            published_per_s: n as f64 / publish.as_secs_f64(),
+            delivered_per_s: written as f64 / secs,
+            delivered_ratio: written as f64 / n as f64,
+            note: Some(format!(
+                "redis-benchmark pipelined XADD, 1 connection, pipeline 256: {xadd:.0}/s"
+            )),
+            ..Default::default()
+        });
+    } else {
+        let dir = &config.node_peer;
+        let (peer, host) = procs::node_peer(dir)?;
+        let peer_host = host.clone();
+        rows.push(
+            run_fanout(
+                "Node.js socket.io 4.8",
+                &peer,
+                &host,
+                &shape,
+                |tenant| serde_json::json!({ "tenant": tenant }),
+                |recorder| {
+                    let names = names.clone();
+                    let peer_host = peer_host.clone();
+                    async move {
+                        clients::sio_publish_steady(&peer_host, rate, &names, &recorder, duration)
+                            .await
+                    }
+                },
+            )
+            .await?,
+        );
+    }
+    let shape_text = format!(
+        "{} websocket clients in {} tenants, a steady {} events/s published (round robin over tenants), {} s measured after {} s warm-up",
+        shape.clients,
+        shape.tenants,
+        shape.rate,
+        shape.measure.as_secs(),
+        shape.warmup.as_secs()
+    );
+    let mut targets = Vec::new();
+    if !with_redis && rows.len() == 2 {
+        let (ours, peer) = (&rows[0], &rows[1]);
+        targets.push(Target {
+            what: "delivered events/s ≥ 3× Node's, at equal or lower p99".into(),
+            measured: format!(
+                "{:.1}× ({:.0} vs {:.0}); p99 {:.1} ms vs {:.1} ms",
+                ours.delivered_per_s / peer.delivered_per_s.max(1.0),
+                ours.delivered_per_s,
+                peer.delivered_per_s,
+                ours.p99_ms,
+                peer.p99_ms
+            ),
+            met: ours.delivered_per_s >= 3.0 * peer.delivered_per_s && ours.p99_ms <= peer.p99_ms,
+        });
+    }
+    Ok((
+        Scenario {
+            id: if with_redis { 3 } else { 2 },
+            name: if with_redis {
+                "Fan-out with Redis persistence".into()
+            } else {
+                "Fan-out to websocket clients".into()
+            },
+            shape: shape_text,
+            rows,
+            targets,
+        },
+        ceiling,
+    ))
+}
+
+async fn wait_written(broker: &Broker, n: u64, timeout: Duration) -> u64 {
+    let deadline = Instant::now() + timeout;
+    let url = format!("http://{}/metrics", broker.http);
+    loop {
+        let written = match reqwest::get(&url).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+        .lines()
+        .find_map(|l| l.strip_prefix("tc_redis_written_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64;
+        if written >= n || Instant::now() > deadline {
+            return written;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Scenario 4: two instances and Redis; publish on one, receive on the other.
+pub async fn cross_instance(config: &Config) -> anyhow::Result<Scenario> {
+    let (rate, warmup, measure) = match config.size {
+        Size::Small => (2000, Duration::from_secs(1), Duration::from_secs(2)),
+        Size::Full => (10_000, Duration::from_secs(2), Duration::from_secs(10)),
+    };
+    let (_redis, port) = procs::redis_server()?;
+    let env = broker_env(&[("TC_REDIS_URL", format!("redis://127.0.0.1:{port}"))]);
+    let a = procs::broker(&config.broker, &env)?;
+    let b = procs::broker(&config.broker, &env)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let token = clients::token(Some("tenant-0"), "events:publish events:subscribe");
+    let recorder = Recorder::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sub =
+        clients::grpc_subscriber(&b.grpc, &token, Arc::clone(&recorder), Arc::clone(&stop)).await?;
+    let cpu_b = CpuWindow::start(&b.proc);
+    let grpc = a.grpc.clone();
+    let publisher_token = token.clone();
+    let (published, secs, cpu_a) =
+        measured(&a.proc, &recorder, warmup, move |recorder| async move {
+            clients::grpc_stream_steady(
+                &grpc,
+                &publisher_token,
+                rate,
+                &[],
+                &recorder,
+                warmup + measure,
+            )
+            .await
+        })
+        .await?;
+    let cpu = cpu_a + cpu_b.percent(&b.proc);
+    finish(&stop, vec![sub]).await;
+    let mut r = row(
+        "tensorcost-events ×2 + Redis",
+        &recorder,
+        published,
+        published,
+        secs,
+        cpu,
+        a.proc.rss_kib() + b.proc.rss_kib(),
+    );
+    r.note = Some("CPU and RSS: both instances".into());
+    let p99 = r.p99_ms;
+    Ok(Scenario {
+        id: 4,
+        name: "Across instances through Redis".into(),
+        shape: format!(
+            "instance A receives a steady {rate} events/s (streaming publish); a gRPC subscriber on instance B; {} s measured",
+            measure.as_secs()
+        ),
+        targets: vec![Target {
+            what: "p99 < 5 ms on loopback".into(),
+            measured: format!("p99 {p99:.2} ms"),
+            met: p99 < 5.0,
+        }],
+        rows: vec![r],
+    })
+}
+
+/// Scenario 5: idle websocket connections, memory per connection.
+pub async fn idle(config: &Config) -> anyhow::Result<Scenario> {
+    let n: u32 = match config.size {
+        Size::Small => 500,
+        Size::Full => 10_000,
+    };
+    let mut rows = Vec::new();
+    let broker = procs::broker(&config.broker, &broker_env(&[]))?;
+    rows.push(
+        idle_memory(
+            "tensorcost-events",
+            &broker.proc,
+            &broker.http,
+            n,
+            |t| serde_json::json!({ "token": clients::token(Some(t), "events:subscribe") }),
+        )
+        .await?,
+    );
+    drop(broker);
+    let (peer, host) = procs::node_peer(&config.node_peer)?;
+    rows.push(
+        idle_memory(
+            "Node.js socket.io 4.8",
+            &peer,
+            &host,
+            n,
+            |t| serde_json::json!({ "tenant": t }),
+        )
+        .await?,
+    );
+    let (ours, theirs) = (
+        rows[0].kib_per_connection.unwrap_or(0.0),
+        rows[1].kib_per_connection.unwrap_or(0.0),
+    );
+    Ok(Scenario {
+        id: 5,
+        name: "Idle websocket connections".into(),
+        shape: format!(
+            "{n} idle websocket clients in 10 tenants; server RSS before and after, 1 s after the last connected"
+        ),
+        targets: vec![Target {
+            what: "memory per connection ≤ 1/3 of Node's".into(),
+            measured: format!(
+                "{:.2} of Node's ({ours:.1} vs {theirs:.1} KiB)",
+                ours / theirs.max(0.01)
+            ),
+            met: ours * 3.0 <= theirs,
+        }],
+        rows,
+    })
+}
+
+async fn idle_memory(
+    system: &str,
+    server: &Proc,
+    host: &str,
+    n: u32,
+    auth: impl Fn(&str) -> serde_json::Value,
+) -> anyhow::Result<Row> {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = server.rss_kib();
+    let names = tenants(10);
+    let auths: Vec<serde_json::Value> = names.iter().map(|t| auth(t)).collect();
+    let mut sockets = Vec::with_capacity(n as usize);
+    for c in 0..n {
+        sockets.push(clients::sio_connect(host, &auths[(c % 10) as usize]).await?);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = server.rss_kib();
+    drop(sockets);
+    Ok(Row {
+        system: system.into(),
+        rss_mib: after as f64 / 1024.0,
+        kib_per_connection: Some(after.saturating_sub(before) as f64 / f64::from(n)),
+        note: Some(format!("RSS before {:.1} MiB", before as f64 / 1024.0)),
+        ..Default::default()
+    })
+}
