@@ -322,6 +322,7 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
             types: types.clone(),
             since_id: since.clone(),
             tenant_id: args.tenant.clone().unwrap_or_default(),
+            max_batch: 64,
         };
         let mut stream = client
             .subscribe(request)
@@ -350,12 +351,15 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
                     }
                 }
                 Some(subscribe_response::Message::Event(e)) => {
-                    since = e.id.clone();
-                    writeln!(out, "{}", envelope_json(&e))?;
-                    out.flush()?;
-                    printed += 1;
-                    if args.count.is_some_and(|n| printed >= n) {
+                    if print_event(&mut out, &e, &mut since, &mut printed, args.count)? {
                         return Ok(ExitCode::SUCCESS);
+                    }
+                }
+                Some(subscribe_response::Message::Events(batch)) => {
+                    for e in &batch.events {
+                        if print_event(&mut out, e, &mut since, &mut printed, args.count)? {
+                            return Ok(ExitCode::SUCCESS);
+                        }
                     }
                 }
                 None => {}
@@ -365,6 +369,21 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
             bail!("the broker ended the stream");
         }
     }
+}
+
+/// Prints one envelope; true once `count` events have been printed.
+fn print_event(
+    out: &mut std::io::Stdout,
+    e: &proto::Event,
+    since: &mut String,
+    printed: &mut u64,
+    count: Option<u64>,
+) -> anyhow::Result<bool> {
+    since.clone_from(&e.id);
+    writeln!(out, "{}", envelope_json(e))?;
+    out.flush()?;
+    *printed += 1;
+    Ok(count.is_some_and(|n| *printed >= n))
 }
 
 /// The envelope as one JSON line, with `data` exactly as the broker sent it.

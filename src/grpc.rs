@@ -15,9 +15,9 @@ use crate::error::ApiError;
 use crate::event::{Event, EventDraft};
 use crate::proto::event_broker_server::EventBroker;
 use crate::proto::{
-    self, PublishAck, PublishError, PublishRequest, PublishResponse, PublishResult,
-    PublishStreamRequest, SubscribeRequest, SubscribeResponse, SubscribeStatus, publish_ack,
-    subscribe_response,
+    self, EventBatch, PublishAck, PublishError, PublishOutcome, PublishRequest, PublishResponse,
+    PublishResult, PublishStreamRequest, SubscribeRequest, SubscribeResponse, SubscribeStatus,
+    publish_ack, publish_outcome, subscribe_response,
 };
 
 /// Metadata key carrying the last event id a subscriber was sent, on a
@@ -75,6 +75,15 @@ impl From<&Event> for proto::Event {
     }
 }
 
+impl From<ApiError> for PublishError {
+    fn from(e: ApiError) -> Self {
+        PublishError {
+            code: e.code.as_str().to_string(),
+            message: e.message,
+        }
+    }
+}
+
 impl From<Outcome> for PublishResult {
     fn from(o: Outcome) -> Self {
         PublishResult {
@@ -111,6 +120,62 @@ fn token_deadline(exp: u64) -> tokio::time::Instant {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// Most events in one Subscribe message.
+pub const MAX_SUBSCRIBE_BATCH: usize = 1024;
+
+/// Turns deliveries that were waiting together into messages: the events
+/// as one batch (or one message each), then the end of the stream if it
+/// ended.
+fn batch_messages(chunk: Vec<Delivery>, batched: bool) -> Vec<Result<SubscribeResponse, Status>> {
+    let mut out = Vec::new();
+    let mut events = Vec::new();
+    let flush = |events: &mut Vec<proto::Event>,
+                 out: &mut Vec<Result<SubscribeResponse, Status>>| {
+        if events.is_empty() {
+            return;
+        }
+        let message = if batched {
+            subscribe_response::Message::Events(EventBatch {
+                events: std::mem::take(events),
+            })
+        } else {
+            subscribe_response::Message::Event(events.remove(0))
+        };
+        out.push(Ok(SubscribeResponse {
+            message: Some(message),
+        }));
+    };
+    for delivery in chunk {
+        let end = match delivery {
+            Delivery::Event(e) => {
+                events.push(e.as_ref().into());
+                if !batched {
+                    flush(&mut events, &mut out);
+                }
+                continue;
+            }
+            Delivery::Lagged { last_id } => ended_early(
+                tonic::Code::ResourceExhausted,
+                "subscriber too slow: its buffer of events overflowed and it was dropped",
+                last_id,
+            ),
+            Delivery::Closed { last_id } => {
+                ended_early(tonic::Code::Unavailable, "broker is shutting down", last_id)
+            }
+            Delivery::Expired { last_id } => ended_early(
+                tonic::Code::Unauthenticated,
+                "token expired: subscribe again with a fresh token",
+                last_id,
+            ),
+        };
+        flush(&mut events, &mut out);
+        out.push(Err(end));
+        return out;
+    }
+    flush(&mut events, &mut out);
+    out
+}
+
 #[tonic::async_trait]
 impl EventBroker for GrpcService {
     async fn publish(
@@ -145,20 +210,47 @@ impl EventBroker for GrpcService {
             let sequence = next_sequence;
             next_sequence += 1;
             let message = message?;
-            let outcome = match message.event {
-                Some(event) => app.publish_one(&identity, event.into(), &stamp),
-                None => Err(ApiError::invalid("event: required in every message")),
-            };
-            Ok(PublishAck {
+            let mut ack = PublishAck {
                 sequence,
-                outcome: Some(match outcome {
-                    Ok(o) => publish_ack::Outcome::Accepted(o.into()),
-                    Err(e) => publish_ack::Outcome::Error(PublishError {
-                        code: e.code.as_str().to_string(),
-                        message: e.message,
-                    }),
-                }),
-            })
+                ..Default::default()
+            };
+            match (message.event, message.events.is_empty()) {
+                (Some(event), true) => {
+                    ack.outcome = Some(match app.publish_one(&identity, event.into(), &stamp) {
+                        Ok(o) => publish_ack::Outcome::Accepted(o.into()),
+                        Err(e) => publish_ack::Outcome::Error(e.into()),
+                    });
+                }
+                (None, false) if message.events.len() > app.limits.max_batch => {
+                    let e = ApiError::invalid(format!(
+                        "events: {} events is more than the batch limit of {}",
+                        message.events.len(),
+                        app.limits.max_batch
+                    ));
+                    ack.outcome = Some(publish_ack::Outcome::Error(e.into()));
+                }
+                (None, false) => {
+                    ack.outcomes = message
+                        .events
+                        .into_iter()
+                        .map(|event| PublishOutcome {
+                            outcome: Some(match app.publish_one(&identity, event.into(), &stamp) {
+                                Ok(o) => publish_outcome::Outcome::Accepted(o.into()),
+                                Err(e) => publish_outcome::Outcome::Error(e.into()),
+                            }),
+                        })
+                        .collect();
+                }
+                (Some(_), false) => {
+                    let e = ApiError::invalid("event and events: send one or the other");
+                    ack.outcome = Some(publish_ack::Outcome::Error(e.into()));
+                }
+                (None, true) => {
+                    let e = ApiError::invalid("event: required in every message (or events)");
+                    ack.outcome = Some(publish_ack::Outcome::Error(e.into()));
+                }
+            }
+            Ok(ack)
         });
         Ok(Response::new(Box::pin(acks)))
     }
@@ -171,6 +263,7 @@ impl EventBroker for GrpcService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let identity = self.identity(request.metadata()).await?;
         let request = request.into_inner();
+        let request_batch = request.max_batch;
         let params = SubscribeParams {
             types: request.types,
             since_id: request.since_id,
@@ -190,26 +283,13 @@ impl EventBroker for GrpcService {
         let first = tokio_stream::once(Ok(SubscribeResponse {
             message: Some(subscribe_response::Message::Status(status)),
         }));
-        let events = subscription.map(|delivery| match delivery {
-            Delivery::Event(e) => Ok(SubscribeResponse {
-                message: Some(subscribe_response::Message::Event(e.as_ref().into())),
-            }),
-            Delivery::Lagged { last_id } => Err(ended_early(
-                tonic::Code::ResourceExhausted,
-                "subscriber too slow: its buffer of events overflowed and it was dropped",
-                last_id,
-            )),
-            Delivery::Closed { last_id } => Err(ended_early(
-                tonic::Code::Unavailable,
-                "broker is shutting down",
-                last_id,
-            )),
-            Delivery::Expired { last_id } => Err(ended_early(
-                tonic::Code::Unauthenticated,
-                "token expired: subscribe again with a fresh token",
-                last_id,
-            )),
-        });
+        let max_batch = (request_batch as usize).clamp(1, MAX_SUBSCRIBE_BATCH);
+        // Whatever is already waiting, up to max_batch, goes in one message;
+        // nothing waits to fill a batch.
+        let events = futures_util::StreamExt::flat_map(
+            futures_util::StreamExt::ready_chunks(subscription, max_batch),
+            move |chunk| futures_util::stream::iter(batch_messages(chunk, max_batch > 1)),
+        );
         Ok(Response::new(Box::pin(first.chain(events))))
     }
 }

@@ -171,6 +171,9 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         redis: store.as_ref().map(Store::status),
     })
     .layer(socketio)
+    .layer(tower::util::MapRequestLayer::new(
+        crate::edge::detach_request,
+    ))
     .layer(cors);
     let http_listener = http_listener.tap_io(|tcp| {
         if let Err(e) = tcp.set_nodelay(true) {

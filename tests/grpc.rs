@@ -847,13 +847,14 @@ async fn publish_stream_acknowledges_every_event_on_its_own() {
 
     let messages: Vec<PublishStreamRequest> = (0..100)
         .map(|i| PublishStreamRequest {
+            events: Vec::new(),
             event: Some(if i % 10 == 3 {
                 draft("Bad.Type", "{}")
             } else {
                 draft("agent.health_check", &format!(r#"{{"i":{i}}}"#))
             }),
         })
-        .chain(std::iter::once(PublishStreamRequest { event: None }))
+        .chain(std::iter::once(PublishStreamRequest::default()))
         .collect();
     let acks: Vec<proto::PublishAck> = client
         .publish_stream(authed(tokio_stream::iter(messages), &token))
@@ -1008,4 +1009,88 @@ async fn a_subscription_ends_when_its_token_expires() {
             .and_then(|v| v.to_str().ok()),
         Some(ids[0].id.as_str())
     );
+}
+
+#[tokio::test]
+async fn batches_on_publish_stream_and_subscribe() {
+    let server = TestServer::with(|s| s.max_batch = 10).await;
+    let mut client = server.client().await;
+    let token = full("tenant-a");
+    let mut stream = client
+        .subscribe(authed(
+            SubscribeRequest {
+                max_batch: 100,
+                ..Default::default()
+            },
+            &token,
+        ))
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let status = stream.message().await.expect("ok").expect("status");
+    assert!(matches!(
+        status.message,
+        Some(tensorcost_events::proto::subscribe_response::Message::Status(_))
+    ));
+
+    let batch = |types: &[&str]| PublishStreamRequest {
+        events: types.iter().map(|t| draft(t, "{}")).collect(),
+        ..Default::default()
+    };
+    let messages = vec![
+        batch(&["cost.a", "cost.b", "Bad", "cost.c", "cost.d"]),
+        batch(&["cost.x"; 11]),
+        PublishStreamRequest {
+            event: Some(draft("cost.e", "{}")),
+            events: vec![draft("cost.f", "{}")],
+        },
+    ];
+    let acks: Vec<proto::PublishAck> = client
+        .publish_stream(authed(tokio_stream::iter(messages), &token))
+        .await
+        .expect("stream")
+        .into_inner()
+        .collect::<Result<_, _>>()
+        .await
+        .expect("acks");
+    assert_eq!(acks.len(), 3, "one ack per message");
+    let first = &acks[0];
+    assert!(first.outcome.is_none());
+    assert_eq!(first.outcomes.len(), 5, "one outcome per event");
+    let mut accepted = Vec::new();
+    for (i, o) in first.outcomes.iter().enumerate() {
+        match &o.outcome {
+            Some(proto::publish_outcome::Outcome::Accepted(r)) => accepted.push(r.id.clone()),
+            Some(proto::publish_outcome::Outcome::Error(e)) => {
+                assert_eq!(i, 2);
+                assert!(e.message.starts_with("type:"), "{}", e.message);
+            }
+            None => panic!("empty outcome"),
+        }
+    }
+    assert!(matches!(
+        &acks[1].outcome,
+        Some(publish_ack::Outcome::Error(e)) if e.message == "events: 11 events is more than the batch limit of 10"
+    ));
+    assert!(matches!(
+        &acks[2].outcome,
+        Some(publish_ack::Outcome::Error(e)) if e.message.starts_with("event and events")
+    ));
+
+    // The four accepted events arrive in order, batched as they were waiting.
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        let message = tokio::time::timeout(PATIENCE, stream.message())
+            .await
+            .expect("in time")
+            .expect("ok")
+            .expect("open");
+        match message.message {
+            Some(tensorcost_events::proto::subscribe_response::Message::Events(b)) => {
+                got.extend(b.events.into_iter().map(|e| e.id));
+            }
+            other => panic!("with max_batch every event message is a batch: {other:?}"),
+        }
+    }
+    assert_eq!(got, accepted);
 }

@@ -134,6 +134,7 @@ pub async fn subscribe(
         types: types.iter().map(|t| t.to_string()).collect(),
         since_id: since_id.into(),
         tenant_id: String::new(),
+        max_batch: 0,
     };
     subscribe_req(client, token, request).await
 }

@@ -156,7 +156,13 @@ pub async fn grpc_subscriber(
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let mut client = EventBrokerClient::connect(grpc.to_string()).await?;
     let mut stream = client
-        .subscribe(authed(SubscribeRequest::default(), token))
+        .subscribe(authed(
+            SubscribeRequest {
+                max_batch: 256,
+                ..Default::default()
+            },
+            token,
+        ))
         .await?
         .into_inner();
     match stream.next().await {
@@ -171,11 +177,17 @@ pub async fn grpc_subscriber(
                 () = tokio::time::sleep(Duration::from_millis(200)) => continue,
             };
             match next {
-                Some(Ok(m)) => {
-                    if let Some(subscribe_response::Message::Event(e)) = m.message {
+                Some(Ok(m)) => match m.message {
+                    Some(subscribe_response::Message::Event(e)) => {
                         local.record(&recorder, sent_at(&e.data));
                     }
-                }
+                    Some(subscribe_response::Message::Events(batch)) => {
+                        for e in &batch.events {
+                            local.record(&recorder, sent_at(&e.data));
+                        }
+                    }
+                    _ => {}
+                },
                 _ => break,
             }
         }
@@ -183,11 +195,19 @@ pub async fn grpc_subscriber(
     }))
 }
 
-/// Publishes `n` events over one stream as fast as the stream allows.
+/// Events per streaming-publish message when publishing at maximum rate.
+pub const STREAM_BATCH: u64 = 100;
+
+/// Publishes `n` events over one stream as fast as the stream allows, in
+/// messages of [`STREAM_BATCH`] events (each acknowledged on its own).
 pub async fn grpc_stream_max(grpc: &str, token: &str, n: u64) -> anyhow::Result<Duration> {
     let mut client = EventBrokerClient::connect(grpc.to_string()).await?;
-    let messages = tokio_stream::iter((0..n).map(|_| PublishStreamRequest {
-        event: Some(event(None)),
+    let messages = tokio_stream::iter((0..n.div_ceil(STREAM_BATCH)).map(move |m| {
+        let len = STREAM_BATCH.min(n - m * STREAM_BATCH);
+        PublishStreamRequest {
+            events: (0..len).map(|_| event(None)).collect(),
+            ..Default::default()
+        }
     }));
     let start = Instant::now();
     let mut acks = client
@@ -196,8 +216,11 @@ pub async fn grpc_stream_max(grpc: &str, token: &str, n: u64) -> anyhow::Result<
         .into_inner();
     let mut acked = 0;
     while let Some(ack) = acks.next().await {
-        ack?;
-        acked += 1;
+        let ack = ack?;
+        if ack.outcome.is_some() {
+            bail!("a batch was refused: {:?}", ack.outcome);
+        }
+        acked += ack.outcomes.len() as u64;
     }
     if acked != n {
         bail!("{acked} of {n} acknowledged");
@@ -243,14 +266,24 @@ pub async fn grpc_stream_steady(
         .await?
         .into_inner();
     let drain = tokio::spawn(async move { while let Some(Ok(_)) = acks.next().await {} });
-    let measured = pace(rate, duration, recorder, |i| {
-        let tenant = (!tenants.is_empty()).then(|| tenants[i as usize % tenants.len()].as_str());
+    // What is due in a 1 ms tick goes in one message, as a producer that
+    // buffers briefly would send it.
+    let measured = pace(rate, duration, recorder, |first, count| {
+        let events = (first..first + count)
+            .map(|i| {
+                let tenant =
+                    (!tenants.is_empty()).then(|| tenants[i as usize % tenants.len()].as_str());
+                event(tenant)
+            })
+            .collect();
         let tx = tx.clone();
-        let e = event(tenant);
         async move {
-            tx.send(PublishStreamRequest { event: Some(e) })
-                .await
-                .is_ok()
+            tx.send(PublishStreamRequest {
+                events,
+                ..Default::default()
+            })
+            .await
+            .is_ok()
         }
     })
     .await;
@@ -259,11 +292,12 @@ pub async fn grpc_stream_steady(
     Ok(measured)
 }
 
-/// Calls `send(i)` at `rate` per second in 1 ms ticks for `duration`;
-/// counts what was sent while the recorder measured.
+/// Every 1 ms, calls `send(first, count)` with the events due by then, so
+/// that `rate` per second go out for `duration`; counts what was sent while
+/// the recorder measured.
 async fn pace<F, Fut>(rate: u64, duration: Duration, recorder: &Recorder, mut send: F) -> u64
 where
-    F: FnMut(u64) -> Fut,
+    F: FnMut(u64, u64) -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
     let mut tick = tokio::time::interval(Duration::from_millis(1));
@@ -273,16 +307,15 @@ where
     let mut measured = 0u64;
     while start.elapsed() < duration {
         tick.tick().await;
-        // How many should have gone by now.
         let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
-        while sent < due {
-            if !send(sent).await {
+        if due > sent {
+            if !send(sent, due - sent).await {
                 return measured;
             }
-            sent += 1;
             if recorder.measuring.load(Ordering::Relaxed) {
-                measured += 1;
+                measured += due - sent;
             }
+            sent = due;
         }
     }
     measured
@@ -370,14 +403,25 @@ pub async fn sio_publish_steady(
             }
         }
     });
-    let measured = pace(rate, duration, recorder, |i| {
-        let tenant = &tenants[i as usize % tenants.len()];
-        let frame = format!(
-            r#"42["publish",{{"tenant":"{tenant}","type":"{EVENT_TYPE}","data":{}}}]"#,
-            data_now()
-        );
+    let measured = pace(rate, duration, recorder, |first, count| {
+        let frames: Vec<String> = (first..first + count)
+            .map(|i| {
+                let tenant = &tenants[i as usize % tenants.len()];
+                format!(
+                    r#"42["publish",{{"tenant":"{tenant}","type":"{EVENT_TYPE}","data":{}}}]"#,
+                    data_now()
+                )
+            })
+            .collect();
         let tx = tx.clone();
-        async move { tx.send(frame).await.is_ok() }
+        async move {
+            for frame in frames {
+                if tx.send(frame).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        }
     })
     .await;
     drop(tx);

@@ -70,7 +70,19 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// SIGTERM first (a profiler wrapping the process writes its data),
+    /// SIGKILL after 5 s.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -104,10 +116,22 @@ pub struct Broker {
     pub http: String,
 }
 
+/// Starts the broker. `TC_LOADGEN_BROKER_PREFIX` (e.g. `perf record -g -o
+/// /tmp/perf.data --`) runs it under a profiler.
 pub fn broker(bin: &Path, env: &[(&str, String)]) -> anyhow::Result<Broker> {
     let dir = scratch("broker");
     let ready = dir.join("ready.json");
-    let child = Command::new(bin)
+    let prefix = std::env::var("TC_LOADGEN_BROKER_PREFIX").unwrap_or_default();
+    let mut words = prefix.split_whitespace();
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    let child = command
         .args([
             "serve",
             "--grpc-addr",
