@@ -30,9 +30,12 @@ def main(directory: str) -> None:
         panels.append(("5: idle websocket\nKiB per connection", scenarios[5]["rows"], "kib_per_connection"))
     if not panels:
         sys.exit("no scenarios in results.json")
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
-    if len(panels) == 1:
-        axes = [axes]
+    cols = min(3, len(panels))
+    nrows = (len(panels) + cols - 1) // cols
+    fig, grid = plt.subplots(nrows, cols, figsize=(4.6 * cols, 4.0 * nrows), squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[len(panels):]:
+        ax.axis("off")
     for ax, (title, rows, key) in zip(axes, panels):
         if key is None:
             row = rows[0]
