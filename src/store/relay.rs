@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
+use redis::streams::{StreamId, StreamRangeReply};
 
 use super::{Conn, FIELD_EVENT, FIELD_ORIGIN, FIELD_TYPE, Status, StoreConfig, Target};
 use super::{parse_entry_id, registry_key, stream_key, unix_millis};
@@ -110,7 +110,9 @@ impl Relay {
             .query_async(conn)
             .await?;
         for entry in &registry.ids {
-            self.learn_type(entry, "0-0");
+            if let Some(t) = field(entry, FIELD_TYPE) {
+                self.learn_type(&t, "0-0");
+            }
         }
         if let Some(last) = registry.ids.last() {
             self.registry_position = last.id.clone();
@@ -187,24 +189,53 @@ impl Relay {
         for id in self.positions.values() {
             cmd.arg(id);
         }
-        let reply: Option<StreamReadReply> = cmd.query_async(conn).await?;
+        // Parsed by hand from the raw reply: most entries are this
+        // instance's own, skipped on their origin field without building
+        // maps or strings for them.
+        let reply: redis::Value = cmd.query_async(conn).await?;
         self.status.mark_up();
-        for stream in reply.map(|r| r.keys).unwrap_or_default() {
-            if stream.key == registry {
-                for entry in &stream.ids {
-                    self.learn_type(entry, "0-0");
-                    self.registry_position = entry.id.clone();
+        for (key, entries) in raw_streams(reply) {
+            if key == registry {
+                for (id, fields) in &entries {
+                    if let Some(t) = raw_field(fields, FIELD_TYPE).and_then(|t| std::str::from_utf8(t).ok()) {
+                        self.learn_type(t, "0-0");
+                    }
+                    self.registry_position = id.clone();
                 }
                 continue;
             }
-            for entry in &stream.ids {
-                self.deliver(entry);
+            for (id, fields) in &entries {
+                self.deliver_raw(id, fields);
             }
-            if let Some(last) = stream.ids.last() {
-                self.positions.insert(stream.key, last.id.clone());
+            if let Some((last, _)) = entries.last() {
+                self.positions.insert(key, last.clone());
             }
         }
         Ok(())
+    }
+
+    /// Delivers a raw entry written by another instance.
+    fn deliver_raw(&self, id: &str, fields: &[(Vec<u8>, Vec<u8>)]) {
+        let metrics = &self.status.metrics;
+        let (ms, _) = parse_entry_id(id);
+        metrics
+            .relay_lag_ms
+            .set(unix_millis().saturating_sub(ms) as i64);
+        if raw_field(fields, FIELD_ORIGIN) == Some(self.config.instance_id.as_bytes()) {
+            return;
+        }
+        let Some(json) = raw_field(fields, FIELD_EVENT) else {
+            tracing::warn!(%id, "stream entry without an event; skipped");
+            return;
+        };
+        match serde_json::from_slice::<Event>(json) {
+            Ok(event) => {
+                if self.broker.relay(event) {
+                    metrics.relayed.inc();
+                }
+            }
+            Err(e) => tracing::warn!(%id, "stream entry is not an event ({e}); skipped"),
+        }
     }
 
     /// Trims every stream by age.
@@ -224,11 +255,8 @@ impl Relay {
 
     /// A registry entry names a type; a stream not yet followed is read
     /// from `from`.
-    fn learn_type(&mut self, entry: &StreamId, from: &str) {
-        let Some(event_type) = field(entry, FIELD_TYPE) else {
-            return;
-        };
-        let key = stream_key(&event_type, self.config.partitions);
+    fn learn_type(&mut self, event_type: &str, from: &str) {
+        let key = stream_key(event_type, self.config.partitions);
         self.positions
             .entry(key)
             .or_insert_with(|| from.to_string());
@@ -257,6 +285,80 @@ impl Relay {
             Err(e) => tracing::warn!(id = %entry.id, "stream entry is not an event ({e}); skipped"),
         }
     }
+}
+
+/// Entries of one stream: (entry id, field/value pairs).
+type RawEntries = Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>;
+
+/// An `XREAD` reply as (stream key, entries), RESP2 arrays or RESP3 maps.
+fn raw_streams(reply: redis::Value) -> Vec<(String, RawEntries)> {
+    use redis::Value;
+    fn text(v: Value) -> Option<String> {
+        match v {
+            Value::BulkString(b) => String::from_utf8(b).ok(),
+            Value::SimpleString(s) => Some(s),
+            _ => None,
+        }
+    }
+    fn bytes(v: Value) -> Vec<u8> {
+        match v {
+            Value::BulkString(b) => b,
+            Value::SimpleString(s) => s.into_bytes(),
+            _ => Vec::new(),
+        }
+    }
+    let streams: Vec<(Value, Value)> = match reply {
+        Value::Array(items) => items
+            .into_iter()
+            .filter_map(|item| match item {
+                Value::Array(mut pair) if pair.len() == 2 => {
+                    let entries = pair.pop()?;
+                    Some((pair.pop()?, entries))
+                }
+                _ => None,
+            })
+            .collect(),
+        Value::Map(pairs) => pairs,
+        _ => Vec::new(),
+    };
+    streams
+        .into_iter()
+        .filter_map(|(key, entries)| {
+            let Value::Array(entries) = entries else {
+                return None;
+            };
+            let entries = entries
+                .into_iter()
+                .filter_map(|entry| {
+                    let Value::Array(mut parts) = entry else {
+                        return None;
+                    };
+                    if parts.len() != 2 {
+                        return None;
+                    }
+                    let fields = parts.pop()?;
+                    let id = text(parts.pop()?)?;
+                    let Value::Array(flat) = fields else {
+                        return Some((id, Vec::new()));
+                    };
+                    let mut it = flat.into_iter();
+                    let mut pairs = Vec::new();
+                    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                        pairs.push((bytes(k), bytes(v)));
+                    }
+                    Some((id, pairs))
+                })
+                .collect();
+            Some((text(key)?, entries))
+        })
+        .collect()
+}
+
+fn raw_field<'a>(fields: &'a [(Vec<u8>, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
+    fields
+        .iter()
+        .find(|(k, _)| k.as_slice() == name.as_bytes())
+        .map(|(_, v)| v.as_slice())
 }
 
 fn field(entry: &StreamId, name: &str) -> Option<String> {

@@ -32,6 +32,7 @@ pub(super) async fn run(
     // Types this instance has put in the registry since it started.
     let mut registered: HashSet<String> = HashSet::new();
     let mut batch: Vec<SharedEvent> = Vec::with_capacity(MAX_BATCH);
+    let mut keys = StreamKeys::default();
     while let Some(first) = rx.recv().await {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -54,7 +55,7 @@ pub(super) async fn run(
                     }
                 },
             };
-            match write(c, &batch, &registered, &config).await {
+            match write(c, &batch, &registered, &config, &mut keys).await {
                 Ok(()) => {
                     status.mark_up();
                     metrics.written.inc_by(batch.len() as u64);
@@ -82,16 +83,35 @@ pub(super) async fn run(
 
 /// One round: a pipeline per partition (a cluster pipeline must stay in
 /// one slot), sent concurrently.
+/// Partition and stream key of each type, computed once.
+#[derive(Default)]
+struct StreamKeys(std::collections::HashMap<String, (u32, String)>);
+
+impl StreamKeys {
+    fn of(&mut self, event_type: &str, partitions: u32) -> &(u32, String) {
+        if !self.0.contains_key(event_type) {
+            let entry = (
+                partition_of(event_type, partitions),
+                stream_key(event_type, partitions),
+            );
+            self.0.insert(event_type.to_string(), entry);
+        }
+        &self.0[event_type]
+    }
+}
+
 async fn write(
     conn: &mut Conn,
     batch: &[SharedEvent],
     registered: &HashSet<String>,
     config: &StoreConfig,
+    keys: &mut StreamKeys,
 ) -> redis::RedisResult<()> {
     let mut pipes: BTreeMap<u32, redis::Pipeline> = BTreeMap::new();
     let mut new_types: HashSet<&str> = HashSet::new();
     for event in batch {
-        let partition = partition_of(&event.event_type, config.partitions);
+        let (partition, key) = keys.of(&event.event_type, config.partitions);
+        let partition = *partition;
         let pipe = pipes.entry(partition).or_insert_with(redis::pipe);
         if !registered.contains(&event.event_type) && new_types.insert(&event.event_type) {
             pipe.cmd("XADD")
@@ -105,7 +125,7 @@ async fn write(
                 .ignore();
         }
         pipe.cmd("XADD")
-            .arg(stream_key(&event.event_type, config.partitions))
+            .arg(key.as_str())
             .arg("MAXLEN")
             .arg("~")
             .arg(config.stream_max_len)
