@@ -339,6 +339,7 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
                 }
                 Err(s) => return Err(refused(&s)),
             };
+            let mut events = Vec::new();
             match message.message {
                 Some(subscribe_response::Message::Status(st)) => {
                     if st.resumed {
@@ -350,19 +351,14 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
                         eprintln!("# following {}", st.tenant_id);
                     }
                 }
-                Some(subscribe_response::Message::Event(e)) => {
-                    if print_event(&mut out, &e, &mut since, &mut printed, args.count)? {
-                        return Ok(ExitCode::SUCCESS);
-                    }
-                }
-                Some(subscribe_response::Message::Events(batch)) => {
-                    for e in &batch.events {
-                        if print_event(&mut out, e, &mut since, &mut printed, args.count)? {
-                            return Ok(ExitCode::SUCCESS);
-                        }
-                    }
-                }
+                Some(subscribe_response::Message::Event(e)) => events.push(e),
+                Some(subscribe_response::Message::Events(batch)) => events = batch.events,
                 None => {}
+            }
+            for e in events.drain(..) {
+                if print_event(&mut out, &e, &mut since, &mut printed, args.count)? {
+                    return Ok(ExitCode::SUCCESS);
+                }
             }
         }
         if since.is_empty() {

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -171,18 +170,13 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         redis: store.as_ref().map(Store::status),
     })
     .layer(socketio)
-    .layer(tower::util::MapRequestLayer::new(
-        crate::edge::detach_request,
-    ))
     .layer(cors);
-    let http_listener = http_listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("cannot set TCP_NODELAY: {e}");
-        }
+    let http = tokio::spawn(http::serve(http_listener, router, shutdown.clone()));
+    let http = tokio::spawn(async move {
+        http.await
+            .context("HTTP server task failed")?
+            .context("HTTP server failed")
     });
-    let http_server = axum::serve(http_listener, router)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let http = tokio::spawn(async move { http_server.await.context("HTTP server failed") });
 
     if let Some(path) = &settings.ready_file {
         write_ready_file(path, grpc_addr, http_addr)?;

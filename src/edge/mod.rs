@@ -42,29 +42,6 @@ pub const PATH: &str = "/ws";
 /// Initial websocket read buffer per socket.
 const WS_READ_BUFFER: usize = 1024;
 
-/// Gives a `/ws` request headers and URI of its own. hyper parses a request
-/// without copying: header values are slices of the connection's 16 KiB
-/// read buffer, and engineioxide keeps the request parts for the socket's
-/// whole life, so every idle socket would hold that buffer. Copying the few
-/// hundred bytes of headers lets it go.
-pub fn detach_request<B>(mut request: axum::http::Request<B>) -> axum::http::Request<B> {
-    if !request.uri().path().starts_with(PATH) {
-        return request;
-    }
-    let headers = std::mem::take(request.headers_mut());
-    let mut own = axum::http::HeaderMap::with_capacity(headers.len());
-    for (name, value) in &headers {
-        if let Ok(value) = axum::http::HeaderValue::from_bytes(value.as_bytes()) {
-            own.append(name.clone(), value);
-        }
-    }
-    *request.headers_mut() = own;
-    if let Ok(uri) = request.uri().to_string().parse() {
-        *request.uri_mut() = uri;
-    }
-    request
-}
-
 /// Settings of the edge.
 #[derive(Debug, Clone)]
 pub struct EdgeConfig {

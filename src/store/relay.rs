@@ -197,7 +197,9 @@ impl Relay {
         for (key, entries) in raw_streams(reply) {
             if key == registry {
                 for (id, fields) in &entries {
-                    if let Some(t) = raw_field(fields, FIELD_TYPE).and_then(|t| std::str::from_utf8(t).ok()) {
+                    if let Some(t) =
+                        raw_field(fields, FIELD_TYPE).and_then(|t| std::str::from_utf8(t).ok())
+                    {
                         self.learn_type(t, "0-0");
                     }
                     self.registry_position = id.clone();
