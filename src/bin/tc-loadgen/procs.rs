@@ -237,14 +237,16 @@ pub fn redis_server() -> anyhow::Result<(Proc, u16)> {
     Ok((proc, port))
 }
 
-/// `redis-benchmark` pipelined XADD of a 300-byte field: requests/s.
+/// `redis-benchmark` pipelined XADD with the broker's entry shape (fields
+/// `o`, an instance id, and `e`, a `value_bytes` event): requests/s.
 pub fn redis_benchmark_xadd(
     port: u16,
     requests: u64,
     clients: u32,
     pipeline: u32,
+    value_bytes: usize,
 ) -> anyhow::Result<f64> {
-    let value = "x".repeat(300);
+    let value = "x".repeat(value_bytes);
     let out = Command::new("redis-benchmark")
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args([
@@ -257,7 +259,16 @@ pub fn redis_benchmark_xadd(
             "-q",
         ])
         .args([
-            "XADD", "tc:bench", "MAXLEN", "~", "100000", "*", "o", "bench", "e", &value,
+            "XADD",
+            "tc:bench",
+            "MAXLEN",
+            "~",
+            "100000",
+            "*",
+            "o",
+            "0123456789ab",
+            "e",
+            &value,
         ])
         .output()
         .context("cannot run redis-benchmark")?;

@@ -366,7 +366,9 @@ pub async fn fanout(config: &Config, with_redis: bool) -> anyhow::Result<(Scenar
             Size::Small => 100_000,
             Size::Full => 2_000_000,
         };
-        let xadd = procs::redis_benchmark_xadd(*port, requests, 1, 256)?;
+        // The same entry size as the broker writes: one event as JSON.
+        let entry_bytes = sample_entry_bytes();
+        let xadd = procs::redis_benchmark_xadd(*port, requests, 1, 256, entry_bytes)?;
         ceiling = Some(Row {
             system: "tensorcost-events writer, streaming publish at maximum rate".into(),
             published_per_s: n as f64 / publish.as_secs_f64(),
@@ -438,6 +440,20 @@ pub async fn fanout(config: &Config, with_redis: bool) -> anyhow::Result<(Scenar
         },
         ceiling,
     ))
+}
+
+/// Bytes of one event as the writer stores it (`Event::to_json`).
+fn sample_entry_bytes() -> usize {
+    let e = tensorcost_events::event::Event {
+        id: tensorcost_events::event::new_event_id(),
+        event_type: clients::EVENT_TYPE.into(),
+        tenant_id: "tenant-ceiling".into(),
+        data: serde_json::value::RawValue::from_string(clients::data_now())
+            .unwrap_or_else(|_| serde_json::value::to_raw_value(&0).expect("raw")),
+        timestamp: tensorcost_events::event::format_timestamp(std::time::SystemTime::now()),
+        trace_id: tensorcost_events::event::new_trace_id(),
+    };
+    e.to_json().len()
 }
 
 async fn wait_written(broker: &Broker, n: u64, timeout: Duration) -> u64 {
