@@ -15,7 +15,7 @@ use super::{partition_of, registry_key, stream_key};
 use crate::event::SharedEvent;
 
 /// Most events per round.
-const MAX_BATCH: usize = 2048;
+const MAX_BATCH: usize = 8192;
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Most entries kept in a partition's type registry.
