@@ -28,6 +28,20 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// A command for a system under test. With `TC_LOADGEN_SERVER_CPUS` (e.g.
+/// `0`) it runs under `taskset -c <cpus>`, so servers and the load
+/// generator (pinned elsewhere by its caller) do not share cores.
+fn server_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match std::env::var("TC_LOADGEN_SERVER_CPUS") {
+        Ok(cpus) if !cpus.trim().is_empty() => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", cpus.trim()]).arg(program);
+            c
+        }
+        _ => Command::new(program),
+    }
+}
+
 /// A child process, killed when dropped.
 pub struct Proc {
     child: Child,
@@ -125,11 +139,11 @@ pub fn broker(bin: &Path, env: &[(&str, String)]) -> anyhow::Result<Broker> {
     let mut words = prefix.split_whitespace();
     let mut command = match words.next() {
         Some(program) => {
-            let mut c = Command::new(program);
+            let mut c = server_command(program);
             c.args(words).arg(bin);
             c
         }
-        None => Command::new(bin),
+        None => server_command(bin),
     };
     let child = command
         .args([
@@ -167,7 +181,7 @@ pub fn broker(bin: &Path, env: &[(&str, String)]) -> anyhow::Result<Broker> {
 
 /// The Node.js Socket.IO peer; returns it and its `127.0.0.1:port`.
 pub fn node_peer(dir: &Path) -> anyhow::Result<(Proc, String)> {
-    let mut child = Command::new("node")
+    let mut child = server_command("node")
         .arg("server.js")
         .current_dir(dir)
         .env("PORT", "0")
@@ -201,7 +215,7 @@ fn wait_tcp(port: u16, what: &str) -> anyhow::Result<()> {
 
 pub fn nats_server() -> anyhow::Result<(Proc, u16)> {
     let port = free_port();
-    let child = Command::new("nats-server")
+    let child = server_command("nats-server")
         .args(["-a", "127.0.0.1", "-p", &port.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -215,7 +229,7 @@ pub fn nats_server() -> anyhow::Result<(Proc, u16)> {
 pub fn redis_server() -> anyhow::Result<(Proc, u16)> {
     let port = free_port();
     let dir = scratch("redis");
-    let child = Command::new("redis-server")
+    let child = server_command("redis-server")
         .args([
             "--port",
             &port.to_string(),
