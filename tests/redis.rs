@@ -8,10 +8,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::procs::{Instance, RedisCluster, RedisServer};
-use common::{SECRET, authed, draft, full, sio, token_opt};
+use common::{BIN, SECRET, authed, draft, full, sio, token_opt};
 use tensorcost_events::proto::event_broker_client::EventBrokerClient;
 use tensorcost_events::proto::{self, PublishRequest, SubscribeRequest, subscribe_response};
+use tensorcost_testkit::broker::{BrokerOptions, BrokerProcess};
+use tensorcost_testkit::{RedisCluster, RedisServer};
 use tokio_stream::StreamExt;
 
 type Seen = Arc<Mutex<Vec<proto::Event>>>;
@@ -129,16 +130,20 @@ fn instance_env(redis_url: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
-fn spawn(env: &[(&'static str, String)]) -> Instance {
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    Instance::spawn(SECRET, &env)
+fn spawn(env: &[(&'static str, String)]) -> BrokerProcess {
+    let mut options = BrokerOptions::new(SECRET);
+    options.env = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    BrokerProcess::start(std::path::Path::new(BIN), options).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Three instances: each publishes, and each one's gRPC and Socket.IO
 /// subscribers get every event of the tenant exactly once, in order.
 async fn cross_instance(redis_url: &str, per_publisher: usize) {
     let env = instance_env(redis_url);
-    let instances: Vec<Instance> = (0..3).map(|_| spawn(&env)).collect();
+    let instances: Vec<BrokerProcess> = (0..3).map(|_| spawn(&env)).collect();
     // Let each relay warm up and start following.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let token = full("tenant-x");

@@ -1,21 +1,19 @@
 //! Shared test harness: the real server, in-process on ephemeral loopback
-//! ports, and real gRPC clients generated from `proto/`; real processes
-//! ([`procs`]) and a Socket.IO client ([`sio`]).
+//! ports, and real gRPC clients generated from `proto/`. Real processes
+//! (the binary, redis-server), tokens and the Socket.IO client come from
+//! the workspace's test kit (`crates/testkit`).
 #![allow(dead_code)]
 
-pub mod procs;
-pub mod sio;
-
-use std::collections::BTreeSet;
 use std::time::Duration;
 
-use tensorcost_events::auth;
 use tensorcost_events::config::Settings;
 use tensorcost_events::proto::event_broker_client::EventBrokerClient;
 use tensorcost_events::proto::{
     self, PublishRequest, SubscribeRequest, SubscribeResponse, SubscribeStatus, subscribe_response,
 };
 use tensorcost_events::server::{self, Running};
+#[allow(unused_imports)]
+pub use tensorcost_testkit::sio;
 use tonic::transport::Channel;
 use tonic::{Request, Status, Streaming};
 
@@ -74,16 +72,11 @@ pub fn token(tenant: &str, scopes: &str) -> String {
 }
 
 pub fn token_opt(tenant: Option<&str>, scopes: &str) -> String {
-    let scopes: BTreeSet<String> = scopes.split_whitespace().map(String::from).collect();
-    auth::mint_hs256(
-        SECRET.as_bytes(),
-        tenant,
-        Some("test"),
-        Some(&scopes),
-        Duration::from_secs(600),
-    )
-    .expect("mint")
+    tensorcost_testkit::token::mint(SECRET, tenant, scopes, "test", Duration::from_secs(600))
 }
+
+/// The broker binary these tests were built with.
+pub const BIN: &str = env!("CARGO_BIN_EXE_tensorcost-events");
 
 pub fn full(tenant: &str) -> String {
     token(tenant, "events:publish events:subscribe")

@@ -75,7 +75,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .collect();
     let mut report = report::Report {
         size: format!("{:?}", config.size).to_lowercase(),
-        started_at: tensorcost_events::event::format_timestamp(std::time::SystemTime::now()),
+        started_at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
         machine: report::Machine::read(),
         scenarios: Vec::new(),
         persistence: None,

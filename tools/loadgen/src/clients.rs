@@ -15,6 +15,7 @@ use tensorcost_events::proto::event_broker_client::EventBrokerClient;
 use tensorcost_events::proto::{
     self, PublishRequest, PublishStreamRequest, SubscribeRequest, subscribe_response,
 };
+use tensorcost_testkit::sio;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -117,15 +118,13 @@ impl Local {
 }
 
 pub fn token(tenant: Option<&str>, scopes: &str) -> String {
-    let scopes = scopes.split_whitespace().map(String::from).collect();
-    tensorcost_events::auth::mint_hs256(
-        super::procs::SECRET.as_bytes(),
+    tensorcost_testkit::token::mint(
+        super::procs::SECRET,
         tenant,
-        Some("loadgen"),
-        Some(&scopes),
+        scopes,
+        "loadgen",
         Duration::from_secs(6 * 3600),
     )
-    .expect("token")
 }
 
 fn authed<T>(m: T, token: &str) -> tonic::Request<T> {
@@ -323,32 +322,15 @@ where
 
 // ---------- Socket.IO over websocket ----------
 
-pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+pub use sio::Ws;
 
 /// Opens a Socket.IO v5 connection at `/ws` with `auth`, and waits for the
 /// `session` message (the broker's, or the peer's).
 pub async fn sio_connect(host: &str, auth: &serde_json::Value) -> anyhow::Result<Ws> {
-    let url = format!("ws://{host}/ws/?EIO=4&transport=websocket");
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
-    match ws.next().await {
-        Some(Ok(Message::Text(t))) if t.starts_with('0') => {}
-        other => bail!("expected the Engine.IO open packet, got {other:?}"),
-    }
-    ws.send(Message::text(format!("40{auth}"))).await?;
-    loop {
-        match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => {
-                if t.as_str() == "2" {
-                    ws.send(Message::text("3")).await?;
-                } else if t.starts_with("44") {
-                    bail!("refused: {t}");
-                } else if t.starts_with("42[\"session\"") {
-                    return Ok(ws);
-                }
-            }
-            other => bail!("handshake ended: {other:?}"),
-        }
-    }
+    let (ws, _session) = sio::handshake(host, auth, sio::Until::Session)
+        .await
+        .map_err(sio::into_anyhow)?;
+    Ok(ws)
 }
 
 /// Reads events until `stop`, recording them; answers pings.
@@ -364,7 +346,7 @@ pub async fn sio_receive(mut ws: Ws, recorder: Arc<Recorder>, stop: Arc<AtomicBo
         };
         if text.as_str() == "2" {
             let _ = ws.send(Message::text("3")).await;
-        } else if text.starts_with("42[\"event\"") {
+        } else if sio::is_event_packet(&text) {
             local.record(&recorder, sent_at(&text));
         }
     }
@@ -431,17 +413,11 @@ pub async fn sio_publish_steady(
 }
 
 async fn sio_connect_publisher(host: &str) -> anyhow::Result<Ws> {
-    let url = format!("ws://{host}/ws/?EIO=4&transport=websocket");
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
-    match ws.next().await {
-        Some(Ok(Message::Text(t))) if t.starts_with('0') => {}
-        other => bail!("expected the open packet, got {other:?}"),
-    }
-    ws.send(Message::text(r#"40{"role":"publisher"}"#)).await?;
-    match ws.next().await {
-        Some(Ok(Message::Text(t))) if t.starts_with("40") => Ok(ws),
-        other => bail!("publisher not accepted: {other:?}"),
-    }
+    let auth = serde_json::json!({ "role": "publisher" });
+    let (ws, _) = sio::handshake(host, &auth, sio::Until::Connected)
+        .await
+        .map_err(sio::into_anyhow)?;
+    Ok(ws)
 }
 
 // ---------- NATS (text protocol) ----------

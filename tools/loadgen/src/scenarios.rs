@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::clients::{self, Recorder};
-use super::procs::{self, Broker, CpuWindow, Proc};
+use tensorcost_testkit::broker::BrokerProcess;
+use tensorcost_testkit::process::Process;
+
+use super::procs::{self, CpuWindow};
 use super::{Config, Size};
 
 /// One system's figures in one scenario.
@@ -130,7 +133,7 @@ pub async fn one_to_one(config: &Config) -> anyhow::Result<Scenario> {
             Arc::clone(&stop),
         )
         .await?;
-        let cpu = CpuWindow::start(&broker.proc);
+        let cpu = CpuWindow::start(&broker.process);
         let start = Instant::now();
         if streaming {
             clients::grpc_stream_max(&broker.grpc, &token, count).await?;
@@ -139,7 +142,7 @@ pub async fn one_to_one(config: &Config) -> anyhow::Result<Scenario> {
         }
         wait_delivered(&recorder, count, Duration::from_secs(60)).await;
         let secs = start.elapsed().as_secs_f64();
-        let cpu = cpu.percent(&broker.proc);
+        let cpu = cpu.percent(&broker.process);
         finish(&stop, vec![sub]).await;
         rows.push(row(
             label,
@@ -148,7 +151,7 @@ pub async fn one_to_one(config: &Config) -> anyhow::Result<Scenario> {
             count,
             secs,
             cpu,
-            broker.proc.rss_kib(),
+            procs::rss_kib(&broker.process),
         ));
     }
     drop(broker);
@@ -173,7 +176,7 @@ pub async fn one_to_one(config: &Config) -> anyhow::Result<Scenario> {
         n,
         secs,
         cpu,
-        nats.rss_kib(),
+        procs::rss_kib(&nats),
     ));
 
     let ours = rows[0].delivered_per_s;
@@ -237,7 +240,7 @@ fn fanout_shape(size: Size) -> Fanout {
 /// warm-up. `publish` is the system's publisher.
 async fn run_fanout<P, Fut>(
     system: &str,
-    server: &Proc,
+    server: &Process,
     host: &str,
     shape: &Fanout,
     auth: impl Fn(&str) -> serde_json::Value,
@@ -270,14 +273,14 @@ where
         expected,
         secs,
         cpu,
-        server.rss_kib(),
+        procs::rss_kib(server),
     ))
 }
 
 /// Runs a publisher; after `warmup` turns measuring on and starts the CPU
 /// window. Returns (published while measuring, measured seconds, CPU %).
 async fn measured<P, Fut>(
-    server: &Proc,
+    server: &Process,
     recorder: &Arc<Recorder>,
     warmup: Duration,
     publish: P,
@@ -312,8 +315,8 @@ pub async fn fanout(config: &Config, with_redis: bool) -> anyhow::Result<(Scenar
         None
     };
     let mut extra = Vec::new();
-    if let Some((_, port)) = &redis {
-        extra.push(("TC_REDIS_URL", format!("redis://127.0.0.1:{port}")));
+    if let Some(redis) = &redis {
+        extra.push(("TC_REDIS_URL", redis.url()));
     }
     let broker = procs::broker(&config.broker, &broker_env(&extra))?;
     let grpc = broker.grpc.clone();
@@ -327,7 +330,7 @@ pub async fn fanout(config: &Config, with_redis: bool) -> anyhow::Result<(Scenar
     rows.push(
         run_fanout(
             label,
-            &broker.proc,
+            &broker.process,
             &broker.http,
             &shape,
             |tenant| serde_json::json!({ "token": clients::token(Some(tenant), "events:subscribe") }),
@@ -343,13 +346,13 @@ pub async fn fanout(config: &Config, with_redis: bool) -> anyhow::Result<(Scenar
     drop(broker);
 
     let mut ceiling = None;
-    if let Some((_, port)) = &redis {
+    if let Some(redis) = &redis {
         // The persistence ceiling: streaming publish at maximum rate, and
         // how fast the writer gets it into Redis.
         let broker = procs::broker(
             &config.broker,
             &broker_env(&[
-                ("TC_REDIS_URL", format!("redis://127.0.0.1:{port}")),
+                ("TC_REDIS_URL", redis.url()),
                 ("TC_REDIS_BUFFER", "2000000".into()),
             ]),
         )?;
@@ -368,7 +371,7 @@ pub async fn fanout(config: &Config, with_redis: bool) -> anyhow::Result<(Scenar
         };
         // The same entry size as the broker writes: one event as JSON.
         let entry_bytes = sample_entry_bytes();
-        let xadd = procs::redis_benchmark_xadd(*port, requests, 1, 256, entry_bytes)?;
+        let xadd = procs::redis_benchmark_xadd(redis.port, requests, 1, 256, entry_bytes)?;
         ceiling = Some(Row {
             system: "tensorcost-events writer, streaming publish at maximum rate".into(),
             published_per_s: n as f64 / publish.as_secs_f64(),
@@ -442,32 +445,23 @@ pub async fn fanout(config: &Config, with_redis: bool) -> anyhow::Result<(Scenar
     ))
 }
 
-/// Bytes of one event as the writer stores it (`Event::to_json`).
+/// Bytes of one event as the writer stores it: the envelope as JSON.
 fn sample_entry_bytes() -> usize {
-    let e = tensorcost_events::event::Event {
-        id: tensorcost_events::event::new_event_id(),
-        event_type: clients::EVENT_TYPE.into(),
-        tenant_id: "tenant-ceiling".into(),
-        data: serde_json::value::RawValue::from_string(clients::data_now())
-            .unwrap_or_else(|_| serde_json::value::to_raw_value(&0).expect("raw")),
-        timestamp: tensorcost_events::event::format_timestamp(std::time::SystemTime::now()),
-        trace_id: tensorcost_events::event::new_trace_id(),
-    };
-    e.to_json().len()
+    let envelope = serde_json::json!({
+        "id": "01a21c6d-173d-7725-b7ab-5a7ea6cdb72f",
+        "type": clients::EVENT_TYPE,
+        "tenant_id": "tenant-ceiling",
+        "data": serde_json::value::RawValue::from_string(clients::data_now()).ok(),
+        "timestamp": "2026-11-27T09:54:01.149Z",
+        "trace_id": "6de021f17c1f438d9f784743275c5272",
+    });
+    envelope.to_string().len()
 }
 
-async fn wait_written(broker: &Broker, n: u64, timeout: Duration) -> u64 {
+async fn wait_written(broker: &BrokerProcess, n: u64, timeout: Duration) -> u64 {
     let deadline = Instant::now() + timeout;
-    let url = format!("http://{}/metrics", broker.http);
     loop {
-        let written = match reqwest::get(&url).await {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        }
-        .lines()
-        .find_map(|l| l.strip_prefix("tc_redis_written_total "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or(0.0) as u64;
+        let written = broker.metric("tc_redis_written_total").await as u64;
         if written >= n || Instant::now() > deadline {
             return written;
         }
@@ -481,8 +475,8 @@ pub async fn cross_instance(config: &Config) -> anyhow::Result<Scenario> {
         Size::Small => (2000, Duration::from_secs(1), Duration::from_secs(2)),
         Size::Full => (10_000, Duration::from_secs(2), Duration::from_secs(10)),
     };
-    let (_redis, port) = procs::redis_server()?;
-    let env = broker_env(&[("TC_REDIS_URL", format!("redis://127.0.0.1:{port}"))]);
+    let redis = procs::redis_server()?;
+    let env = broker_env(&[("TC_REDIS_URL", redis.url())]);
     let a = procs::broker(&config.broker, &env)?;
     let b = procs::broker(&config.broker, &env)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -491,11 +485,11 @@ pub async fn cross_instance(config: &Config) -> anyhow::Result<Scenario> {
     let stop = Arc::new(AtomicBool::new(false));
     let sub =
         clients::grpc_subscriber(&b.grpc, &token, Arc::clone(&recorder), Arc::clone(&stop)).await?;
-    let cpu_b = CpuWindow::start(&b.proc);
+    let cpu_b = CpuWindow::start(&b.process);
     let grpc = a.grpc.clone();
     let publisher_token = token.clone();
     let (published, secs, cpu_a) =
-        measured(&a.proc, &recorder, warmup, move |recorder| async move {
+        measured(&a.process, &recorder, warmup, move |recorder| async move {
             clients::grpc_stream_steady(
                 &grpc,
                 &publisher_token,
@@ -507,7 +501,7 @@ pub async fn cross_instance(config: &Config) -> anyhow::Result<Scenario> {
             .await
         })
         .await?;
-    let cpu = cpu_a + cpu_b.percent(&b.proc);
+    let cpu = cpu_a + cpu_b.percent(&b.process);
     finish(&stop, vec![sub]).await;
     let mut r = row(
         "tensorcost-events ×2 + Redis",
@@ -516,7 +510,7 @@ pub async fn cross_instance(config: &Config) -> anyhow::Result<Scenario> {
         published,
         secs,
         cpu,
-        a.proc.rss_kib() + b.proc.rss_kib(),
+        procs::rss_kib(&a.process) + procs::rss_kib(&b.process),
     );
     r.note = Some("CPU and RSS: both instances".into());
     let p99 = r.p99_ms;
@@ -547,7 +541,7 @@ pub async fn idle(config: &Config) -> anyhow::Result<Scenario> {
     rows.push(
         idle_memory(
             "tensorcost-events",
-            &broker.proc,
+            &broker.process,
             &broker.http,
             n,
             |t| serde_json::json!({ "token": clients::token(Some(t), "events:subscribe") }),
@@ -590,13 +584,13 @@ pub async fn idle(config: &Config) -> anyhow::Result<Scenario> {
 
 async fn idle_memory(
     system: &str,
-    server: &Proc,
+    server: &Process,
     host: &str,
     n: u32,
     auth: impl Fn(&str) -> serde_json::Value,
 ) -> anyhow::Result<Row> {
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = server.rss_kib();
+    let before = procs::rss_kib(server);
     let names = tenants(10);
     let auths: Vec<serde_json::Value> = names.iter().map(|t| auth(t)).collect();
     let mut sockets = Vec::with_capacity(n as usize);
@@ -604,7 +598,7 @@ async fn idle_memory(
         sockets.push(clients::sio_connect(host, &auths[(c % 10) as usize]).await?);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = server.rss_kib();
+    let after = procs::rss_kib(server);
     drop(sockets);
     Ok(Row {
         system: system.into(),
