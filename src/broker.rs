@@ -380,12 +380,12 @@ impl History {
         let Some(since) = self
             .events
             .get(pos)
-            .and_then(|(_, e)| humantime::parse_rfc3339(&e.timestamp).ok())
+            .and_then(|(_, e)| crate::clock::parse_timestamp(&e.timestamp))
         else {
             return pos + 1;
         };
         // Timestamps share one fixed format, so they compare as text.
-        let from = crate::event::format_timestamp(since - margin);
+        let from = crate::clock::format_timestamp(since - margin);
         let first = self
             .events
             .iter()

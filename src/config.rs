@@ -34,11 +34,7 @@ pub struct Settings {
     pub jwt_secret: Option<String>,
 
     /// Scopes of a token that has no `scope`/`scopes` claim.
-    #[arg(
-        long,
-        env = "TC_DEFAULT_SCOPES",
-        default_value = "events:publish events:subscribe"
-    )]
+    #[arg(long, env = "TC_DEFAULT_SCOPES", default_value = crate::auth::rbac::DEFAULT_SCOPES)]
     pub default_scopes: String,
 
     /// Largest event `data`, in bytes of JSON text.
@@ -174,6 +170,13 @@ pub struct Settings {
     /// This instance's id in Redis entries (default: random at start).
     #[arg(long, env = "TC_INSTANCE_ID")]
     pub instance_id: Option<String>,
+
+    /// Development mode (no `TC_JWT_SECRET`) keeps its generated secret in
+    /// this file for `token` and `check-token` (default:
+    /// `$XDG_STATE_HOME` or `~/.local/state`, then
+    /// `tensorcost-events/dev-secret`).
+    #[arg(long, env = "TC_DEV_SECRET_FILE")]
+    pub dev_secret_file: Option<PathBuf>,
 
     /// Once listening, write the bound addresses here as JSON
     /// (`{"grpc":"127.0.0.1:50051","http":"127.0.0.1:8080"}`): for

@@ -215,31 +215,6 @@ pub fn new_event_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
-/// RFC 3339 UTC with milliseconds, e.g. `2026-04-29T16:41:38.412Z`.
-pub fn format_timestamp(at: SystemTime) -> String {
-    humantime::format_rfc3339_millis(at).to_string()
-}
-
-/// [`format_timestamp`] of now, formatted once per millisecond per thread:
-/// under load many events share a millisecond, and formatting a date is
-/// the costliest part of stamping one.
-pub fn timestamp_now(now: SystemTime) -> String {
-    thread_local! {
-        static LAST: std::cell::RefCell<(u128, String)> = const { std::cell::RefCell::new((u128::MAX, String::new())) };
-    }
-    let ms = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    LAST.with(|last| {
-        let mut last = last.borrow_mut();
-        if last.0 != ms {
-            *last = (ms, format_timestamp(now));
-        }
-        last.1.clone()
-    })
-}
-
 /// Everything that is fixed for one publish call: limits and the caller's
 /// trace context.
 #[derive(Debug, Clone)]
@@ -279,7 +254,7 @@ pub fn accept(
         event_type: draft.event_type,
         tenant_id: tenant_id.to_string(),
         data,
-        timestamp: timestamp_now(now),
+        timestamp: crate::clock::timestamp_now(now),
         trace_id,
     })
 }

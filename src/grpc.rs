@@ -2,15 +2,15 @@
 //! messages to [`App`] calls and back. No broker logic lives here.
 
 use std::pin::Pin;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::app::{App, SubscribeParams};
-use crate::auth::{Identity, LEEWAY_SECS};
+use crate::auth::Identity;
 use crate::broker::{Delivery, Outcome, TenantScope};
+use crate::clock;
 use crate::error::ApiError;
 use crate::event::{Event, EventDraft};
 use crate::proto::event_broker_server::EventBroker;
@@ -105,17 +105,6 @@ fn ended_early(code: tonic::Code, reason: &str, last_id: Option<String>) -> Stat
         status.metadata_mut().insert(LAST_EVENT_ID, value);
     }
     status
-}
-
-/// When a stream opened with a token that expires at `exp` (Unix seconds)
-/// must end: the same instant, leeway included, at which the token would
-/// be refused.
-fn token_deadline(exp: u64) -> tokio::time::Instant {
-    let now_unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let end = Duration::from_secs(exp + LEEWAY_SECS);
-    tokio::time::Instant::now() + end.saturating_sub(now_unix)
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -270,7 +259,7 @@ impl EventBroker for GrpcService {
             tenant_id: request.tenant_id,
         };
         let (scope, subscription) = self.app.subscribe(&identity, &params)?;
-        let subscription = subscription.with_deadline(token_deadline(identity.expires_at));
+        let subscription = subscription.with_deadline(clock::instant_at(identity.valid_until()));
         let status = SubscribeStatus {
             tenant_id: match scope {
                 TenantScope::One(t) => t,

@@ -10,6 +10,7 @@ pub mod app;
 pub mod auth;
 pub mod broker;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod edge;
 pub mod error;

@@ -78,7 +78,10 @@ fn serve(extra_env: &[(&str, &str)], name: &str) -> Serve {
 
 #[test]
 fn serve_with_no_configuration_prints_a_token_that_publish_and_tail_use() {
-    let mut server = serve(&[], "dev");
+    let secret_file = tmp_path("dev-secret");
+    let _ = std::fs::remove_file(&secret_file);
+    let secret_file_env = secret_file.to_str().expect("utf-8 path").to_string();
+    let mut server = serve(&[("TC_DEV_SECRET_FILE", &secret_file_env)], "dev");
     // The banner carries a ready-to-use token and copy-paste examples.
     let mut banner = String::new();
     let token = loop {
@@ -92,7 +95,7 @@ fn serve_with_no_configuration_prints_a_token_that_publish_and_tail_use() {
             break t.to_string();
         }
     };
-    for _ in 0..6 {
+    for _ in 0..9 {
         let mut line = String::new();
         server.stdout.read_line(&mut line).expect("read");
         banner.push_str(&line);
@@ -100,6 +103,57 @@ fn serve_with_no_configuration_prints_a_token_that_publish_and_tail_use() {
     assert!(banner.contains("development mode"), "{banner}");
     assert!(banner.contains("tensorcost-events tail"), "{banner}");
     assert!(banner.contains("tensorcost-events publish"), "{banner}");
+    assert!(
+        banner.contains(&secret_file_env),
+        "the banner names the secret file: {banner}"
+    );
+
+    // The development secret is in a file only its owner may read, and the
+    // client commands find it by themselves.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&secret_file)
+            .expect("secret file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "secret file mode {mode:o}");
+    }
+    let out = run(cmd(&["check-token"])
+        .env("TC_TOKEN", &token)
+        .env("TC_DEV_SECRET_FILE", &secret_file));
+    assert!(
+        out.status.success(),
+        "{} {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).starts_with(
+            "accepted: tenant=tenant-dev subject=dev scopes=events:publish events:subscribe"
+        ),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stderr).contains("using the development secret of `serve`"),
+        "{}",
+        text(&out.stderr)
+    );
+    let forged = tensorcost_testkit::token::mint(
+        "not-the-development-secret-0123456789",
+        Some("tenant-dev"),
+        "events:publish",
+        "dev",
+        Duration::from_secs(60),
+    );
+    let out = run(cmd(&["check-token", &forged]).env("TC_DEV_SECRET_FILE", &secret_file));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stdout).contains("development mode makes a new secret each time serve starts"),
+        "{}",
+        text(&out.stdout)
+    );
 
     let env = [
         ("TC_TOKEN", token.as_str()),
@@ -196,6 +250,17 @@ fn serve_with_no_configuration_prints_a_token_that_publish_and_tail_use() {
     )
     .expect("stderr");
     assert!(stderr.contains("DEVELOPMENT MODE"), "{stderr}");
+    assert!(
+        !secret_file.exists(),
+        "serve removes its secret file when it stops"
+    );
+    let out = run(cmd(&["check-token", &token]).env("TC_DEV_SECRET_FILE", &secret_file));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("no broker in development mode is running here"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]

@@ -52,6 +52,20 @@ pub struct Identity {
     pub expires_at: u64,
 }
 
+impl Identity {
+    /// The Unix second from which this identity's token is refused: its
+    /// `exp` plus the leeway every check allows. Streams opened with the
+    /// token end then.
+    pub fn valid_until(&self) -> u64 {
+        valid_until(self.expires_at)
+    }
+}
+
+/// The Unix second from which a token expiring at `exp` is refused.
+pub fn valid_until(exp: u64) -> u64 {
+    exp.saturating_add(LEEWAY_SECS)
+}
+
 /// Why a token was refused. Messages say which check failed, in words a
 /// developer can act on, and never echo the token or the secret.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -333,7 +347,7 @@ pub(crate) fn map_jwt_error(kind: &ErrorKind, token: &str) -> AuthError {
                 .map(|d| d.claims.exp)
                 .unwrap_or(0);
             AuthError::Expired {
-                at: crate::event::format_timestamp(UNIX_EPOCH + Duration::from_secs(exp)),
+                at: crate::clock::format_unix_secs(exp),
             }
         }
         ErrorKind::MissingRequiredClaim(c) if c == "exp" => AuthError::NoExpiry,

@@ -17,6 +17,16 @@ pub const SUBSCRIBE: &str = "events:subscribe";
 /// tenant (subscribe). Combine with `events:publish` / `events:subscribe`.
 pub const ALL_TENANTS: &str = "events:all_tenants";
 
+/// Scopes of a backend token that carries no `scope` or `scopes` claim
+/// (`TC_DEFAULT_SCOPES`), and of the tokens `token` and development mode
+/// mint unless told otherwise.
+pub const DEFAULT_SCOPES: &str = "events:publish events:subscribe";
+
+/// [`DEFAULT_SCOPES`] as a set.
+pub fn default_scope_set() -> BTreeSet<String> {
+    Scopes::parse(DEFAULT_SCOPES).0
+}
+
 /// A token's scopes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Scopes(BTreeSet<String>);

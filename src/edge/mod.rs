@@ -19,7 +19,6 @@ pub mod ratelimit;
 pub mod room;
 
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Deserialize;
 use socketioxide::extract::{AckSender, Extension, SocketRef, State, TryData};
@@ -31,7 +30,8 @@ use crate::app::App;
 use crate::auth::TokenKind;
 use crate::auth::rbac::SUBSCRIBE;
 use crate::broker::TypeFilter;
-use crate::event::{self, check_identifier};
+use crate::clock;
+use crate::event::check_identifier;
 use crate::metrics::EdgeMetrics;
 use origin::Origins;
 use room::{Command, RateLimits, Rooms};
@@ -307,7 +307,7 @@ async fn on_refresh_token(
             });
             serde_json::json!({
                 "ok": true,
-                "token_expires_at": event::format_timestamp(UNIX_EPOCH + Duration::from_secs(expires_at)),
+                "token_expires_at": clock::format_unix_secs(expires_at),
             })
         }
         Err(error) => serde_json::json!({"ok": false, "error": error}),

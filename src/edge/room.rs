@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -29,6 +29,7 @@ use tokio_stream::StreamExt;
 use super::ratelimit::{Limit, RateLimiter};
 use crate::auth::LEEWAY_SECS;
 use crate::broker::{Broker, Delivery, Subscription, TenantScope, TypeFilter};
+use crate::clock;
 use crate::event::{self, Event, SharedEvent};
 use crate::metrics::{EdgeMetrics, TenantLabel};
 
@@ -366,13 +367,6 @@ fn payload(e: &Event) -> Option<Payload> {
     .map(Payload::from)
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
-}
-
 /// What the server says before disconnecting a socket, on channel
 /// `disconnect_reason`.
 #[derive(Serialize)]
@@ -473,7 +467,7 @@ impl Pump {
             "resumed": replay.is_some(),
             "recovered": replay.as_ref().is_some_and(|r| r.recovered),
             "replayed": replay.as_ref().map_or(0, |r| r.events.len()),
-            "token_expires_at": event::format_timestamp(UNIX_EPOCH + Duration::from_secs(expires_at)),
+            "token_expires_at": clock::format_unix_secs(expires_at),
             "rate_limit": { "events_per_second": limit.per_second, "queue": limit.queue },
             "types": filter.patterns(),
         });
@@ -588,11 +582,11 @@ impl Pump {
                 self.notify_dropped(&dropped);
             }
         }
-        let now = unix_now();
+        let now = clock::unix_secs();
         let metrics = &self.rooms.metrics;
         self.members.retain(|_, m| {
             if m.leaving.is_none() && m.expires_at + LEEWAY_SECS < now {
-                let at = event::format_timestamp(UNIX_EPOCH + Duration::from_secs(m.expires_at));
+                let at = clock::format_unix_secs(m.expires_at);
                 metrics.expired_sockets.inc();
                 m.leave(
                     "token_expired",
@@ -614,7 +608,7 @@ impl Pump {
             .emitted_upto
             .clone()
             .unwrap_or_else(event::new_event_id);
-        let (timestamp, trace_id) = (event::format_timestamp(now), event::new_trace_id());
+        let (timestamp, trace_id) = (clock::format_timestamp(now), event::new_trace_id());
         let metrics = &self.rooms.metrics;
         for m in self.members.values_mut() {
             if m.leaving.is_some() {

@@ -30,7 +30,7 @@ mod writer;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -205,7 +205,7 @@ impl Persist for Sink {
                 // Delivered locally, but other instances will never see it.
                 self.metrics.lost.inc();
                 let lost = self.lost_since_warning.fetch_add(1, Ordering::Relaxed) + 1;
-                let now = unix_secs();
+                let now = crate::clock::unix_secs();
                 let last = self.last_warning.load(Ordering::Relaxed);
                 if now > last
                     && self
@@ -224,20 +224,6 @@ impl Persist for Sink {
             }
         }
     }
-}
-
-fn unix_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
-}
-
-fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
 }
 
 /// The partition of an event type: FNV-1a, stable across instances and

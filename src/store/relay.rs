@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 use redis::streams::{StreamId, StreamRangeReply};
 
 use super::{Conn, FIELD_EVENT, FIELD_ORIGIN, FIELD_TYPE, Status, StoreConfig, Target};
-use super::{parse_entry_id, registry_key, stream_key, unix_millis};
+use super::{parse_entry_id, registry_key, stream_key};
 use crate::broker::Broker;
+use crate::clock::unix_millis;
 use crate::event::Event;
 
 /// How long one `XREAD` blocks when nothing is written.

@@ -2,10 +2,13 @@
 //! `check-token`, `version`. Client commands talk gRPC to a running broker
 //! like any other client; they hold no broker logic.
 
+mod dev;
+
 use std::collections::BTreeSet;
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
@@ -14,7 +17,7 @@ use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
 use tonic::transport::Channel;
 
-use crate::auth::{self, Authenticator, Scopes};
+use crate::auth::{self, Authenticator, Scopes, rbac};
 use crate::config::Settings;
 use crate::proto::event_broker_client::EventBrokerClient;
 use crate::proto::{self, PublishRequest, SubscribeRequest, subscribe_response};
@@ -95,13 +98,38 @@ pub struct TailArgs {
     pub count: Option<u64>,
 }
 
+/// Where the HS256 secret comes from for `token` and `check-token`.
+#[derive(Debug, Clone, Args)]
+pub struct SecretArgs {
+    /// HS256 secret the broker uses (default: that of a broker running in
+    /// development mode, from its secret file).
+    #[arg(long, env = "TC_JWT_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+    /// Where a broker in development mode keeps its secret.
+    #[arg(long, env = "TC_DEV_SECRET_FILE")]
+    pub dev_secret_file: Option<PathBuf>,
+}
+
+impl SecretArgs {
+    /// The secret, and whether it is development mode's (said on standard
+    /// error).
+    fn resolve(self) -> anyhow::Result<(String, bool)> {
+        let file = self.dev_secret_file.or_else(dev::default_secret_file);
+        let (secret, note) = dev::client_secret(self.secret, file.as_deref())?;
+        if let Some(note) = &note {
+            eprintln!("# {note}");
+        }
+        Ok((secret, note.is_some()))
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct TokenArgs {
     /// Tenant claim (tenantId).
     #[arg(long)]
     pub tenant: Option<String>,
     /// Space- or comma-separated scopes.
-    #[arg(long, default_value = "events:publish events:subscribe")]
+    #[arg(long, default_value = rbac::DEFAULT_SCOPES)]
     pub scope: String,
     /// Lifetime, e.g. 15m, 1h, 7d.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
@@ -109,9 +137,8 @@ pub struct TokenArgs {
     /// Subject claim.
     #[arg(long)]
     pub sub: Option<String>,
-    /// HS256 secret.
-    #[arg(long, env = "TC_JWT_SECRET", hide_env_values = true)]
-    pub secret: Option<String>,
+    #[command(flatten)]
+    pub secret: SecretArgs,
 }
 
 #[derive(Debug, Args)]
@@ -119,15 +146,10 @@ pub struct CheckTokenArgs {
     /// The token (default: TC_TOKEN).
     #[arg(env = "TC_TOKEN", hide_env_values = true)]
     pub token: String,
-    /// HS256 secret the broker uses.
-    #[arg(long, env = "TC_JWT_SECRET", hide_env_values = true)]
-    pub secret: Option<String>,
+    #[command(flatten)]
+    pub secret: SecretArgs,
     /// Scopes of a token without a scope claim, as the broker is configured.
-    #[arg(
-        long,
-        env = "TC_DEFAULT_SCOPES",
-        default_value = "events:publish events:subscribe"
-    )]
+    #[arg(long, env = "TC_DEFAULT_SCOPES", default_value = rbac::DEFAULT_SCOPES)]
     pub default_scopes: String,
 }
 
@@ -163,63 +185,31 @@ async fn serve(settings: Settings) -> anyhow::Result<ExitCode> {
         None => (auth::generate_secret(), true),
     };
     let running = server::start(&settings, secret.as_bytes()).await?;
+    // Removed (if still this run's) when serve returns.
+    let mut _secret_file = None;
     if dev_mode {
-        print_dev_banner(&secret, running.grpc_addr, running.http_addr)?;
+        let path = settings
+            .dev_secret_file
+            .clone()
+            .or_else(dev::default_secret_file);
+        let written = path.as_deref().and_then(|p| {
+            dev::SecretFile::write(p, &secret, running.grpc_addr, running.http_addr)
+                .map_err(|e| {
+                    tracing::warn!("{e:#}: client commands will not find the development secret")
+                })
+                .ok()
+        });
+        let shown = written.is_some().then_some(path.as_deref()).flatten();
+        dev::print_banner(&secret, running.grpc_addr, running.http_addr, shown)?;
+        _secret_file = written;
     }
-    let token = running.shutdown_token();
-    tokio::spawn(async move {
-        server::signal().await;
-        tracing::info!("shutting down");
-        token.cancel();
-    });
-    running.wait().await?;
+    let shutdown = running.shutdown_token();
+    tokio::select! {
+        () = server::signal() => tracing::info!("shutting down"),
+        () = shutdown.cancelled() => {}
+    }
+    running.stop().await?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn print_dev_banner(
-    secret: &str,
-    grpc: std::net::SocketAddr,
-    http: std::net::SocketAddr,
-) -> anyhow::Result<()> {
-    tracing::warn!(
-        "DEVELOPMENT MODE: no TC_JWT_SECRET set, so a random secret was generated for this run. \
-         Tokens stop working when the broker restarts. Set TC_JWT_SECRET in production."
-    );
-    let scopes: BTreeSet<String> = ["events:publish", "events:subscribe"]
-        .map(String::from)
-        .into();
-    let token = auth::mint_hs256(
-        secret.as_bytes(),
-        Some("tenant-dev"),
-        Some("dev"),
-        Some(&scopes),
-        Duration::from_secs(24 * 3600),
-    )?;
-    let loopback = |a: std::net::SocketAddr| {
-        if a.ip().is_unspecified() {
-            format!("127.0.0.1:{}", a.port())
-        } else {
-            a.to_string()
-        }
-    };
-    let server = if loopback(grpc) == "127.0.0.1:50051" {
-        String::new()
-    } else {
-        format!(" --server http://{}", loopback(grpc))
-    };
-    let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
-        "\n  tensorcost-events is running in development mode (tenant-dev, token valid 24h).\n\n  \
-         export TC_TOKEN={token}\n\n  \
-         # in one terminal:\n  tensorcost-events tail{server} --types 'cost.*'\n  \
-         # in another (with TC_TOKEN exported there too):\n  \
-         tensorcost-events publish{server} --type cost.updated --data '{{\"amount\":42}}'\n\n  \
-         REST: curl -H \"authorization: Bearer $TC_TOKEN\" -d '{{\"type\":\"cost.updated\",\"data\":{{\"amount\":42}}}}' http://{}/v1/events\n",
-        loopback(http)
-    )?;
-    out.flush()?;
-    Ok(())
 }
 
 /// Adds the bearer token to every call.
@@ -401,20 +391,17 @@ fn envelope_json(e: &proto::Event) -> String {
 }
 
 fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
-    let secret = args
-        .secret
-        .filter(|s| !s.is_empty())
-        .context("no secret: set TC_JWT_SECRET (or --secret) to the broker's secret")?;
+    let (secret, _) = args.secret.resolve()?;
     let scopes: BTreeSet<String> = args
         .scope
         .split([' ', ','])
         .filter(|s| !s.is_empty())
         .map(String::from)
         .collect();
-    if args.tenant.is_none() && !scopes.contains(auth::rbac::ALL_TENANTS) {
+    if args.tenant.is_none() && !scopes.contains(rbac::ALL_TENANTS) {
         bail!(
             "--tenant is required (only a token with scope {} may have none)",
-            auth::rbac::ALL_TENANTS
+            rbac::ALL_TENANTS
         );
     }
     let token = auth::mint_hs256(
@@ -429,35 +416,33 @@ fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn check_token(args: CheckTokenArgs) -> anyhow::Result<ExitCode> {
-    let secret = args
-        .secret
-        .filter(|s| !s.is_empty())
-        .context("no secret: set TC_JWT_SECRET (or --secret) to the broker's secret")?;
+    let (secret, development) = args.secret.resolve()?;
     let auth = Authenticator::new(
         secret.as_bytes(),
         Scopes::parse(&args.default_scopes.replace(',', " ")),
     );
     match auth.verify(args.token.trim(), None).await {
         Ok(identity) => {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs();
+            let now = crate::clock::unix_secs();
             let left = Duration::from_secs(identity.expires_at.saturating_sub(now));
             println!(
                 "accepted: tenant={} subject={} scopes={} expires={} (in {})",
                 identity.tenant.as_deref().unwrap_or("(all tenants)"),
                 identity.subject.as_deref().unwrap_or("(none)"),
                 identity.scopes,
-                crate::event::format_timestamp(
-                    UNIX_EPOCH + Duration::from_secs(identity.expires_at)
-                ),
+                crate::clock::format_unix_secs(identity.expires_at),
                 humantime::format_duration(left)
             );
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            println!("refused: {e}");
+            let hint = match e {
+                auth::AuthError::InvalidSignature if development => {
+                    " (development mode makes a new secret each time serve starts: use the token it printed last)"
+                }
+                _ => "",
+            };
+            println!("refused: {e}{hint}");
             Ok(ExitCode::from(1))
         }
     }
