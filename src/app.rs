@@ -7,9 +7,10 @@ use std::time::SystemTime;
 
 use crate::auth::rbac::PUBLISH;
 use crate::auth::{Authenticator, Identity};
-use crate::broker::{Broker, Outcome, Subscription, TenantScope, TypeFilter};
+use crate::broker::{Broker, Outcome, Subscription, TypeFilter};
 use crate::error::ApiError;
 use crate::event::{self, EventDraft, EventError, Stamp, check_identifier};
+use crate::tenant::TenantScope;
 
 /// Request-size limits shared by every publishing surface.
 #[derive(Debug, Clone)]

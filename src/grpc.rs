@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::app::{App, SubscribeParams};
 use crate::auth::Identity;
-use crate::broker::{Delivery, Outcome, TenantScope};
+use crate::broker::{Delivery, Outcome};
 use crate::clock;
 use crate::error::ApiError;
 use crate::event::{Event, EventDraft};
@@ -261,10 +261,7 @@ impl EventBroker for GrpcService {
         let (scope, subscription) = self.app.subscribe(&identity, &params)?;
         let subscription = subscription.with_deadline(clock::instant_at(identity.valid_until()));
         let status = SubscribeStatus {
-            tenant_id: match scope {
-                TenantScope::One(t) => t,
-                TenantScope::All => "*".into(),
-            },
+            tenant_id: scope.label().to_string(),
             resumed: subscription.recovered.is_some(),
             recovered: subscription.recovered.unwrap_or(false),
             replayed: subscription.replay_len() as u64,

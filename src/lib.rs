@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tenant;
 
 /// Generated gRPC code for `tensorcost.events.v1`.
 pub mod proto {

@@ -2,13 +2,15 @@
 //! format. Every counter is a cheap handle (an `Arc` of an atomic), so the
 //! parts that count keep their own clones.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::broker::Stats;
+use crate::broker::{Broker, Count};
 use crate::store::StoreMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -53,13 +55,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(broker: &Stats, edge: &EdgeMetrics, store: Option<&StoreMetrics>) -> Self {
+    pub fn new(broker: &Broker, edge: &EdgeMetrics, store: Option<&StoreMetrics>) -> Self {
         let mut registry = Registry::with_prefix("tc");
-        registry.register(
-            "events_relayed",
-            "Events accepted by other instances and delivered here",
-            broker.relayed.clone(),
-        );
         if let Some(store) = store {
             registry.register("redis_up", "1 while Redis answers", store.up.clone());
             registry.register(
@@ -93,26 +90,7 @@ impl Metrics {
                 store.relay_lag_ms.clone(),
             );
         }
-        registry.register(
-            "events_published",
-            "Events accepted and dispatched",
-            broker.published.clone(),
-        );
-        registry.register(
-            "events_duplicate",
-            "Publishes of an id recently dispatched: acknowledged, not delivered",
-            broker.duplicates.clone(),
-        );
-        registry.register(
-            "events_delivered",
-            "Events handed to in-process subscribers",
-            broker.delivered.clone(),
-        );
-        registry.register(
-            "slow_subscribers_dropped",
-            "gRPC and internal subscribers dropped because their buffer was full",
-            broker.slow_subscribers_dropped.clone(),
-        );
+        registry.register_collector(Box::new(BrokerCollector(broker.clone())));
         registry.register(
             "socketio_sockets",
             "Socket.IO sockets connected",
@@ -167,5 +145,54 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// The broker's counts, read at each scrape (the broker does not know this
+/// library).
+struct BrokerCollector(Broker);
+
+impl std::fmt::Debug for BrokerCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BrokerCollector")
+    }
+}
+
+impl Collector for BrokerCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = self.0.stats();
+        let counts: [(&str, &str, &Count); 5] = [
+            (
+                "events_published",
+                "Events accepted and dispatched",
+                &stats.published,
+            ),
+            (
+                "events_duplicate",
+                "Publishes of an id recently dispatched: acknowledged, not delivered",
+                &stats.duplicates,
+            ),
+            (
+                "events_delivered",
+                "Events handed to in-process subscribers",
+                &stats.delivered,
+            ),
+            (
+                "slow_subscribers_dropped",
+                "gRPC and internal subscribers dropped because their buffer was full",
+                &stats.slow_subscribers_dropped,
+            ),
+            (
+                "events_relayed",
+                "Events accepted by other instances and delivered here",
+                &stats.relayed,
+            ),
+        ];
+        for (name, help, count) in counts {
+            let counter = ConstCounter::new(count.get());
+            let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        Ok(())
     }
 }

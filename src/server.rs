@@ -89,7 +89,7 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
     };
     let edge_metrics = EdgeMetrics::default();
     let metrics = Arc::new(Metrics::new(
-        app.broker.stats(),
+        &app.broker,
         &edge_metrics,
         store.as_ref().map(|_| &store_metrics),
     ));

@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use super::Identity;
-use crate::broker::TenantScope;
 use crate::event::check_identifier;
+use crate::tenant::TenantScope;
 
 /// Publish events for the token's tenant.
 pub const PUBLISH: &str = "events:publish";

@@ -28,10 +28,11 @@ use tokio_stream::StreamExt;
 
 use super::ratelimit::{Limit, RateLimiter};
 use crate::auth::LEEWAY_SECS;
-use crate::broker::{Broker, Delivery, Subscription, TenantScope, TypeFilter};
+use crate::broker::{Broker, Delivery, Subscription, TypeFilter};
 use crate::clock;
 use crate::event::{self, Event, SharedEvent};
 use crate::metrics::{EdgeMetrics, TenantLabel};
+use crate::tenant::TenantScope;
 
 /// How often a pump checks token expiry, slow sockets and drop notices.
 const TICK: Duration = Duration::from_millis(250);
