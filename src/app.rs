@@ -1,16 +1,24 @@
-//! What every surface does, once: authenticate, check rights, validate and
-//! stamp, hand to the broker. gRPC and HTTP handlers only translate their
-//! wire formats to these calls and back.
+//! The one door: every surface (gRPC, REST, Socket.IO) authenticates,
+//! checks scopes, picks the tenant and parses type filters and resume ids
+//! here, and nothing else does. Transports only translate their wire
+//! formats to these calls and render the result, or the [`ApiError`], in
+//! their dialect.
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::auth::rbac::PUBLISH;
-use crate::auth::{Authenticator, Identity};
+use crate::auth::rbac::{PUBLISH, SUBSCRIBE};
+use crate::auth::{Authenticator, Identity, TokenKind};
 use crate::broker::{Broker, Outcome, Subscription, TypeFilter};
-use crate::error::ApiError;
+use crate::clock;
+use crate::error::{ApiError, Code};
 use crate::event::{self, EventDraft, EventError, Stamp, check_identifier};
 use crate::tenant::TenantScope;
+
+/// Header (gRPC metadata key) with which a caller picks one of its
+/// tenants: a Cognito user's `activeTenantId`, or the tenant an
+/// all-tenants service token acts for.
+pub const ACTIVE_TENANT_HEADER: &str = "x-active-tenant-id";
 
 /// Request-size limits shared by every publishing surface.
 #[derive(Debug, Clone)]
@@ -27,14 +35,28 @@ impl Limits {
     pub fn max_request_bytes(&self) -> usize {
         self.max_batch.max(1) * (self.max_event_bytes + 1024) + 64 * 1024
     }
+
+    /// Refuses an empty batch or one larger than the limit.
+    fn check_batch(&self, len: usize) -> Result<(), EventError> {
+        if len == 0 {
+            return Err(EventError::BatchEmpty);
+        }
+        if len > self.max_batch {
+            return Err(EventError::BatchTooLarge {
+                len,
+                limit: self.max_batch,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// The broker with its front door. Cheap to clone.
 #[derive(Clone)]
 pub struct App {
-    pub broker: Broker,
-    pub auth: Arc<Authenticator>,
-    pub limits: Limits,
+    broker: Broker,
+    auth: Arc<Authenticator>,
+    limits: Limits,
 }
 
 /// Parameters of a subscription, as any surface receives them.
@@ -45,7 +67,39 @@ pub struct SubscribeParams {
     pub tenant_id: String,
 }
 
+/// What a Socket.IO client sends with its handshake (`auth`).
+#[derive(Debug, Clone, Default)]
+pub struct SocketParams {
+    pub token: Option<String>,
+    /// `activeTenantId`: which of a user's tenants.
+    pub active_tenant: Option<String>,
+    /// Type filters (`cost.*`, `alert.created`); none: everything.
+    pub types: Option<Vec<String>>,
+    /// `lastEventId`: recover what was missed after it.
+    pub last_event_id: Option<String>,
+}
+
+/// A verified Socket.IO session: who, which tenant, what it follows.
+#[derive(Debug, Clone)]
+pub struct SocketSession {
+    pub tenant: String,
+    pub subject: Option<String>,
+    pub kind: TokenKind,
+    /// The token's `exp`, Unix seconds.
+    pub expires_at: u64,
+    pub filter: TypeFilter,
+    pub last_event_id: Option<String>,
+}
+
 impl App {
+    pub fn new(broker: Broker, auth: Arc<Authenticator>, limits: Limits) -> Self {
+        Self {
+            broker,
+            auth,
+            limits,
+        }
+    }
+
     /// Verifies an `authorization` header value; `active_tenant` is the
     /// `x-active-tenant-id` header (a Cognito user's choice of tenant).
     pub async fn authenticate(
@@ -57,6 +111,16 @@ impl App {
             .auth
             .verify_header(authorization, active_tenant)
             .await?)
+    }
+
+    /// Largest request a publish may need (gRPC message, REST body).
+    pub fn max_request_bytes(&self) -> usize {
+        self.limits.max_request_bytes()
+    }
+
+    /// Live subscriptions, for readiness.
+    pub fn subscriber_count(&self) -> usize {
+        self.broker.subscriber_count()
     }
 
     /// Publish-wide context: limits and the caller's `traceparent`.
@@ -77,16 +141,7 @@ impl App {
         stamp: &Stamp,
     ) -> Result<Vec<Outcome>, ApiError> {
         identity.require(PUBLISH)?;
-        if drafts.is_empty() {
-            return Err(EventError::BatchEmpty.into());
-        }
-        if drafts.len() > self.limits.max_batch {
-            return Err(EventError::BatchTooLarge {
-                len: drafts.len(),
-                limit: self.limits.max_batch,
-            }
-            .into());
-        }
+        self.limits.check_batch(drafts.len())?;
         let now = SystemTime::now();
         let events = drafts
             .into_iter()
@@ -96,6 +151,27 @@ impl App {
         Ok(self.broker.publish(events))
     }
 
+    /// Publishes each event of a batch on its own (streaming publish): a
+    /// bad event is refused alone. The batch itself may still be refused
+    /// (empty, or over the limit).
+    pub fn publish_each(
+        &self,
+        identity: &Identity,
+        drafts: Vec<EventDraft>,
+        stamp: &Stamp,
+    ) -> Result<Vec<Result<Outcome, ApiError>>, ApiError> {
+        self.limits.check_batch(drafts.len())?;
+        if let Err(denied) = identity.require(PUBLISH) {
+            let error = ApiError::from(denied);
+            return Ok(drafts.iter().map(|_| Err(error.clone())).collect());
+        }
+        let now = SystemTime::now();
+        Ok(drafts
+            .into_iter()
+            .map(|draft| accept(identity, draft, stamp, now).map(|e| self.broker.publish_one(e)))
+            .collect())
+    }
+
     /// Publishes one event (streaming publish acknowledges each on its own).
     pub fn publish_one(
         &self,
@@ -103,11 +179,12 @@ impl App {
         draft: EventDraft,
         stamp: &Stamp,
     ) -> Result<Outcome, ApiError> {
+        identity.require(PUBLISH)?;
         let event = accept(identity, draft, stamp, SystemTime::now())?;
         Ok(self.broker.publish_one(event))
     }
 
-    /// Opens a subscription for `identity`.
+    /// Opens a subscription for `identity`; it ends when the token expires.
     pub fn subscribe(
         &self,
         identity: &Identity,
@@ -115,29 +192,103 @@ impl App {
     ) -> Result<(TenantScope, Subscription), ApiError> {
         let scope = identity.subscribe_scope(&params.tenant_id)?;
         let filter = TypeFilter::parse(&params.types)?;
-        let since = match params.since_id.as_str() {
-            "" => None,
-            id => {
-                check_identifier(id).map_err(|r| ApiError::invalid(format!("since_id: {r}")))?;
-                Some(id)
-            }
-        };
+        let since = resume_id("since_id", Some(params.since_id.as_str()))?;
         if since.is_some() && scope == TenantScope::All {
             return Err(ApiError::invalid(
                 "since_id: resuming needs one tenant: set tenant_id (history is kept per tenant)",
             ));
         }
-        let subscription = self.broker.subscribe(scope.clone(), filter, since);
+        let subscription = self
+            .broker
+            .subscribe(scope.clone(), filter, since.as_deref())
+            .with_deadline(clock::instant_at(identity.valid_until()));
         Ok((scope, subscription))
+    }
+
+    /// Checks a Socket.IO handshake: the token, the subscribe scope, one
+    /// tenant, the filters and the resume id. The socket joins nothing
+    /// before this says yes.
+    pub async fn open_socket(&self, params: SocketParams) -> Result<SocketSession, ApiError> {
+        let token = params.token.as_deref().map(str::trim).unwrap_or_default();
+        if token.is_empty() {
+            return Err(ApiError::new(
+                Code::Unauthenticated,
+                "auth.token required: connect with io(url, { path: '/ws', auth: { token } })",
+            ));
+        }
+        let identity = self
+            .auth
+            .verify(token, params.active_tenant.as_deref())
+            .await?;
+        identity.require(SUBSCRIBE)?;
+        let tenant = identity.tenant.clone().ok_or_else(|| {
+            ApiError::invalid("activeTenantId required: this token may act for any tenant")
+        })?;
+        let filter = TypeFilter::parse(params.types.as_deref().unwrap_or_default())
+            .map_err(|e| ApiError::invalid(format!("auth.{e}")))?;
+        let last_event_id = resume_id(
+            "auth.lastEventId",
+            params.last_event_id.as_deref().map(str::trim),
+        )?;
+        Ok(SocketSession {
+            tenant,
+            subject: identity.subject,
+            kind: identity.kind,
+            expires_at: identity.expires_at,
+            filter,
+            last_event_id,
+        })
+    }
+
+    /// `refresh_token` on an open socket: a fresh token of the same user
+    /// for the same tenant. Returns the new `exp`.
+    pub async fn refresh_socket(
+        &self,
+        session: &SocketSession,
+        token: &str,
+    ) -> Result<u64, ApiError> {
+        // The socket's tenant as the active tenant refuses a token of
+        // another tenant.
+        let identity = self
+            .auth
+            .verify(token.trim(), Some(&session.tenant))
+            .await?;
+        identity.require(SUBSCRIBE)?;
+        if identity.subject != session.subject || identity.kind != session.kind {
+            return Err(ApiError::new(
+                Code::PermissionDenied,
+                "token is for another user: reconnect to switch users",
+            ));
+        }
+        Ok(identity.expires_at)
+    }
+
+    /// Parses a type filter sent on an open connection (Socket.IO
+    /// `subscribe`).
+    pub fn type_filter(&self, types: &[String]) -> Result<TypeFilter, ApiError> {
+        Ok(TypeFilter::parse(types)?)
     }
 }
 
+/// A resume id named `field`: none when absent or blank.
+fn resume_id(field: &str, id: Option<&str>) -> Result<Option<String>, ApiError> {
+    match id {
+        None | Some("") => Ok(None),
+        Some(id) => {
+            check_identifier(id).map_err(|r| ApiError::invalid(format!("{field}: {r}")))?;
+            Ok(Some(id.to_string()))
+        }
+    }
+}
+
+/// Validates and stamps one draft for the tenant the identity acts for.
+/// The publish scope is checked by the caller, once per call.
 fn accept(
     identity: &Identity,
     draft: EventDraft,
     stamp: &Stamp,
     now: SystemTime,
 ) -> Result<event::Event, ApiError> {
-    let tenant = identity.publish_tenant(&draft.tenant_id)?;
+    let tenant = identity.acting_tenant(&draft.tenant_id)?;
     Ok(event::accept(draft, &tenant, stamp, now)?)
 }

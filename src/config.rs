@@ -14,7 +14,7 @@ use crate::broker::BrokerConfig;
 use crate::edge::EdgeConfig;
 use crate::edge::origin::Origins;
 use crate::edge::ratelimit::Limit;
-use crate::edge::room::RateLimits;
+use crate::edge::rooms::RateLimits;
 use crate::event::check_identifier;
 use crate::store::{StoreConfig, Target};
 

@@ -1,6 +1,8 @@
-//! The error every surface answers with: a stable code, a sentence that
+//! The one error every surface answers with: a stable code, a sentence that
 //! names what was wrong, and how each transport spells it (gRPC status,
-//! HTTP status + JSON body).
+//! HTTP status + JSON body; the Socket.IO edge sends the same code and
+//! message). Every domain error is mapped to its code here, each variant by
+//! name, so a new refusal cannot fall into a catch-all.
 
 use std::fmt;
 
@@ -12,6 +14,7 @@ use crate::auth::AuthError;
 use crate::auth::rbac::Denied;
 use crate::broker::FilterError;
 use crate::event::EventError;
+use crate::event::json::BodyError;
 
 /// Stable error codes, shared by gRPC (as status codes), HTTP (the `code`
 /// field) and streaming publish acks.
@@ -116,15 +119,37 @@ impl From<FilterError> for ApiError {
     }
 }
 
+impl From<BodyError> for ApiError {
+    fn from(e: BodyError) -> Self {
+        Self::invalid(e.to_string())
+    }
+}
+
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
+        use AuthError as A;
         let code = match e {
-            AuthError::KeysUnavailable { .. } | AuthError::MembershipsUnavailable => {
-                Code::Unavailable
-            }
-            AuthError::NoMembership { .. } | AuthError::NoMemberships => Code::PermissionDenied,
-            AuthError::ActiveTenantRequired { .. } => Code::InvalidArgument,
-            _ => Code::Unauthenticated,
+            A::KeysUnavailable { .. } | A::MembershipsUnavailable => Code::Unavailable,
+            A::NoMembership { .. } | A::NoMemberships => Code::PermissionDenied,
+            A::ActiveTenantRequired { .. } => Code::InvalidArgument,
+            A::Missing
+            | A::NotBearer
+            | A::Malformed(_)
+            | A::AlgNone
+            | A::WrongAlgorithm { .. }
+            | A::CognitoNotConfigured
+            | A::UnknownKey { .. }
+            | A::UnknownKeyRecentlyChecked { .. }
+            | A::WrongIssuer
+            | A::WrongAudience
+            | A::WrongTokenUse { .. }
+            | A::InvalidSignature
+            | A::InvalidPoolSignature { .. }
+            | A::Expired { .. }
+            | A::NoExpiry
+            | A::NotYetValid
+            | A::NoTenant
+            | A::BadTenant(_) => Code::Unauthenticated,
         };
         Self::new(code, e.to_string())
     }
@@ -148,6 +173,14 @@ impl From<ApiError> for tonic::Status {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.code.http(), axum::Json(self)).into_response()
+        let unauthenticated = self.code == Code::Unauthenticated;
+        let mut response = (self.code.http(), axum::Json(self)).into_response();
+        if unauthenticated {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
     }
 }

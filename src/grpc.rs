@@ -7,12 +7,10 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::app::{App, SubscribeParams};
+use crate::app::{ACTIVE_TENANT_HEADER, App, SubscribeParams};
 use crate::auth::Identity;
 use crate::broker::{Delivery, Outcome};
-use crate::clock;
 use crate::error::ApiError;
-use crate::event::{Event, EventDraft};
 use crate::proto::event_broker_server::EventBroker;
 use crate::proto::{
     self, EventBatch, PublishAck, PublishError, PublishOutcome, PublishRequest, PublishResponse,
@@ -41,38 +39,13 @@ impl GrpcService {
         let header = |name| metadata.get(name).and_then(|v| v.to_str().ok());
         Ok(self
             .app
-            .authenticate(header("authorization"), header(ACTIVE_TENANT))
+            .authenticate(header("authorization"), header(ACTIVE_TENANT_HEADER))
             .await?)
     }
 }
 
 fn traceparent(metadata: &MetadataMap) -> Option<&str> {
     metadata.get("traceparent").and_then(|v| v.to_str().ok())
-}
-
-impl From<proto::Event> for EventDraft {
-    fn from(e: proto::Event) -> Self {
-        EventDraft {
-            id: e.id,
-            event_type: e.r#type,
-            tenant_id: e.tenant_id,
-            data: e.data,
-            trace_id: e.trace_id,
-        }
-    }
-}
-
-impl From<&Event> for proto::Event {
-    fn from(e: &Event) -> Self {
-        proto::Event {
-            id: e.id.clone(),
-            r#type: e.event_type.clone(),
-            tenant_id: e.tenant_id.clone(),
-            data: e.data.get().to_string(),
-            timestamp: e.timestamp.clone(),
-            trace_id: e.trace_id.clone(),
-        }
-    }
 }
 
 impl From<ApiError> for PublishError {
@@ -210,25 +183,22 @@ impl EventBroker for GrpcService {
                         Err(e) => publish_ack::Outcome::Error(e.into()),
                     });
                 }
-                (None, false) if message.events.len() > app.limits.max_batch => {
-                    let e = ApiError::invalid(format!(
-                        "events: {} events is more than the batch limit of {}",
-                        message.events.len(),
-                        app.limits.max_batch
-                    ));
-                    ack.outcome = Some(publish_ack::Outcome::Error(e.into()));
-                }
                 (None, false) => {
-                    ack.outcomes = message
-                        .events
-                        .into_iter()
-                        .map(|event| PublishOutcome {
-                            outcome: Some(match app.publish_one(&identity, event.into(), &stamp) {
-                                Ok(o) => publish_outcome::Outcome::Accepted(o.into()),
-                                Err(e) => publish_outcome::Outcome::Error(e.into()),
-                            }),
-                        })
-                        .collect();
+                    let drafts = message.events.into_iter().map(Into::into).collect();
+                    match app.publish_each(&identity, drafts, &stamp) {
+                        Ok(outcomes) => {
+                            ack.outcomes = outcomes
+                                .into_iter()
+                                .map(|o| PublishOutcome {
+                                    outcome: Some(match o {
+                                        Ok(o) => publish_outcome::Outcome::Accepted(o.into()),
+                                        Err(e) => publish_outcome::Outcome::Error(e.into()),
+                                    }),
+                                })
+                                .collect();
+                        }
+                        Err(e) => ack.outcome = Some(publish_ack::Outcome::Error(e.into())),
+                    }
                 }
                 (Some(_), false) => {
                     let e = ApiError::invalid("event and events: send one or the other");
@@ -259,7 +229,6 @@ impl EventBroker for GrpcService {
             tenant_id: request.tenant_id,
         };
         let (scope, subscription) = self.app.subscribe(&identity, &params)?;
-        let subscription = subscription.with_deadline(clock::instant_at(identity.valid_until()));
         let status = SubscribeStatus {
             tenant_id: scope.label().to_string(),
             resumed: subscription.recovered.is_some(),

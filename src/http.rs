@@ -1,5 +1,6 @@
-//! The HTTP listener: health, readiness and REST publish. Later surfaces
-//! (`/ws`, `/mcp`, `/metrics`) mount on this same router.
+//! The HTTP listener: health, readiness, metrics and REST publish; the
+//! Socket.IO edge (`/ws`) is mounted on the same router. Handlers extract,
+//! call [`App`], and render the result or the [`ApiError`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,12 +11,11 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Deserializer, Serialize};
-use serde_json::value::RawValue;
+use serde::Serialize;
 
-use crate::app::App;
+use crate::app::{ACTIVE_TENANT_HEADER, App};
 use crate::error::{ApiError, Code};
-use crate::event::EventDraft;
+use crate::event::json::drafts_from_body;
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
@@ -105,7 +105,7 @@ async fn readyz(State(state): State<HttpState>) -> Response {
     let ready = state.ready.load(Ordering::Acquire);
     let mut body = serde_json::json!({
         "status": if ready { "ready" } else { "shutting_down" },
-        "subscribers": state.app.broker.subscriber_count(),
+        "subscribers": state.app.subscriber_count(),
     });
     if let Some(redis) = &state.redis {
         body["redis"] = redis.snapshot();
@@ -136,93 +136,6 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
     )
 }
 
-/// `data` is kept as raw JSON text, so it round-trips exactly; `null` is a
-/// valid payload, distinct from a missing field.
-fn raw_present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
-    Box::<RawValue>::deserialize(d).map(Some)
-}
-
-/// One event in a REST publish body.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonEvent {
-    #[serde(default)]
-    id: String,
-    #[serde(rename = "type", default)]
-    event_type: String,
-    #[serde(default)]
-    tenant_id: String,
-    #[serde(default, deserialize_with = "raw_present")]
-    data: Option<Box<RawValue>>,
-    #[serde(default)]
-    trace_id: String,
-    /// Accepted so that a delivered envelope can be posted back; the broker
-    /// stamps its own.
-    #[serde(default, rename = "timestamp")]
-    _timestamp: Option<String>,
-}
-
-/// A REST publish body: one event (`{"type":…,"data":…}`) or a batch
-/// (`{"events":[…]}`), parsed in one pass. (`#[serde(flatten)]` would be
-/// shorter but cannot carry a `RawValue`.)
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PublishBody {
-    #[serde(default)]
-    events: Option<Vec<JsonEvent>>,
-    #[serde(default)]
-    id: String,
-    #[serde(rename = "type", default)]
-    event_type: String,
-    #[serde(default)]
-    tenant_id: String,
-    #[serde(default, deserialize_with = "raw_present")]
-    data: Option<Box<RawValue>>,
-    #[serde(default)]
-    trace_id: String,
-    #[serde(default, rename = "timestamp")]
-    _timestamp: Option<String>,
-}
-
-impl PublishBody {
-    fn into_drafts(self) -> Result<Vec<EventDraft>, ApiError> {
-        let single_set = !(self.id.is_empty()
-            && self.event_type.is_empty()
-            && self.tenant_id.is_empty()
-            && self.data.is_none()
-            && self.trace_id.is_empty());
-        match self.events {
-            Some(_) if single_set => Err(ApiError::invalid(
-                "body: send either one event ({\"type\":…,\"data\":…}) or {\"events\":[…]}, not both",
-            )),
-            Some(events) => Ok(events.into_iter().map(Into::into).collect()),
-            None => Ok(vec![
-                JsonEvent {
-                    id: self.id,
-                    event_type: self.event_type,
-                    tenant_id: self.tenant_id,
-                    data: self.data,
-                    trace_id: self.trace_id,
-                    _timestamp: None,
-                }
-                .into(),
-            ]),
-        }
-    }
-}
-
-impl From<JsonEvent> for EventDraft {
-    fn from(e: JsonEvent) -> Self {
-        EventDraft {
-            id: e.id,
-            event_type: e.event_type,
-            tenant_id: e.tenant_id,
-            data: e.data.map(|d| d.get().to_string()).unwrap_or_default(),
-            trace_id: e.trace_id,
-        }
-    }
-}
-
 #[derive(Serialize)]
 struct PublishReply {
     results: Vec<PublishResultJson>,
@@ -239,28 +152,24 @@ async fn publish(
     State(state): State<HttpState>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<PublishReply>, Response> {
+) -> Result<Json<PublishReply>, ApiError> {
     let app = &state.app;
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let identity = app
         .authenticate(
             header(header::AUTHORIZATION.as_str()),
-            header(crate::grpc::ACTIVE_TENANT),
+            header(ACTIVE_TENANT_HEADER),
         )
-        .await
-        .map_err(unauthorized)?;
-    let limit = app.limits.max_request_bytes();
+        .await?;
+    let limit = app.max_request_bytes();
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
         ApiError::invalid(format!(
             "body: larger than the limit of {limit} bytes (max batch x max event size)"
         ))
-        .into_response()
     })?;
-    let drafts = parse_body(&bytes).map_err(IntoResponse::into_response)?;
+    let drafts = drafts_from_body(&bytes)?;
     let stamp = app.stamp(header("traceparent"));
-    let outcomes = app
-        .publish(&identity, drafts, &stamp)
-        .map_err(IntoResponse::into_response)?;
+    let outcomes = app.publish(&identity, drafts, &stamp)?;
     Ok(Json(PublishReply {
         results: outcomes
             .into_iter()
@@ -270,24 +179,4 @@ async fn publish(
             })
             .collect(),
     }))
-}
-
-fn parse_body(bytes: &[u8]) -> Result<Vec<EventDraft>, ApiError> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::invalid(
-            "body: empty: send {\"type\":…,\"data\":…} or {\"events\":[…]}",
-        ));
-    }
-    serde_json::from_slice::<PublishBody>(bytes)
-        .map_err(|e| ApiError::invalid(format!("body: {e}")))?
-        .into_drafts()
-}
-
-fn unauthorized(e: ApiError) -> Response {
-    let mut response = e.into_response();
-    response.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        header::HeaderValue::from_static("Bearer"),
-    );
-    response
 }

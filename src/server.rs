@@ -51,18 +51,16 @@ pub struct Running {
 pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running> {
     let shutdown = CancellationToken::new();
     let redis = settings.store().map_err(anyhow::Error::msg)?;
-    let app = App {
-        broker: Broker::new(settings.broker()),
-        auth: Arc::new(authenticator(
-            settings,
-            secret,
-            redis.as_ref().map(|(t, _)| t),
-        )?),
-        limits: settings.limits(),
-    };
-    if let Some(cognito) = app.auth.cognito() {
+    let broker = Broker::new(settings.broker());
+    let auth = Arc::new(authenticator(
+        settings,
+        secret,
+        redis.as_ref().map(|(t, _)| t),
+    )?);
+    let app = App::new(broker.clone(), Arc::clone(&auth), settings.limits());
+    if let Some(cognito) = auth.cognito() {
         tracing::info!(issuer = %cognito.config().issuer, "Cognito ID tokens accepted");
-        let auth = Arc::clone(&app.auth);
+        let auth = Arc::clone(&auth);
         tokio::spawn(async move {
             if let Some(cognito) = auth.cognito() {
                 cognito.prefetch().await;
@@ -78,24 +76,19 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
                 instance = %config.instance_id,
                 "Redis configured"
             );
-            Some(Store::start(
-                target,
-                config,
-                &app.broker,
-                store_metrics.clone(),
-            ))
+            Some(Store::start(target, config, &broker, store_metrics.clone()))
         }
         None => None,
     };
     let edge_metrics = EdgeMetrics::default();
     let metrics = Arc::new(Metrics::new(
-        &app.broker,
+        &broker,
         &edge_metrics,
         store.as_ref().map(|_| &store_metrics),
     ));
     let edge_config = settings.edge();
     let cors = edge_config.origins.cors_layer();
-    let (socketio, io, edge) = Edge::layer(app.clone(), edge_config, edge_metrics);
+    let (socketio, io, edge) = Edge::layer(app.clone(), broker.clone(), edge_config, edge_metrics);
     if let Some(store) = &store {
         tokio::spawn(refresh_rate_overrides(
             Lazy::new(store.target().clone()),
@@ -120,7 +113,7 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
     // On shutdown: not ready, then end every subscription so streaming
     // responses finish and the listeners can drain.
     let closer = {
-        let (shutdown, ready, broker) = (shutdown.clone(), Arc::clone(&ready), app.broker.clone());
+        let (shutdown, ready, broker) = (shutdown.clone(), Arc::clone(&ready), broker.clone());
         tokio::spawn(async move {
             shutdown.cancelled().await;
             ready.store(false, Ordering::Release);
@@ -144,7 +137,7 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let broker_service = EventBrokerServer::new(GrpcService::new(app.clone()))
-        .max_decoding_message_size(app.limits.max_request_bytes());
+        .max_decoding_message_size(app.max_request_bytes());
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))

@@ -101,9 +101,9 @@ impl Identity {
 
     /// The tenant an event is published for: the token's own unless the
     /// token may act for every tenant and names one. `requested` is the
-    /// event's `tenant_id` field ("" when unset).
-    pub fn publish_tenant(&self, requested: &str) -> Result<String, Denied> {
-        self.require(PUBLISH)?;
+    /// event's `tenant_id` field ("" when unset). The publish scope is
+    /// checked by the caller, once per call.
+    pub fn acting_tenant(&self, requested: &str) -> Result<String, Denied> {
         self.named_tenant(requested)?.ok_or(Denied::TenantRequired)
     }
 
@@ -153,10 +153,10 @@ mod tests {
     #[test]
     fn tenant_tokens_stay_in_their_tenant() {
         let id = identity(Some("a"), "events:publish events:subscribe");
-        assert_eq!(id.publish_tenant(""), Ok("a".into()));
-        assert_eq!(id.publish_tenant("a"), Ok("a".into()));
+        assert_eq!(id.acting_tenant(""), Ok("a".into()));
+        assert_eq!(id.acting_tenant("a"), Ok("a".into()));
         assert!(matches!(
-            id.publish_tenant("b"),
+            id.acting_tenant("b"),
             Err(Denied::OtherTenant { .. })
         ));
         assert_eq!(id.subscribe_scope(""), Ok(TenantScope::One("a".into())));
@@ -170,7 +170,7 @@ mod tests {
     fn scopes_gate_actions() {
         let id = identity(Some("a"), "events:subscribe");
         assert!(matches!(
-            id.publish_tenant(""),
+            id.require(PUBLISH),
             Err(Denied::MissingScope {
                 needed: PUBLISH,
                 ..
@@ -189,13 +189,10 @@ mod tests {
     #[test]
     fn all_tenants_tokens() {
         let id = identity(None, "events:all_tenants events:publish events:subscribe");
-        assert_eq!(id.publish_tenant("b"), Ok("b".into()));
-        assert_eq!(id.publish_tenant(""), Err(Denied::TenantRequired));
+        assert_eq!(id.acting_tenant("b"), Ok("b".into()));
+        assert_eq!(id.acting_tenant(""), Err(Denied::TenantRequired));
         assert_eq!(id.subscribe_scope(""), Ok(TenantScope::All));
         assert_eq!(id.subscribe_scope("c"), Ok(TenantScope::One("c".into())));
-        assert!(matches!(
-            id.publish_tenant("b c"),
-            Err(Denied::BadTenant(_))
-        ));
+        assert!(matches!(id.acting_tenant("b c"), Err(Denied::BadTenant(_))));
     }
 }

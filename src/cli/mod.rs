@@ -19,6 +19,7 @@ use tonic::transport::Channel;
 
 use crate::auth::{self, Authenticator, Scopes, rbac};
 use crate::config::Settings;
+use crate::event::Event;
 use crate::proto::event_broker_client::EventBrokerClient;
 use crate::proto::{self, PublishRequest, SubscribeRequest, subscribe_response};
 use crate::server;
@@ -366,28 +367,10 @@ fn print_event(
     count: Option<u64>,
 ) -> anyhow::Result<bool> {
     since.clone_from(&e.id);
-    writeln!(out, "{}", envelope_json(e))?;
+    writeln!(out, "{}", Event::from_received(e.clone()).to_json())?;
     out.flush()?;
     *printed += 1;
     Ok(count.is_some_and(|n| *printed >= n))
-}
-
-/// The envelope as one JSON line, with `data` exactly as the broker sent it.
-fn envelope_json(e: &proto::Event) -> String {
-    let data = serde_json::value::RawValue::from_string(e.data.clone())
-        .or_else(|_| serde_json::value::to_raw_value(&e.data));
-    match data {
-        Ok(data) => crate::event::Event {
-            id: e.id.clone(),
-            event_type: e.r#type.clone(),
-            tenant_id: e.tenant_id.clone(),
-            data,
-            timestamp: e.timestamp.clone(),
-            trace_id: e.trace_id.clone(),
-        }
-        .to_json(),
-        Err(_) => String::new(),
-    }
 }
 
 fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {

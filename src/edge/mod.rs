@@ -1,22 +1,27 @@
 //! The Socket.IO edge at `/ws`: browsers and partner integrations receive
 //! their tenant's events on channel `event`.
 //!
-//! The handshake (`auth: { token, activeTenantId?, types?, lastEventId? }`)
-//! is checked in a connect middleware, so a refusal reaches the client as
-//! `connect_error` with a message that says why. The tenant comes from the
-//! verified token, never from the client; the socket joins only that
-//! tenant's room ([`room`]), which emits in per-type order under the
-//! tenant's rate limit ([`ratelimit`]).
+//! A thin transport over [`App`]: the handshake (`auth: { token,
+//! activeTenantId?, types?, lastEventId? }`) is checked by
+//! [`App::open_socket`] from a connect middleware, so a refusal reaches the
+//! client as `connect_error` with the message every surface uses for it.
+//! The tenant comes from the verified token, never from the client; the
+//! socket joins only that tenant's room ([`rooms`]), whose pump ([`pump`])
+//! emits in per-type order under the tenant's rate limit ([`ratelimit`]);
+//! each socket's backlog and leaving are its [`member`].
 //!
 //! Messages a client may send: `subscribe` (`{types}`: narrow or widen the
 //! type filter) and `refresh_token` (`{token}`: extend the session without
-//! reconnecting). Both answer through the Socket.IO acknowledgement.
-//! Messages the server sends: `session` (once, first), `event`, and
-//! `disconnect_reason` (just before the server disconnects the socket).
+//! reconnecting). Both answer through the Socket.IO acknowledgement, with
+//! `{ok: false, error}` on refusal. Messages the server sends:
+//! `session` (once, first), `event`, and `disconnect_reason` (just before
+//! the server disconnects the socket).
 
+mod member;
 pub mod origin;
+mod pump;
 pub mod ratelimit;
-pub mod room;
+pub mod rooms;
 
 use std::sync::Arc;
 
@@ -26,15 +31,13 @@ use socketioxide::handler::ConnectHandler;
 use socketioxide::layer::SocketIoLayer;
 use socketioxide::{SocketIo, TransportType};
 
-use crate::app::App;
-use crate::auth::TokenKind;
-use crate::auth::rbac::SUBSCRIBE;
-use crate::broker::TypeFilter;
+use crate::app::{App, SocketParams, SocketSession};
+use crate::broker::Broker;
 use crate::clock;
-use crate::event::check_identifier;
+use crate::error::{ApiError, Code};
 use crate::metrics::EdgeMetrics;
 use origin::Origins;
-use room::{Command, RateLimits, Rooms};
+use rooms::{Command, RateLimits, Rooms};
 
 /// Where Socket.IO is mounted.
 pub const PATH: &str = "/ws";
@@ -64,51 +67,44 @@ struct EdgeInner {
     metrics: EdgeMetrics,
 }
 
-/// The socket's verified session, kept in its extensions.
-#[derive(Debug, Clone)]
-struct Session {
-    tenant: String,
-    subject: Option<String>,
-    kind: TokenKind,
-    expires_at: u64,
-    filter: TypeFilter,
-    last_event_id: Option<String>,
-}
-
 /// The `auth` object a client sends with its handshake.
 #[derive(Debug, Default, Deserialize)]
 struct Handshake {
     token: Option<String>,
     #[serde(rename = "activeTenantId")]
     active_tenant_id: Option<String>,
-    /// Type filters (`cost.*`, `alert.created`); default: everything.
     types: Option<Vec<String>>,
-    /// The last event id the client saw, to recover what it missed.
     #[serde(rename = "lastEventId")]
     last_event_id: Option<String>,
 }
 
-/// A refused handshake: the message reaches the client as `connect_error`.
+/// A refused handshake. socketioxide's `connect_error` packet carries one
+/// `message` and no `data`, so the client gets the message every surface
+/// uses for this refusal; the code is in the broker's log and in
+/// docs/socketio.md's table.
 #[derive(Debug)]
-struct Refusal(String);
+struct Refusal(ApiError);
 
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.0.message)
     }
 }
 
 impl Edge {
     /// Builds the edge: the Socket.IO layer to mount on the HTTP router,
     /// the handle that closes every socket at shutdown, and the edge itself.
+    /// The rooms follow tenants through `broker` directly: a pump is the
+    /// edge's own fan-out, after the door has let each socket in.
     pub fn layer(
         app: App,
+        broker: Broker,
         config: EdgeConfig,
         metrics: EdgeMetrics,
     ) -> (SocketIoLayer, SocketIo, Edge) {
         let edge = Edge {
             inner: Arc::new(EdgeInner {
-                rooms: Rooms::new(app.broker.clone(), config.limits, metrics.clone()),
+                rooms: Rooms::new(broker, config.limits, metrics.clone()),
                 app,
                 origins: config.origins,
                 metrics,
@@ -131,83 +127,70 @@ impl Edge {
     pub fn set_rate_overrides(&self, overrides: std::collections::HashMap<String, u32>) {
         self.inner.rooms.set_live_overrides(overrides);
     }
+
+    /// Waits for every room's pump to end (after the broker closed).
+    pub async fn closed(&self) {
+        self.inner.rooms.closed().await;
+    }
 }
 
-/// Checks origin, token and filters before the socket joins anything.
+/// Checks origin and the handshake before the socket joins anything.
 async fn handshake(
     socket: SocketRef,
     TryData(auth): TryData<Handshake>,
     State(edge): State<Edge>,
 ) -> Result<(), Refusal> {
-    let result = verify_handshake(&socket, auth, &edge).await;
-    if let Err(refusal) = &result {
-        edge.inner.metrics.handshakes_refused.inc();
-        tracing::debug!(sid = %socket.id, "handshake refused: {refusal}");
+    let result = open(&socket, auth, &edge).await;
+    match result {
+        Ok(session) => {
+            socket.extensions.insert(session);
+            Ok(())
+        }
+        Err(refusal) => {
+            edge.inner.metrics.handshakes_refused.inc();
+            tracing::debug!(sid = %socket.id, code = refusal.code.as_str(), "handshake refused: {}", refusal.message);
+            Err(Refusal(refusal))
+        }
     }
-    result
 }
 
-async fn verify_handshake(
+async fn open(
     socket: &SocketRef,
     auth: Result<Handshake, socketioxide::ParserError>,
     edge: &Edge,
-) -> Result<(), Refusal> {
-    let refuse = |m: String| Refusal(m);
+) -> Result<SocketSession, ApiError> {
     if let Some(origin) = socket.req_parts().headers.get(axum::http::header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("(not text)");
         if !edge.inner.origins.allows(origin) {
-            return Err(refuse(format!(
-                "origin not allowed: {}",
-                origin.chars().take(200).collect::<String>()
-            )));
+            return Err(ApiError::new(
+                Code::PermissionDenied,
+                format!(
+                    "origin not allowed: {}",
+                    origin.chars().take(200).collect::<String>()
+                ),
+            ));
         }
     }
     let auth = auth.map_err(|_| {
-        refuse("auth must be an object: { token, activeTenantId?, types?, lastEventId? }".into())
+        ApiError::invalid(
+            "auth must be an object: { token, activeTenantId?, types?, lastEventId? }",
+        )
     })?;
-    let token = auth.token.as_deref().map(str::trim).unwrap_or_default();
-    if token.is_empty() {
-        return Err(refuse(
-            "auth.token required: connect with io(url, { path: '/ws', auth: { token } })".into(),
-        ));
-    }
-    let identity = edge
-        .inner
+    edge.inner
         .app
-        .auth
-        .verify(token, auth.active_tenant_id.as_deref())
+        .open_socket(SocketParams {
+            token: auth.token,
+            active_tenant: auth.active_tenant_id,
+            types: auth.types,
+            last_event_id: auth.last_event_id,
+        })
         .await
-        .map_err(|e| refuse(e.to_string()))?;
-    identity
-        .require(SUBSCRIBE)
-        .map_err(|e| refuse(e.to_string()))?;
-    let tenant = identity.tenant.clone().ok_or_else(|| {
-        refuse("activeTenantId required: this token may act for any tenant".into())
-    })?;
-    let filter = TypeFilter::parse(auth.types.as_deref().unwrap_or_default())
-        .map_err(|e| refuse(format!("auth.{e}")))?;
-    let last_event_id = match auth.last_event_id.as_deref().map(str::trim) {
-        None | Some("") => None,
-        Some(id) => {
-            check_identifier(id).map_err(|r| refuse(format!("auth.lastEventId: {r}")))?;
-            Some(id.to_string())
-        }
-    };
-    socket.extensions.insert(Session {
-        tenant,
-        subject: identity.subject,
-        kind: identity.kind,
-        expires_at: identity.expires_at,
-        filter,
-        last_event_id,
-    });
-    Ok(())
 }
 
 async fn on_connect(
     socket: SocketRef,
     State(edge): State<Edge>,
-    Extension(session): Extension<Session>,
+    Extension(session): Extension<SocketSession>,
 ) {
     edge.inner.metrics.sockets.inc();
     socket.on("subscribe", on_subscribe);
@@ -234,12 +217,18 @@ pub fn room_name(tenant: &str) -> String {
 async fn on_disconnect(
     socket: SocketRef,
     State(edge): State<Edge>,
-    Extension(session): Extension<Session>,
+    Extension(session): Extension<SocketSession>,
 ) {
     edge.inner.metrics.sockets.dec();
     edge.inner
         .rooms
         .send(&session.tenant, Command::Detach { sid: socket.id });
+}
+
+/// An acknowledgement that refuses: `{ok: false, error}` with the message
+/// of the refusal (the acknowledgement's documented shape).
+fn refused(e: &ApiError) -> serde_json::Value {
+    serde_json::json!({"ok": false, "error": e.message})
 }
 
 #[derive(Debug, Deserialize)]
@@ -251,28 +240,26 @@ struct SubscribeMessage {
 async fn on_subscribe(
     socket: SocketRef,
     State(edge): State<Edge>,
-    Extension(session): Extension<Session>,
+    Extension(session): Extension<SocketSession>,
     TryData(message): TryData<SubscribeMessage>,
     ack: AckSender,
 ) {
-    let answer = match message {
-        Err(_) => {
-            serde_json::json!({"ok": false, "error": "subscribe expects { types: [\"cost.*\", …] }"})
+    let filter = message
+        .map_err(|_| ApiError::invalid("subscribe expects { types: [\"cost.*\", …] }"))
+        .and_then(|m| edge.inner.app.type_filter(&m.types));
+    let answer = match filter {
+        Err(e) => refused(&e),
+        Ok(filter) => {
+            let types = filter.patterns();
+            edge.inner.rooms.send(
+                &session.tenant,
+                Command::SetFilter {
+                    sid: socket.id,
+                    filter,
+                },
+            );
+            serde_json::json!({"ok": true, "types": types})
         }
-        Ok(m) => match TypeFilter::parse(&m.types) {
-            Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
-            Ok(filter) => {
-                let types = filter.patterns();
-                edge.inner.rooms.send(
-                    &session.tenant,
-                    Command::SetFilter {
-                        sid: socket.id,
-                        filter,
-                    },
-                );
-                serde_json::json!({"ok": true, "types": types})
-            }
-        },
     };
     let _ = ack.send(&answer);
 }
@@ -287,11 +274,15 @@ struct RefreshMessage {
 async fn on_refresh_token(
     socket: SocketRef,
     State(edge): State<Edge>,
-    Extension(session): Extension<Session>,
+    Extension(session): Extension<SocketSession>,
     TryData(message): TryData<RefreshMessage>,
     ack: AckSender,
 ) {
-    let answer = match refresh(&edge, &session, message).await {
+    let refreshed = match message {
+        Err(_) => Err(ApiError::invalid("refresh_token expects { token }")),
+        Ok(m) => edge.inner.app.refresh_socket(&session, &m.token).await,
+    };
+    let answer = match refreshed {
         Ok(expires_at) => {
             edge.inner.metrics.token_refreshes.inc();
             edge.inner.rooms.send(
@@ -301,7 +292,7 @@ async fn on_refresh_token(
                     expires_at,
                 },
             );
-            socket.extensions.insert(Session {
+            socket.extensions.insert(SocketSession {
                 expires_at,
                 ..session
             });
@@ -310,29 +301,7 @@ async fn on_refresh_token(
                 "token_expires_at": clock::format_unix_secs(expires_at),
             })
         }
-        Err(error) => serde_json::json!({"ok": false, "error": error}),
+        Err(e) => refused(&e),
     };
     let _ = ack.send(&answer);
-}
-
-async fn refresh(
-    edge: &Edge,
-    session: &Session,
-    message: Result<RefreshMessage, socketioxide::ParserError>,
-) -> Result<u64, String> {
-    let message = message.map_err(|_| "refresh_token expects { token }".to_string())?;
-    let identity = edge
-        .inner
-        .app
-        .auth
-        .verify(message.token.trim(), Some(&session.tenant))
-        .await
-        .map_err(|e| e.to_string())?;
-    identity.require(SUBSCRIBE).map_err(|e| e.to_string())?;
-    // `verify` with the socket's tenant as the active tenant has already
-    // refused a token of another tenant.
-    if identity.subject != session.subject || identity.kind != session.kind {
-        return Err("token is for another user: reconnect to switch users".into());
-    }
-    Ok(identity.expires_at)
 }
