@@ -3,7 +3,11 @@
 //! Shutdown is explicit: a [`CancellationToken`] fires, readiness turns
 //! false, the broker ends every subscription (each stream tells its client
 //! the last id it was sent), then both listeners drain. Anything still open
-//! after [`DRAIN_TIMEOUT`] is cut.
+//! after [`DRAIN_TIMEOUT`] is cut. Every task the server starts is owned:
+//! the listeners' and the closer's join handles, the edge's pumps, the
+//! background tasks (Cognito key prefetch, Redis rate limits, releasing
+//! idle tenants) in a tracker that watches the same token, and the Redis
+//! store, which is stopped last so it writes what the listeners accepted.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,11 +33,12 @@ use crate::metrics::{EdgeMetrics, Metrics};
 use crate::proto;
 use crate::proto::event_broker_server::EventBrokerServer;
 use crate::store::{Lazy, Store, StoreMetrics, Target};
+use tokio_util::task::TaskTracker;
 
 /// How long open streams get to finish after shutdown begins.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long buffered events get to reach Redis at shutdown.
-pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often tenants without subscribers or history are released.
+const RELEASE_IDLE_EVERY: Duration = Duration::from_secs(30);
 
 /// A started server.
 pub struct Running {
@@ -42,8 +47,9 @@ pub struct Running {
     pub app: App,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
-    /// With Redis: how much is still to be written at shutdown.
-    store_metrics: Option<StoreMetrics>,
+    background: TaskTracker,
+    edge: Edge,
+    store: Option<Store>,
 }
 
 /// Binds both listeners and starts serving. `secret` is the HS256 secret
@@ -58,15 +64,20 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         redis.as_ref().map(|(t, _)| t),
     )?);
     let app = App::new(broker.clone(), Arc::clone(&auth), settings.limits());
+    let background = TaskTracker::new();
     if let Some(cognito) = auth.cognito() {
         tracing::info!(issuer = %cognito.config().issuer, "Cognito ID tokens accepted");
-        let auth = Arc::clone(&auth);
-        tokio::spawn(async move {
+        let (auth, shutdown) = (Arc::clone(&auth), shutdown.clone());
+        background.spawn(async move {
             if let Some(cognito) = auth.cognito() {
-                cognito.prefetch().await;
+                tokio::select! {
+                    () = cognito.prefetch() => {}
+                    () = shutdown.cancelled() => {}
+                }
             }
         });
     }
+    background.spawn(release_idle_tenants(broker.clone(), shutdown.clone()));
     let store_metrics = StoreMetrics::default();
     let store = match redis {
         Some((target, config)) => {
@@ -90,13 +101,14 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
     let cors = edge_config.origins.cors_layer();
     let (socketio, io, edge) = Edge::layer(app.clone(), broker.clone(), edge_config, edge_metrics);
     if let Some(store) = &store {
-        tokio::spawn(refresh_rate_overrides(
+        background.spawn(refresh_rate_overrides(
             Lazy::new(store.target().clone()),
-            edge,
+            edge.clone(),
             settings.rate_limits_refresh,
             shutdown.clone(),
         ));
     }
+    background.close();
     let grpc_listener = TcpListener::bind(settings.grpc_addr)
         .await
         .with_context(|| format!("cannot listen for gRPC on {}", settings.grpc_addr))?;
@@ -181,7 +193,9 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         app,
         shutdown,
         tasks: vec![closer, grpc, http],
-        store_metrics: store.map(|_| store_metrics),
+        background,
+        edge,
+        store,
     })
 }
 
@@ -217,6 +231,27 @@ fn authenticator(
     Ok(auth.with_cognito(cognito, memberships, settings.cognito_scopes()))
 }
 
+/// Releases tenants that have no subscriber and no history left, until
+/// shutdown.
+async fn release_idle_tenants(broker: Broker, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(RELEASE_IDLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let released = broker.release_idle(std::time::Instant::now());
+        if released > 0 {
+            tracing::debug!(
+                released,
+                tenants = broker.tenant_count(),
+                "released idle tenants"
+            );
+        }
+    }
+}
+
 /// Keeps the edge's per-tenant rates in step with the Redis hash
 /// `tc:ratelimits` (field tenant, value events per second).
 async fn refresh_rate_overrides(
@@ -232,7 +267,7 @@ async fn refresh_rate_overrides(
             () = shutdown.cancelled() => return,
         }
         let map: std::collections::HashMap<String, String> = match redis
-            .query(redis::cmd("HGETALL").arg(crate::store::RATE_LIMITS_KEY))
+            .query(redis::cmd("HGETALL").arg(crate::store::keys::RATE_LIMITS_KEY))
             .await
         {
             Ok(m) => m,
@@ -295,17 +330,25 @@ impl Running {
                 }
             }
         }
-        // Give the Redis writer a moment to write what was accepted, so
-        // other instances get it.
-        if let Some(store) = &self.store_metrics {
-            let deadline = tokio::time::Instant::now() + FLUSH_TIMEOUT;
-            while store.buffered.get() > 0 && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            let left = store.buffered.get();
-            if left > 0 {
-                tracing::warn!(left, "Redis unreachable at shutdown: events not written");
-            }
+        // The broker is closed: every pump ends, and the background tasks
+        // watch the same token.
+        if tokio::time::timeout(DRAIN_TIMEOUT, self.edge.closed())
+            .await
+            .is_err()
+        {
+            tracing::warn!("Socket.IO rooms still open after {DRAIN_TIMEOUT:?}");
+        }
+        if tokio::time::timeout(DRAIN_TIMEOUT, self.background.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("background tasks still running after {DRAIN_TIMEOUT:?}");
+        }
+        // Last, with nothing publishing any more: the Redis writer writes
+        // what was accepted (bounded by its flush timeout), so other
+        // instances get it.
+        if let Some(store) = self.store {
+            store.stop().await;
         }
         result
     }

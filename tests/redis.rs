@@ -496,3 +496,41 @@ async fn streams_stay_within_their_caps() {
         "age cap: {len} entries left of 1,000 older than 2 s"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_writes_what_waited_for_redis_before_exiting() {
+    let mut redis = RedisServer::start();
+    let env = vec![
+        ("TC_REDIS_URL", redis.url()),
+        ("TC_REDIS_PARTITIONS", "1".to_string()),
+    ];
+    let mut instance = spawn(&env);
+    let token = token_opt(Some("tenant-s"), "events:publish");
+    let mut client = EventBrokerClient::connect(instance.grpc.clone())
+        .await
+        .expect("connect");
+    // Redis goes away; what is published meanwhile waits in the writer.
+    redis.kill9();
+    let events = (0..20)
+        .map(|i| draft("cost.updated", &format!(r#"{{"i":{i}}}"#)))
+        .collect();
+    client
+        .publish(authed(PublishRequest { events }, &token))
+        .await
+        .expect("publishing never depends on Redis");
+    // Let the writer fail and back off for a while, then bring Redis back
+    // (empty) and stop the instance at once: the writer must not wait out
+    // its backoff, and must not exit before writing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.restart();
+    let stopped = Instant::now();
+    instance.process.terminate(Duration::from_secs(15));
+    let took = stopped.elapsed();
+    let key = "tc:{p0}:ev:cost.updated";
+    let len: u64 = redis.cli(&["xlen", key]).parse().unwrap_or(0);
+    assert_eq!(len, 20, "every waiting event written before exit");
+    assert!(
+        took < Duration::from_secs(15),
+        "exited by itself within the drain and flush bounds ({took:?})"
+    );
+}

@@ -24,7 +24,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::AuthError;
 use crate::event::check_identifier;
-use crate::store::{Lazy, MEMBERSHIPS_KEY};
+use crate::store::Lazy;
+use crate::store::keys::MEMBERSHIPS_KEY;
 
 /// How often the file's modification time is looked at.
 pub const RELOAD_CHECK: Duration = Duration::from_secs(1);

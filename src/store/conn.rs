@@ -1,5 +1,6 @@
 //! One connection type over standalone Redis and Redis Cluster, so the
-//! writer and relay are written once.
+//! writer and relay are written once; and [`Lazy`], a connection for
+//! lookups that must not hold up start-up when Redis is down.
 
 use std::time::Duration;
 
@@ -149,5 +150,41 @@ impl ConnectionLike for Conn {
             Conn::Plain(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
         }
+    }
+}
+
+/// A connection made on first use and remade after an error, for lookups
+/// that must not hold up start-up when Redis is down.
+pub struct Lazy {
+    target: Target,
+    conn: tokio::sync::Mutex<Option<Conn>>,
+}
+
+impl Lazy {
+    pub fn new(target: Target) -> Self {
+        Self {
+            target,
+            conn: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Runs `cmd`; on error the connection is dropped and made again next time.
+    pub async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        let mut conn = {
+            let mut slot = self.conn.lock().await;
+            match slot.as_ref() {
+                Some(c) => c.clone(),
+                None => {
+                    let c = self.target.managed().await?;
+                    *slot = Some(c.clone());
+                    c
+                }
+            }
+        };
+        let result = cmd.query_async(&mut conn).await;
+        if result.is_err() {
+            *self.conn.lock().await = None;
+        }
+        result
     }
 }

@@ -1,21 +1,16 @@
 //! Redis: durable history and delivery between instances.
 //!
 //! Local dispatch never waits on Redis. After it, each accepted event is
-//! offered to the [`writer`], which appends it to its type's stream
-//! (`XADD … MAXLEN ~`), pipelined. Every instance runs one [`relay`] reader
-//! per partition that reads what the others wrote, in each stream's order,
-//! and hands it to its broker, whose dedupe window drops the instance's own
-//! events and anything already delivered.
-//!
-//! Keys. Each event type has one stream, `tc:{p<N>}:ev:<type>`, in
-//! partition `N = fnv1a(type) % partitions`. The `{p<N>}` hash tag puts a
-//! partition's streams in one Redis Cluster slot, so one `XREAD` covers
-//! them. `tc:{p<N>}:types` is the partition's registry: writers append a
-//! type the first time they write it, readers learn new streams from it.
+//! offered to the [`sink`], which hands it to the [`writer`]; the writer
+//! appends it to its type's stream (`XADD … MAXLEN ~`), pipelined. Every
+//! instance runs one [`relay`] reader per partition that reads what the
+//! others wrote, in each stream's order, and hands it to its broker, whose
+//! dedupe window drops the instance's own events and anything already
+//! delivered. Keys are in [`keys`], the entry format in [`entry`].
 //!
 //! Failure. While Redis is down the writer keeps what it has not written in
-//! a bounded buffer and retries with backoff; past the bound new events
-//! are delivered locally but lost to other instances, counted and logged.
+//! a bounded buffer and retries ([`retry`]); past the bound new events are
+//! delivered locally but lost to other instances, counted and logged.
 //! Readers keep their stream positions across reconnects, so nothing
 //! written before or after an outage is skipped.
 //!
@@ -23,22 +18,35 @@
 //! Redis it is warmed from the streams at start (the last
 //! `TC_HISTORY_MAX_AGE`) and kept current by the relay, so a client
 //! resumes on any instance.
+//!
+//! Shutdown. [`Store::stop`] stops the relays and gives the writer up to
+//! [`FLUSH_TIMEOUT`] to write what is still waiting; it returns when every
+//! task of the store has ended.
 
 pub mod conn;
+mod entry;
+pub mod keys;
 mod relay;
+mod retry;
+mod sink;
+mod status;
 mod writer;
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::broker::{Broker, Persist};
-use crate::event::SharedEvent;
-pub use conn::{Conn, Target};
+use crate::broker::Broker;
+pub use conn::{Conn, Lazy, Target};
+pub use status::Status;
+
+/// How long the writer gets at shutdown to write what is still waiting.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Settings of the Redis store.
 #[derive(Debug, Clone)]
@@ -71,74 +79,12 @@ pub struct StoreMetrics {
     pub relay_lag_ms: Gauge,
 }
 
-/// What `/readyz` shows of Redis.
-pub struct Status {
-    up: AtomicBool,
-    warmed: AtomicU32,
-    partitions: u32,
-    last_error: Mutex<Option<String>>,
-    metrics: StoreMetrics,
-}
-
-impl Status {
-    fn new(partitions: u32, metrics: StoreMetrics) -> Self {
-        Self {
-            up: AtomicBool::new(false),
-            warmed: AtomicU32::new(0),
-            partitions,
-            last_error: Mutex::new(None),
-            metrics,
-        }
-    }
-
-    fn mark_up(&self) {
-        if !self.up.swap(true, Ordering::AcqRel) {
-            tracing::info!("Redis is reachable");
-        }
-        self.metrics.up.set(1);
-    }
-
-    fn mark_down(&self, error: &redis::RedisError) {
-        let message = redis_error(error);
-        if self.up.swap(false, Ordering::AcqRel) {
-            tracing::warn!("Redis unreachable: {message}; delivering locally and buffering");
-        }
-        self.metrics.up.set(0);
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(message);
-    }
-
-    pub fn snapshot(&self) -> serde_json::Value {
-        let up = self.up.load(Ordering::Acquire);
-        serde_json::json!({
-            "state": if up { "up" } else { "down" },
-            "warm": self.warmed.load(Ordering::Acquire) >= self.partitions,
-            "buffered": self.metrics.buffered.get(),
-            "lost": self.metrics.lost.get(),
-            "relay_lag_ms": self.metrics.relay_lag_ms.get(),
-            "last_error": if up { None } else {
-                self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
-            },
-        })
-    }
-}
-
-/// A Redis error in words, without anything from the URL.
-fn redis_error(e: &redis::RedisError) -> String {
-    if e.is_timeout() {
-        "timed out".into()
-    } else if e.is_connection_refusal() {
-        "connection refused".into()
-    } else if e.is_connection_dropped() || e.is_io_error() {
-        "connection lost".into()
-    } else {
-        format!("{:?}", e.kind())
-    }
-}
-
-/// The running store.
+/// The running store: the writer and one relay per partition.
 pub struct Store {
     status: Arc<Status>,
     target: Target,
+    stop: CancellationToken,
+    tasks: TaskTracker,
 }
 
 impl Store {
@@ -153,29 +99,34 @@ impl Store {
     ) -> Self {
         let status = Arc::new(Status::new(config.partitions, metrics.clone()));
         let (tx, rx) = mpsc::channel(config.buffer.max(1));
-        broker.set_persist(Box::new(Sink {
-            tx,
-            metrics: metrics.clone(),
-            last_warning: AtomicU64::new(0),
-            lost_since_warning: AtomicU64::new(0),
-        }));
+        broker.set_persist(Box::new(sink::Sink::new(tx, metrics)));
         let config = Arc::new(config);
-        tokio::spawn(writer::run(
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(writer::run(
             rx,
             target.clone(),
             Arc::clone(&config),
             Arc::clone(&status),
+            stop.clone(),
         ));
         for partition in 0..config.partitions {
-            tokio::spawn(relay::run(
+            tasks.spawn(relay::run(
                 partition,
                 target.clone(),
                 Arc::clone(&config),
                 broker.clone(),
                 Arc::clone(&status),
+                stop.clone(),
             ));
         }
-        Self { status, target }
+        tasks.close();
+        Self {
+            status,
+            target,
+            stop,
+            tasks,
+        }
     }
 
     pub fn status(&self) -> Arc<Status> {
@@ -185,153 +136,12 @@ impl Store {
     pub fn target(&self) -> &Target {
         &self.target
     }
-}
 
-/// Hands locally accepted events to the writer without ever waiting.
-struct Sink {
-    tx: mpsc::Sender<SharedEvent>,
-    metrics: StoreMetrics,
-    last_warning: AtomicU64,
-    lost_since_warning: AtomicU64,
-}
-
-impl Persist for Sink {
-    fn offer(&self, event: &SharedEvent) {
-        match self.tx.try_send(Arc::clone(event)) {
-            Ok(()) => {
-                self.metrics.buffered.inc();
-            }
-            Err(_) => {
-                // Delivered locally, but other instances will never see it.
-                self.metrics.lost.inc();
-                let lost = self.lost_since_warning.fetch_add(1, Ordering::Relaxed) + 1;
-                let now = crate::clock::unix_secs();
-                let last = self.last_warning.load(Ordering::Relaxed);
-                if now > last
-                    && self
-                        .last_warning
-                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                        .is_ok()
-                {
-                    self.lost_since_warning.store(0, Ordering::Relaxed);
-                    tracing::error!(
-                        lost,
-                        last_id = %event.id,
-                        tenant = %event.tenant_id,
-                        "Redis write buffer full (TC_REDIS_BUFFER): events delivered locally but lost to other instances"
-                    );
-                }
-            }
-        }
-    }
-}
-
-/// The partition of an event type: FNV-1a, stable across instances and
-/// releases.
-pub fn partition_of(event_type: &str, partitions: u32) -> u32 {
-    let mut hash: u32 = 0x811c_9dc5;
-    for byte in event_type.bytes() {
-        hash ^= u32::from(byte);
-        hash = hash.wrapping_mul(0x0100_0193);
-    }
-    hash % partitions.max(1)
-}
-
-/// The stream of an event type.
-pub fn stream_key(event_type: &str, partitions: u32) -> String {
-    format!(
-        "tc:{{p{}}}:ev:{event_type}",
-        partition_of(event_type, partitions)
-    )
-}
-
-/// A partition's registry of event types.
-pub fn registry_key(partition: u32) -> String {
-    format!("tc:{{p{partition}}}:types")
-}
-
-/// A connection made on first use and remade after an error, for lookups
-/// that must not hold up start-up when Redis is down.
-pub struct Lazy {
-    target: Target,
-    conn: tokio::sync::Mutex<Option<Conn>>,
-}
-
-impl Lazy {
-    pub fn new(target: Target) -> Self {
-        Self {
-            target,
-            conn: tokio::sync::Mutex::new(None),
-        }
-    }
-
-    /// Runs `cmd`; on error the connection is dropped and made again next time.
-    pub async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
-        let mut conn = {
-            let mut slot = self.conn.lock().await;
-            match slot.as_ref() {
-                Some(c) => c.clone(),
-                None => {
-                    let c = self.target.managed().await?;
-                    *slot = Some(c.clone());
-                    c
-                }
-            }
-        };
-        let result = cmd.query_async(&mut conn).await;
-        if result.is_err() {
-            *self.conn.lock().await = None;
-        }
-        result
-    }
-}
-
-/// Cognito memberships in Redis: field `cognito_sub`, value a JSON array of
-/// tenant ids (or a comma-separated list).
-pub const MEMBERSHIPS_KEY: &str = "tc:memberships";
-/// Per-tenant Socket.IO rate limits in Redis: field tenant, value events/s.
-pub const RATE_LIMITS_KEY: &str = "tc:ratelimits";
-
-/// Stream entry fields.
-const FIELD_ORIGIN: &str = "o";
-const FIELD_EVENT: &str = "e";
-const FIELD_TYPE: &str = "t";
-
-/// Milliseconds and sequence of a stream entry id (`1700000000000-3`).
-fn parse_entry_id(id: &str) -> (u64, u64) {
-    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_share_a_hash_tag_per_partition() {
-        let key = stream_key("cost.updated", 4);
-        let p = partition_of("cost.updated", 4);
-        assert_eq!(key, format!("tc:{{p{p}}}:ev:cost.updated"));
-        assert!(registry_key(p).starts_with(&format!("tc:{{p{p}}}:")));
-        // Stable: the same everywhere, forever.
-        assert_eq!(partition_of("cost.updated", 1), 0);
-        assert_eq!(partition_of("", 7), 0x811c_9dc5 % 7);
-        let spread: std::collections::HashSet<u32> = [
-            "a.b",
-            "cost.updated",
-            "alert.created",
-            "instance.created",
-            "ml.training.started",
-        ]
-        .iter()
-        .map(|t| partition_of(t, 4))
-        .collect();
-        assert!(spread.len() > 1);
-    }
-
-    #[test]
-    fn entry_ids_order_numerically() {
-        assert!(parse_entry_id("1700000000000-10") > parse_entry_id("1700000000000-9"));
-        assert_eq!(parse_entry_id("5-0"), (5, 0));
+    /// Stops the relays, lets the writer write what waits (at most
+    /// [`FLUSH_TIMEOUT`]) and returns when every task has ended. Call it
+    /// once nothing publishes any more.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.tasks.wait().await;
     }
 }

@@ -1,105 +1,163 @@
 //! Appends locally accepted events to their type's stream, in order,
 //! pipelined: each round takes everything waiting (up to [`MAX_BATCH`]) and
-//! sends one pipeline per partition. A failed round is retried whole with
-//! backoff; meanwhile new events wait in the bounded channel. A retry can
-//! append an entry twice; readers drop the second by event id.
+//! sends one pipeline per partition. A failed round is retried whole
+//! ([`super::retry`]); meanwhile new events wait in the bounded channel. A
+//! retry can append an entry twice; readers drop the second by event id.
+//!
+//! On stop, the writer writes what is still waiting (the round in flight
+//! and the channel), retrying, for at most [`super::FLUSH_TIMEOUT`]; what
+//! is left then is logged.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
-use super::{Conn, FIELD_EVENT, FIELD_ORIGIN, FIELD_TYPE, Status, StoreConfig, Target};
-use super::{partition_of, registry_key, stream_key};
+use super::entry;
+use super::keys::{StreamKeys, registry_key};
+use super::retry::Retry;
+use super::{Conn, FLUSH_TIMEOUT, Status, StoreConfig, Target};
 use crate::event::SharedEvent;
 
 /// Most events per round.
 const MAX_BATCH: usize = 8192;
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Most entries kept in a partition's type registry.
 const REGISTRY_MAX_LEN: usize = 100_000;
+
+struct Writer {
+    target: Target,
+    config: Arc<StoreConfig>,
+    status: Arc<Status>,
+    conn: Option<Conn>,
+    /// Types this instance has put in the registry since it (or Redis)
+    /// started.
+    registered: HashSet<String>,
+    keys: StreamKeys,
+    /// The round being written; kept here so that a round cut short by
+    /// stop is written by the flush.
+    batch: Vec<SharedEvent>,
+    retry: Retry,
+}
 
 pub(super) async fn run(
     mut rx: mpsc::Receiver<SharedEvent>,
     target: Target,
     config: Arc<StoreConfig>,
     status: Arc<Status>,
+    stop: CancellationToken,
 ) {
-    let metrics = status.metrics.clone();
-    let mut conn: Option<Conn> = None;
-    // Types this instance has put in the registry since it started.
-    let mut registered: HashSet<String> = HashSet::new();
-    let mut batch: Vec<SharedEvent> = Vec::with_capacity(MAX_BATCH);
-    let mut keys = StreamKeys::default();
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
+    let mut writer = Writer {
+        target,
+        config,
+        status,
+        conn: None,
+        registered: HashSet::new(),
+        keys: StreamKeys::default(),
+        batch: Vec::with_capacity(MAX_BATCH),
+        retry: Retry::new(),
+    };
+    loop {
+        let first = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            first = rx.recv() => match first {
+                Some(e) => e,
+                None => return,
+            },
+        };
+        writer.batch.push(first);
+        writer.fill(&mut rx);
+        tokio::select! {
+            () = writer.write_round() => {}
+            () = stop.cancelled() => break,
+        }
+    }
+    flush(writer, rx).await;
+}
+
+/// Writes what waits, until it is all written or [`FLUSH_TIMEOUT`] passed.
+async fn flush(mut writer: Writer, mut rx: mpsc::Receiver<SharedEvent>) {
+    let deadline = tokio::time::Instant::now() + FLUSH_TIMEOUT;
+    loop {
+        writer.fill(&mut rx);
+        if writer.batch.is_empty() {
+            return;
+        }
+        if tokio::time::timeout_at(deadline, writer.write_round())
+            .await
+            .is_err()
+        {
+            let left = writer.batch.len() + rx.len();
+            tracing::warn!(left, "Redis unreachable at shutdown: events not written");
+            return;
+        }
+    }
+}
+
+impl Writer {
+    /// Adds what is waiting to the round, up to [`MAX_BATCH`].
+    fn fill(&mut self, rx: &mut mpsc::Receiver<SharedEvent>) {
+        while self.batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(e) => batch.push(e),
+                Ok(e) => self.batch.push(e),
                 Err(_) => break,
             }
         }
-        let mut backoff = MIN_BACKOFF;
+    }
+
+    /// Writes the round, retrying until it succeeds; empties it.
+    async fn write_round(&mut self) {
+        let metrics = self.status.metrics.clone();
         loop {
-            let c = match &mut conn {
+            let conn = match &mut self.conn {
                 Some(c) => c,
-                None => match target.managed().await {
-                    Ok(c) => conn.insert(c),
+                None => match self.target.managed().await {
+                    Ok(c) => self.conn.insert(c),
                     Err(e) => {
-                        status.mark_down(&e);
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        self.status.mark_down(&e);
+                        self.retry.wait().await;
                         continue;
                     }
                 },
             };
-            match write(c, &batch, &registered, &config, &mut keys).await {
+            match write(
+                conn,
+                &self.batch,
+                &self.registered,
+                &self.config,
+                &mut self.keys,
+            )
+            .await
+            {
                 Ok(()) => {
-                    status.mark_up();
-                    metrics.written.inc_by(batch.len() as u64);
-                    metrics.buffered.dec_by(batch.len() as i64);
-                    registered.extend(batch.iter().map(|e| e.event_type.clone()));
-                    break;
+                    self.status.mark_up();
+                    self.retry.reset();
+                    metrics.written.inc_by(self.batch.len() as u64);
+                    metrics.buffered.dec_by(self.batch.len() as i64);
+                    self.registered
+                        .extend(self.batch.iter().map(|e| e.event_type.clone()));
+                    self.batch.clear();
+                    return;
                 }
                 Err(e) => {
                     metrics.write_errors.inc();
-                    status.mark_down(&e);
+                    self.status.mark_down(&e);
                     // Redis may have restarted empty: register types again.
-                    registered.clear();
+                    self.registered.clear();
                     // A cluster connection is rebuilt; a managed one heals.
-                    if matches!(conn, Some(Conn::Cluster(_))) {
-                        conn = None;
+                    if matches!(self.conn, Some(Conn::Cluster(_))) {
+                        self.conn = None;
                     }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    self.retry.wait().await;
                 }
             }
         }
-        batch.clear();
     }
 }
 
 /// One round: a pipeline per partition (a cluster pipeline must stay in
 /// one slot), sent concurrently.
-/// Partition and stream key of each type, computed once.
-#[derive(Default)]
-struct StreamKeys(std::collections::HashMap<String, (u32, String)>);
-
-impl StreamKeys {
-    fn of(&mut self, event_type: &str, partitions: u32) -> &(u32, String) {
-        if !self.0.contains_key(event_type) {
-            let entry = (
-                partition_of(event_type, partitions),
-                stream_key(event_type, partitions),
-            );
-            self.0.insert(event_type.to_string(), entry);
-        }
-        &self.0[event_type]
-    }
-}
-
 async fn write(
     conn: &mut Conn,
     batch: &[SharedEvent],
@@ -114,27 +172,14 @@ async fn write(
         let partition = *partition;
         let pipe = pipes.entry(partition).or_insert_with(redis::pipe);
         if !registered.contains(&event.event_type) && new_types.insert(&event.event_type) {
-            pipe.cmd("XADD")
-                .arg(registry_key(partition))
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(REGISTRY_MAX_LEN)
-                .arg("*")
-                .arg(FIELD_TYPE)
-                .arg(&event.event_type)
-                .ignore();
+            entry::add_type(
+                pipe,
+                &registry_key(partition),
+                REGISTRY_MAX_LEN,
+                &event.event_type,
+            );
         }
-        pipe.cmd("XADD")
-            .arg(key.as_str())
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(config.stream_max_len)
-            .arg("*")
-            .arg(FIELD_ORIGIN)
-            .arg(&config.instance_id)
-            .arg(FIELD_EVENT)
-            .arg(event.to_json())
-            .ignore();
+        entry::add_event(pipe, key, config.stream_max_len, &config.instance_id, event);
     }
     let rounds = pipes.into_values().map(|pipe| {
         let mut conn = conn.clone();

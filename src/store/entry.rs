@@ -1,0 +1,229 @@
+//! One Redis stream entry, written and read here only. An event stream's
+//! entry has two fields: `o`, the instance that wrote it, and `e`, the
+//! event as JSON ([`crate::event::json`]). A registry entry has one, `t`,
+//! an event type. Replies are read from raw Redis values: most entries a
+//! relay reads are its own instance's, skipped on their `o` field without
+//! building maps or strings for them.
+
+use redis::Value;
+
+use crate::event::Event;
+
+const FIELD_ORIGIN: &str = "o";
+const FIELD_EVENT: &str = "e";
+const FIELD_TYPE: &str = "t";
+
+/// Appends the `XADD` of `event` to `pipe`.
+pub(super) fn add_event(
+    pipe: &mut redis::Pipeline,
+    key: &str,
+    max_len: usize,
+    instance_id: &str,
+    event: &Event,
+) {
+    pipe.cmd("XADD")
+        .arg(key)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(max_len)
+        .arg("*")
+        .arg(FIELD_ORIGIN)
+        .arg(instance_id)
+        .arg(FIELD_EVENT)
+        .arg(event.to_json())
+        .ignore();
+}
+
+/// Appends the `XADD` of a type to a partition's registry.
+pub(super) fn add_type(
+    pipe: &mut redis::Pipeline,
+    registry: &str,
+    max_len: usize,
+    event_type: &str,
+) {
+    pipe.cmd("XADD")
+        .arg(registry)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(max_len)
+        .arg("*")
+        .arg(FIELD_TYPE)
+        .arg(event_type)
+        .ignore();
+}
+
+/// An entry as Redis returned it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct RawEntry {
+    pub(super) id: String,
+    fields: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// What an event stream's entry holds, for the instance reading it.
+#[derive(Debug)]
+pub(super) enum Decoded {
+    /// Written by this instance: already delivered here.
+    Own,
+    Event(Event),
+    /// Not an entry this broker wrote; skipped with the reason.
+    Invalid(String),
+}
+
+impl RawEntry {
+    fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k.as_slice() == name.as_bytes())
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// The event of an event stream's entry, unless `instance_id` wrote it.
+    pub(super) fn decode(&self, instance_id: &str) -> Decoded {
+        if self.field(FIELD_ORIGIN) == Some(instance_id.as_bytes()) {
+            return Decoded::Own;
+        }
+        let Some(json) = self.field(FIELD_EVENT) else {
+            return Decoded::Invalid("no event field".into());
+        };
+        match Event::from_json(json) {
+            Ok(event) => Decoded::Event(event),
+            Err(e) => Decoded::Invalid(format!("not an event: {e}")),
+        }
+    }
+
+    /// The type a registry entry names.
+    pub(super) fn registered_type(&self) -> Option<&str> {
+        self.field(FIELD_TYPE)
+            .and_then(|t| std::str::from_utf8(t).ok())
+    }
+
+    /// Milliseconds and sequence of the entry id (`1700000000000-3`), which
+    /// order entries numerically.
+    pub(super) fn position(&self) -> (u64, u64) {
+        parse_id(&self.id)
+    }
+}
+
+fn parse_id(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
+fn text(v: Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn bytes(v: Value) -> Vec<u8> {
+    match v {
+        Value::BulkString(b) => b,
+        Value::SimpleString(s) => s.into_bytes(),
+        _ => Vec::new(),
+    }
+}
+
+/// An `XRANGE` / `XREVRANGE` reply (also the entries of one stream in an
+/// `XREAD` reply): `[[id, [field, value, …]], …]`.
+pub(super) fn parse_entries(reply: Value) -> Vec<RawEntry> {
+    let Value::Array(entries) = reply else {
+        return Vec::new();
+    };
+    entries
+        .into_iter()
+        .filter_map(|entry| {
+            let Value::Array(mut parts) = entry else {
+                return None;
+            };
+            if parts.len() != 2 {
+                return None;
+            }
+            let fields = parts.pop()?;
+            let id = text(parts.pop()?)?;
+            let Value::Array(flat) = fields else {
+                return Some(RawEntry {
+                    id,
+                    fields: Vec::new(),
+                });
+            };
+            let mut it = flat.into_iter();
+            let mut fields = Vec::new();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                fields.push((bytes(k), bytes(v)));
+            }
+            Some(RawEntry { id, fields })
+        })
+        .collect()
+}
+
+/// An `XREAD` reply as (stream key, entries), RESP2 arrays or RESP3 maps.
+pub(super) fn parse_streams(reply: Value) -> Vec<(String, Vec<RawEntry>)> {
+    let streams: Vec<(Value, Value)> = match reply {
+        Value::Array(items) => items
+            .into_iter()
+            .filter_map(|item| match item {
+                Value::Array(mut pair) if pair.len() == 2 => {
+                    let entries = pair.pop()?;
+                    Some((pair.pop()?, entries))
+                }
+                _ => None,
+            })
+            .collect(),
+        Value::Map(pairs) => pairs,
+        _ => Vec::new(),
+    };
+    streams
+        .into_iter()
+        .filter_map(|(key, entries)| Some((text(key)?, parse_entries(entries))))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn entry(id: &str, fields: &[(&str, &str)]) -> Value {
+        Value::Array(vec![
+            bulk(id),
+            Value::Array(
+                fields
+                    .iter()
+                    .flat_map(|(k, v)| [bulk(k), bulk(v)])
+                    .collect(),
+            ),
+        ])
+    }
+
+    #[test]
+    fn one_decoder_for_every_reply() {
+        let event = r#"{"id":"e1","type":"a.b","tenant_id":"t","data":{"n":1.50},"timestamp":"x","trace_id":"y"}"#;
+        let entries = Value::Array(vec![
+            entry("1700000000000-9", &[("o", "other"), ("e", event)]),
+            entry("1700000000000-10", &[("o", "me"), ("e", event)]),
+            entry("1700000000001-0", &[("o", "other"), ("e", "{")]),
+        ]);
+        let resp2 = Value::Array(vec![Value::Array(vec![bulk("s"), entries.clone()])]);
+        let resp3 = Value::Map(vec![(bulk("s"), entries.clone())]);
+        for reply in [resp2, resp3] {
+            let streams = parse_streams(reply);
+            assert_eq!(streams.len(), 1);
+            assert_eq!(streams[0].1, parse_entries(entries.clone()));
+        }
+        let parsed = parse_entries(entries);
+        assert!(parsed[0].position() < parsed[1].position(), "numeric order");
+        match parsed[0].decode("me") {
+            Decoded::Event(e) => assert_eq!(e.data.get(), r#"{"n":1.50}"#),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(parsed[1].decode("me"), Decoded::Own));
+        assert!(matches!(parsed[2].decode("me"), Decoded::Invalid(_)));
+        let registry = parse_entries(Value::Array(vec![entry("1-0", &[("t", "cost.updated")])]));
+        assert_eq!(registry[0].registered_type(), Some("cost.updated"));
+    }
+}
