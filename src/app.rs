@@ -11,6 +11,7 @@ use crate::auth::rbac::{PUBLISH, SUBSCRIBE};
 use crate::auth::{Authenticator, Identity, TokenKind};
 use crate::broker::{Broker, Outcome, Subscription, TypeFilter};
 use crate::clock;
+use crate::config::parse::positive;
 use crate::error::{ApiError, Code};
 use crate::event::{self, EventDraft, EventError, Stamp, check_identifier};
 use crate::tenant::TenantScope;
@@ -20,12 +21,16 @@ use crate::tenant::TenantScope;
 /// all-tenants service token acts for.
 pub const ACTIVE_TENANT_HEADER: &str = "x-active-tenant-id";
 
-/// Request-size limits shared by every publishing surface.
-#[derive(Debug, Clone)]
+/// Request-size limits shared by every publishing surface: flags and
+/// `TC_*` variables of `serve`, defaults written once, here.
+#[derive(Debug, Clone, clap::Args)]
 pub struct Limits {
-    /// Largest `data`, in bytes of JSON text.
+    /// Largest event `data`, in bytes of JSON text.
+    #[arg(long, env = "TC_MAX_EVENT_BYTES", default_value_t = 65_536, value_parser = positive)]
     pub max_event_bytes: usize,
+
     /// Most events in one publish call.
+    #[arg(long, env = "TC_MAX_BATCH", default_value_t = 256, value_parser = positive)]
     pub max_batch: usize,
 }
 

@@ -10,6 +10,7 @@
 //! store, which is stopped last so it writes what the listeners accepted.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -21,9 +22,6 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 
 use crate::app::App;
-use crate::auth::Authenticator;
-use crate::auth::cognito::Cognito;
-use crate::auth::memberships::{FileMemberships, Memberships};
 use crate::broker::Broker;
 use crate::config::Settings;
 use crate::edge::Edge;
@@ -32,13 +30,39 @@ use crate::http::{self, HttpState};
 use crate::metrics::{EdgeMetrics, Metrics};
 use crate::proto;
 use crate::proto::event_broker_server::EventBrokerServer;
-use crate::store::{Lazy, Store, StoreMetrics, Target};
+use crate::store::{Lazy, Store, StoreMetrics};
 use tokio_util::task::TaskTracker;
 
 /// How long open streams get to finish after shutdown begins.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often tenants without subscribers or history are released.
 const RELEASE_IDLE_EVERY: Duration = Duration::from_secs(30);
+
+/// Where `serve` listens and tells it is listening; each default written
+/// once, here.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ListenSettings {
+    /// gRPC listen address.
+    #[arg(long, env = "TC_GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// HTTP listen address (health, readiness, metrics, REST, Socket.IO).
+    #[arg(long, env = "TC_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+
+    /// Once listening, write the bound addresses here as JSON
+    /// (`{"grpc":"127.0.0.1:50051","http":"127.0.0.1:8080"}`): for
+    /// supervisors and tests that bind port 0.
+    #[arg(long, env = "TC_READY_FILE")]
+    pub ready_file: Option<PathBuf>,
+
+    /// Development mode (no `TC_JWT_SECRET`) keeps its generated secret in
+    /// this file for `token` and `check-token` (default:
+    /// `$XDG_STATE_HOME` or `~/.local/state`, then
+    /// `tensorcost-events/dev-secret`).
+    #[arg(long, env = "TC_DEV_SECRET_FILE")]
+    pub dev_secret_file: Option<PathBuf>,
+}
 
 /// A started server.
 pub struct Running {
@@ -56,14 +80,17 @@ pub struct Running {
 /// (from settings, or generated in development mode).
 pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running> {
     let shutdown = CancellationToken::new();
-    let redis = settings.store().map_err(anyhow::Error::msg)?;
+    let redis = settings
+        .redis
+        .config(settings.broker.history_max_age)
+        .map_err(anyhow::Error::msg)?;
     let broker = Broker::new(settings.broker());
-    let auth = Arc::new(authenticator(
-        settings,
-        secret,
-        redis.as_ref().map(|(t, _)| t),
-    )?);
-    let app = App::new(broker.clone(), Arc::clone(&auth), settings.limits());
+    let auth = Arc::new(
+        settings
+            .auth
+            .authenticator(secret, redis.as_ref().map(|(t, _)| t))?,
+    );
+    let app = App::new(broker.clone(), Arc::clone(&auth), settings.limits.clone());
     let background = TaskTracker::new();
     if let Some(cognito) = auth.cognito() {
         tracing::info!(issuer = %cognito.config().issuer, "Cognito ID tokens accepted");
@@ -97,24 +124,24 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         &edge_metrics,
         store.as_ref().map(|_| &store_metrics),
     ));
-    let edge_config = settings.edge();
+    let edge_config = settings.edge.config();
     let cors = edge_config.origins.cors_layer();
     let (socketio, io, edge) = Edge::layer(app.clone(), broker.clone(), edge_config, edge_metrics);
     if let Some(store) = &store {
         background.spawn(refresh_rate_overrides(
             Lazy::new(store.target().clone()),
             edge.clone(),
-            settings.rate_limits_refresh,
+            settings.redis.rate_limits_refresh,
             shutdown.clone(),
         ));
     }
     background.close();
-    let grpc_listener = TcpListener::bind(settings.grpc_addr)
+    let grpc_listener = TcpListener::bind(settings.listen.grpc_addr)
         .await
-        .with_context(|| format!("cannot listen for gRPC on {}", settings.grpc_addr))?;
-    let http_listener = TcpListener::bind(settings.http_addr)
+        .with_context(|| format!("cannot listen for gRPC on {}", settings.listen.grpc_addr))?;
+    let http_listener = TcpListener::bind(settings.listen.http_addr)
         .await
-        .with_context(|| format!("cannot listen for HTTP on {}", settings.http_addr))?;
+        .with_context(|| format!("cannot listen for HTTP on {}", settings.listen.http_addr))?;
     let grpc_addr = grpc_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
 
@@ -183,7 +210,7 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
             .context("HTTP server failed")
     });
 
-    if let Some(path) = &settings.ready_file {
+    if let Some(path) = &settings.listen.ready_file {
         write_ready_file(path, grpc_addr, http_addr)?;
     }
     tracing::info!(%grpc_addr, %http_addr, "tensorcost-events listening");
@@ -197,38 +224,6 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         edge,
         store,
     })
-}
-
-/// The token verifier the settings describe: HS256 always, Cognito when
-/// configured.
-fn authenticator(
-    settings: &Settings,
-    secret: &[u8],
-    redis: Option<&Target>,
-) -> anyhow::Result<Authenticator> {
-    let auth = Authenticator::new(secret, settings.default_scopes());
-    let Some(cognito) = settings.cognito().map_err(anyhow::Error::msg)? else {
-        if settings.memberships_file.is_some() {
-            tracing::warn!(
-                "TC_MEMBERSHIPS_FILE is set but Cognito is not configured: it is not used"
-            );
-        }
-        return Ok(auth);
-    };
-    let memberships = Memberships {
-        file: match &settings.memberships_file {
-            Some(path) => Some(FileMemberships::load(path)?),
-            None => None,
-        },
-        redis: redis.map(|t| Lazy::new(t.clone())),
-    };
-    if memberships.file.is_none() && memberships.redis.is_none() {
-        tracing::warn!(
-            "Cognito is configured without TC_MEMBERSHIPS_FILE or Redis: Cognito users belong to no tenant"
-        );
-    }
-    let cognito = Cognito::new(cognito).context("cannot build the JWKS client")?;
-    Ok(auth.with_cognito(cognito, memberships, settings.cognito_scopes()))
 }
 
 /// Releases tenants that have no subscriber and no history left, until

@@ -92,7 +92,7 @@ async fn per_type_order_holds_under_concurrent_publishers() {
     const PUBLISHERS: usize = 4;
     const PER_TYPE: usize = 150;
     const TYPES: [&str; 3] = ["cost.updated", "alert.created", "instance.state_changed"];
-    let server = TestServer::with(|s| s.subscriber_buffer = 100_000).await;
+    let server = TestServer::with(|s| s.broker.subscriber_buffer = 100_000).await;
     let mut client = server.client().await;
     let token = full("tenant-a");
     let mut first = subscribe(&mut client, &token, &[], "")
@@ -189,7 +189,7 @@ async fn prefix_and_exact_filters() {
 
 #[tokio::test]
 async fn resume_with_since_id_has_no_gap_and_no_duplicate() {
-    let server = TestServer::with(|s| s.subscriber_buffer = 100_000).await;
+    let server = TestServer::with(|s| s.broker.subscriber_buffer = 100_000).await;
     let mut client = server.client().await;
     let token = full("tenant-a");
     let mut reference = subscribe(&mut client, &token, &[], "")
@@ -249,7 +249,7 @@ async fn resume_with_since_id_has_no_gap_and_no_duplicate() {
 
 #[tokio::test]
 async fn resume_beyond_history_says_not_recovered() {
-    let server = TestServer::with(|s| s.history_max_events = 5).await;
+    let server = TestServer::with(|s| s.broker.history_max_events = 5).await;
     let mut client = server.client().await;
     let token = full("tenant-a");
     let events = (0..10)
@@ -338,7 +338,7 @@ async fn republishing_an_id_is_acknowledged_but_not_delivered_twice() {
 #[tokio::test]
 async fn a_slow_subscriber_is_dropped_with_its_last_id_and_slows_nobody() {
     const TOTAL: usize = 6_000;
-    let server = TestServer::with(|s| s.subscriber_buffer = 64).await;
+    let server = TestServer::with(|s| s.broker.subscriber_buffer = 64).await;
     let mut client = server.client().await;
     let token = full("tenant-a");
     let payload = format!(r#"{{"pad":"{}"}}"#, "x".repeat(1000));
@@ -439,7 +439,7 @@ async fn a_slow_subscriber_is_dropped_with_its_last_id_and_slows_nobody() {
 async fn tenants_never_see_each_others_events_under_load() {
     const TENANTS: usize = 8;
     const EACH: usize = 200;
-    let server = TestServer::with(|s| s.subscriber_buffer = 100_000).await;
+    let server = TestServer::with(|s| s.broker.subscriber_buffer = 100_000).await;
     let mut client = server.client().await;
     let mut subs = Vec::new();
     for t in 0..TENANTS {
@@ -577,8 +577,8 @@ async fn an_all_tenants_service_token_publishes_for_and_follows_named_tenants() 
 #[tokio::test]
 async fn every_invalid_event_is_refused_naming_the_field_and_nothing_half_accepted() {
     let server = TestServer::with(|s| {
-        s.max_event_bytes = 1024;
-        s.max_batch = 10;
+        s.limits.max_event_bytes = 1024;
+        s.limits.max_batch = 10;
     })
     .await;
     let mut client = server.client().await;
@@ -1013,7 +1013,7 @@ async fn a_subscription_ends_when_its_token_expires() {
 
 #[tokio::test]
 async fn batches_on_publish_stream_and_subscribe() {
-    let server = TestServer::with(|s| s.max_batch = 10).await;
+    let server = TestServer::with(|s| s.limits.max_batch = 10).await;
     let mut client = server.client().await;
     let token = full("tenant-a");
     let mut stream = client

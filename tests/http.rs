@@ -92,8 +92,8 @@ async fn rest_publish_reaches_grpc_subscribers_exactly() {
 #[tokio::test]
 async fn rest_refusals_have_stable_codes_and_messages() {
     let server = TestServer::with(|s| {
-        s.max_event_bytes = 64;
-        s.max_batch = 2;
+        s.limits.max_event_bytes = 64;
+        s.limits.max_batch = 2;
     })
     .await;
     let token = full("tenant-a");

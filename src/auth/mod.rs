@@ -13,6 +13,7 @@
 pub mod cognito;
 pub mod memberships;
 pub mod rbac;
+pub mod settings;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -28,41 +28,51 @@ pub use history::Replay;
 pub use stats::{Count, Stats};
 pub use subscription::{Delivery, Subscription};
 
+use crate::config::parse::{duration, positive};
 use crate::event::SharedEvent;
 
-/// Limits of the in-process broker. Defaults are documented in the README.
-#[derive(Debug, Clone)]
+/// Limits of the in-process broker: flags and `TC_*` variables of
+/// `serve`, each default written once, here (the README's table lists
+/// them).
+#[derive(Debug, Clone, clap::Args)]
 pub struct BrokerConfig {
-    /// Most events kept per tenant for resume.
+    /// Most events kept per tenant for resume (`since_id`).
+    #[arg(long, env = "TC_HISTORY_MAX_EVENTS", default_value_t = 10_000, value_parser = positive)]
     pub history_max_events: usize,
-    /// Oldest event kept per tenant for resume.
+
+    /// Oldest event kept per tenant for resume, e.g. `1h`, `15m`.
+    #[arg(long, env = "TC_HISTORY_MAX_AGE", default_value = "1h", value_parser = duration)]
     pub history_max_age: Duration,
+
     /// Most bytes of events kept per tenant for resume.
+    #[arg(long, env = "TC_HISTORY_MAX_BYTES", default_value_t = 64 << 20, value_parser = positive)]
     pub history_max_bytes: usize,
-    /// Most (tenant, id) pairs remembered to drop retried publishes.
+
+    /// Most recently dispatched ids remembered to drop retried publishes.
+    #[arg(long, env = "TC_DEDUPE_MAX_IDS", default_value_t = 100_000, value_parser = positive)]
     pub dedupe_max_ids: usize,
-    /// How long a dispatched id is remembered.
+
+    /// How long a dispatched id is remembered, e.g. `10m`.
+    #[arg(long, env = "TC_DEDUPE_MAX_AGE", default_value = "10m", value_parser = duration)]
     pub dedupe_max_age: Duration,
-    /// Events buffered per subscriber before it counts as too slow.
+
+    /// Events buffered per subscriber before it is dropped as too slow.
+    #[arg(long, env = "TC_SUBSCRIBER_BUFFER", default_value_t = 1024, value_parser = positive)]
     pub subscriber_buffer: usize,
+
     /// On resume, also replay held events accepted up to this long before
     /// the resume point. Events reach instances in different orders; with
     /// several instances this covers what another instance's subscriber
-    /// had not yet seen. Zero for a single instance.
+    /// had not yet seen. Zero for a single instance; set from
+    /// `TC_RESUME_MARGIN` when Redis is configured.
+    #[arg(skip)]
     pub resume_margin: Duration,
 }
 
 impl Default for BrokerConfig {
+    /// The defaults the flags declare.
     fn default() -> Self {
-        Self {
-            history_max_events: 10_000,
-            history_max_age: Duration::from_secs(3600),
-            history_max_bytes: 64 << 20,
-            dedupe_max_ids: 100_000,
-            dedupe_max_age: Duration::from_secs(600),
-            subscriber_buffer: 1024,
-            resume_margin: Duration::ZERO,
-        }
+        crate::config::defaults()
     }
 }
 

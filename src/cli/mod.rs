@@ -173,7 +173,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 async fn serve(settings: Settings) -> anyhow::Result<ExitCode> {
     crate::telemetry::init();
-    let (secret, dev_mode) = match settings.jwt_secret.as_deref().filter(|s| !s.is_empty()) {
+    let (secret, dev_mode) = match settings
+        .auth
+        .jwt_secret
+        .as_deref()
+        .filter(|s| !s.is_empty())
+    {
         Some(s) => {
             if s.len() < 32 {
                 tracing::warn!(
@@ -190,6 +195,7 @@ async fn serve(settings: Settings) -> anyhow::Result<ExitCode> {
     let mut _secret_file = None;
     if dev_mode {
         let path = settings
+            .listen
             .dev_secret_file
             .clone()
             .or_else(dev::default_secret_file);

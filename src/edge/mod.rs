@@ -23,6 +23,7 @@ mod pump;
 pub mod ratelimit;
 pub mod rooms;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -34,9 +35,12 @@ use socketioxide::{SocketIo, TransportType};
 use crate::app::{App, SocketParams, SocketSession};
 use crate::broker::Broker;
 use crate::clock;
+use crate::config::parse::{positive, positive_u32};
 use crate::error::{ApiError, Code};
+use crate::event::check_identifier;
 use crate::metrics::EdgeMetrics;
 use origin::Origins;
+use ratelimit::Limit;
 use rooms::{Command, RateLimits, Rooms};
 
 /// Where Socket.IO is mounted.
@@ -45,7 +49,67 @@ pub const PATH: &str = "/ws";
 /// Initial websocket read buffer per socket.
 const WS_READ_BUFFER: usize = 1024;
 
-/// Settings of the edge.
+/// The edge's settings as flags and `TC_*` variables of `serve`; each
+/// default written once, here.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EdgeSettings {
+    /// Browser origins allowed to connect, comma separated, or `*`.
+    /// Unset: localhost on any port.
+    #[arg(long, env = "CORS_ORIGIN")]
+    pub cors_origin: Option<String>,
+
+    /// Events per second emitted to one tenant's sockets.
+    #[arg(long, env = "TC_RATE_LIMIT_PER_TENANT", default_value_t = 100, value_parser = positive_u32)]
+    pub rate_limit_per_tenant: u32,
+
+    /// Per-tenant rate limits, e.g. `tenant-a=1000,tenant-b=5000`.
+    #[arg(long, env = "TC_RATE_LIMIT_OVERRIDES", default_value = "", value_parser = overrides)]
+    pub rate_limit_overrides: Overrides,
+
+    /// Events waiting per tenant above its rate before the oldest is dropped.
+    #[arg(long, env = "TC_RATE_LIMIT_QUEUE", default_value_t = 1000, value_parser = positive)]
+    pub rate_limit_queue: usize,
+
+    /// Socket.IO packets buffered per socket before it counts as too slow.
+    #[arg(long, env = "TC_SOCKET_BUFFER", default_value_t = 1024, value_parser = positive)]
+    pub socket_buffer: usize,
+}
+
+impl EdgeSettings {
+    pub fn config(&self) -> EdgeConfig {
+        EdgeConfig {
+            origins: Origins::parse(self.cors_origin.as_deref()),
+            limits: RateLimits {
+                default: Limit {
+                    per_second: self.rate_limit_per_tenant,
+                    queue: self.rate_limit_queue,
+                },
+                overrides: self.rate_limit_overrides.0.clone(),
+            },
+            socket_buffer: self.socket_buffer,
+        }
+    }
+}
+
+/// Per-tenant overrides of the emit rate limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides(pub HashMap<String, u32>);
+
+/// Parses `tenant-a=1000,tenant-b=5000`.
+fn overrides(s: &str) -> Result<Overrides, String> {
+    let mut map = HashMap::new();
+    for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (tenant, rate) = entry
+            .split_once('=')
+            .ok_or_else(|| format!("{entry:?} is not tenant=events_per_second"))?;
+        check_identifier(tenant.trim()).map_err(|r| format!("tenant {tenant:?}: {r}"))?;
+        let rate = positive_u32(rate).map_err(|r| format!("{entry:?}: {r}"))?;
+        map.insert(tenant.trim().to_string(), rate);
+    }
+    Ok(Overrides(map))
+}
+
+/// The edge's settings, parsed.
 #[derive(Debug, Clone)]
 pub struct EdgeConfig {
     pub origins: Origins,

@@ -42,13 +42,107 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::Broker;
+use crate::config::parse::{duration, duration_or_zero, positive, positive_u32};
+use crate::event::check_identifier;
 pub use conn::{Conn, Lazy, Target};
 pub use status::Status;
 
 /// How long the writer gets at shutdown to write what is still waiting.
 pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Settings of the Redis store.
+/// Redis settings as flags and `TC_*` variables of `serve`; each default
+/// written once, here. docs/redis.md explains them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreSettings {
+    /// Redis: `redis://[:password@]host:port[/db]`, `rediss://` for TLS, or
+    /// several node URLs separated by commas for Redis Cluster. Unset: a
+    /// single instance with in-memory history only.
+    #[arg(long, env = "TC_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Treat a single `TC_REDIS_URL` as a Redis Cluster seed node.
+    #[arg(long, env = "TC_REDIS_CLUSTER", default_value_t = false, action = clap::ArgAction::Set)]
+    pub redis_cluster: bool,
+
+    /// Stream partitions (each a Redis Cluster hash tag, and one relay
+    /// reader per instance). Every instance must use the same number.
+    #[arg(long, env = "TC_REDIS_PARTITIONS", default_value_t = 4, value_parser = positive_u32)]
+    pub redis_partitions: u32,
+
+    /// Most entries kept per event-type stream (approximate, `MAXLEN ~`).
+    #[arg(long, env = "TC_REDIS_STREAM_MAX_LEN", default_value_t = 100_000, value_parser = positive)]
+    pub redis_stream_max_len: usize,
+
+    /// Oldest entry kept per event-type stream (approximate, `MINID ~`).
+    #[arg(long, env = "TC_REDIS_STREAM_MAX_AGE", default_value = "24h", value_parser = duration)]
+    pub redis_stream_max_age: Duration,
+
+    /// Events waiting to be written while Redis is slow or down; past it,
+    /// events are still delivered locally but lost to other instances.
+    #[arg(long, env = "TC_REDIS_BUFFER", default_value_t = 100_000, value_parser = positive)]
+    pub redis_buffer: usize,
+
+    /// With Redis: a resume also replays events accepted up to this long
+    /// before the resume point (instances see events in different orders).
+    #[arg(long, env = "TC_RESUME_MARGIN", default_value = "2s", value_parser = duration_or_zero)]
+    pub resume_margin: Duration,
+
+    /// How often per-tenant rate limits are re-read from Redis
+    /// (`tc:ratelimits`).
+    #[arg(long, env = "TC_RATE_LIMITS_REFRESH", default_value = "5s", value_parser = duration)]
+    pub rate_limits_refresh: Duration,
+
+    /// This instance's id in Redis entries (default: random at start).
+    #[arg(long, env = "TC_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+}
+
+impl StoreSettings {
+    /// The Redis target and store settings, if Redis is configured.
+    /// `history_max_age` bounds how far back history is warmed at start.
+    pub fn config(
+        &self,
+        history_max_age: Duration,
+    ) -> Result<Option<(Target, StoreConfig)>, String> {
+        let Some(url) = self.redis_url.as_deref().filter(|u| !u.trim().is_empty()) else {
+            return Ok(None);
+        };
+        let target = Target::parse(url, self.redis_cluster)?;
+        let instance_id = match &self.instance_id {
+            Some(id) => {
+                check_identifier(id).map_err(|r| format!("TC_INSTANCE_ID: {r}"))?;
+                id.clone()
+            }
+            None => uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
+        };
+        Ok(Some((
+            target,
+            StoreConfig {
+                partitions: self.redis_partitions,
+                stream_max_len: self.redis_stream_max_len,
+                stream_max_age: self.redis_stream_max_age,
+                buffer: self.redis_buffer,
+                warm_window: history_max_age.min(self.redis_stream_max_age),
+                instance_id,
+            },
+        )))
+    }
+
+    /// The broker's resume margin: this setting with Redis, zero without.
+    pub fn resume_margin(&self) -> Duration {
+        if self
+            .redis_url
+            .as_deref()
+            .is_some_and(|u| !u.trim().is_empty())
+        {
+            self.resume_margin
+        } else {
+            Duration::ZERO
+        }
+    }
+}
+
+/// The store's settings, parsed.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub partitions: u32,
