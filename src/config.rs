@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 pub use crate::app::Limits;
 pub use crate::auth::settings::AuthSettings;
 pub use crate::broker::BrokerConfig;
-pub use crate::edge::EdgeSettings;
+pub use crate::edge::{EdgeSettings, Overrides};
 pub use crate::server::ListenSettings;
 pub use crate::store::StoreSettings;
 

@@ -22,10 +22,6 @@ use crate::proto::{
 /// stream that ends early (too slow, or server shutting down).
 pub const LAST_EVENT_ID: &str = "last-event-id";
 
-/// Metadata key (and HTTP header) with which a Cognito user picks one of
-/// their tenants, like Socket.IO's `activeTenantId`.
-pub const ACTIVE_TENANT: &str = "x-active-tenant-id";
-
 pub struct GrpcService {
     app: App,
 }

@@ -1,27 +1,31 @@
 //! tensorcost-events: a multi-tenant real-time event broker.
 //!
-//! The file list is the architecture: [`event`] (envelope and rules),
-//! [`broker`] (dispatch, order, dedupe, history), [`auth`] (tokens and
-//! scopes), [`app`] (what every surface does), [`grpc`] and [`http`] (thin
-//! transports), [`server`] (wiring and shutdown), [`cli`] (the binary's
-//! commands).
+//! The file list is the architecture (docs/architecture.md has the map):
+//! `event` (envelope, rules, wire forms), `broker` (dispatch, order,
+//! dedupe, history, subscriptions), `auth` (tokens and scopes), `app`
+//! (the one door every surface goes through), `grpc`, `http` and
+//! `edge` (thin transports), `store` (Redis), [`server`] (wiring and
+//! shutdown), [`config`] (settings), [`cli`] (the binary's commands).
+//!
+//! Only what the binary, the integration tests and the load generator use
+//! is public: [`cli`], [`config`], [`server`] and the generated [`proto`].
 
-pub mod app;
-pub mod auth;
-pub mod broker;
+pub(crate) mod app;
+pub(crate) mod auth;
+pub(crate) mod broker;
 pub mod cli;
-pub mod clock;
+pub(crate) mod clock;
 pub mod config;
-pub mod edge;
-pub mod error;
-pub mod event;
-pub mod grpc;
-pub mod http;
-pub mod metrics;
+pub(crate) mod edge;
+pub(crate) mod error;
+pub(crate) mod event;
+pub(crate) mod grpc;
+pub(crate) mod http;
+pub(crate) mod metrics;
 pub mod server;
-pub mod store;
-pub mod telemetry;
-pub mod tenant;
+pub(crate) mod store;
+pub(crate) mod telemetry;
+pub(crate) mod tenant;
 
 /// Generated gRPC code for `tensorcost.events.v1`.
 pub mod proto {

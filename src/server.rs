@@ -68,7 +68,6 @@ pub struct ListenSettings {
 pub struct Running {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
-    pub app: App,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
     background: TaskTracker,
@@ -217,7 +216,6 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
     Ok(Running {
         grpc_addr,
         http_addr,
-        app,
         shutdown,
         tasks: vec![closer, grpc, http],
         background,

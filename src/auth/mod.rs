@@ -1,6 +1,6 @@
 //! Who is calling: bearer tokens verified into an [`Identity`] (tenant,
 //! scopes, expiry). One module for every surface (gRPC, REST, Socket.IO,
-//! MCP), so a token means the same thing everywhere.
+//! and every surface to come), so a token means the same thing everywhere.
 //!
 //! Backend-issued tokens are HS256, verified against the shared secret; the
 //! tenant is the `tenantId` or `tenant_id` claim. Cognito ID tokens are

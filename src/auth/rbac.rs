@@ -1,4 +1,4 @@
-//! The one place where scopes are checked. gRPC, REST, Socket.IO and MCP all
+//! The one place where scopes are checked. gRPC, REST and Socket.IO all
 //! ask here whether an identity may do something, and for which tenant, so
 //! the same token means the same rights on every surface.
 

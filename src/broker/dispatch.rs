@@ -79,10 +79,6 @@ impl Broker {
         }
     }
 
-    pub fn config(&self) -> &BrokerConfig {
-        &self.shared.config
-    }
-
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
     }

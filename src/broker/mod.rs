@@ -23,8 +23,7 @@ mod subscription;
 use std::time::Duration;
 
 pub use dispatch::Broker;
-pub use filter::{FilterError, MAX_FILTERS, TypeFilter};
-pub use history::Replay;
+pub use filter::{FilterError, TypeFilter};
 pub use stats::{Count, Stats};
 pub use subscription::{Delivery, Subscription};
 

@@ -175,11 +175,6 @@ impl Rooms {
         true
     }
 
-    /// Number of tenants with a running pump.
-    pub fn active_tenants(&self) -> usize {
-        self.pumps.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
     /// Waits for every pump to end (they end when the broker closes).
     pub async fn closed(&self) {
         self.tasks.close();

@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 pub use rules::{
-    EventError, MAX_ID_LEN, MAX_TYPE_LEN, check_identifier, is_trace_id, new_event_id,
-    new_trace_id, parse_data, trace_id_from_traceparent, validate_type,
+    EventError, check_identifier, is_trace_id, new_event_id, new_trace_id, parse_data,
+    trace_id_from_traceparent, validate_type,
 };
 
 /// An accepted event, as it is stored in history, delivered to
