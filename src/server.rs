@@ -202,12 +202,14 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
     })
     .layer(socketio)
     .layer(cors);
-    let http = tokio::spawn(http::serve(http_listener, router, shutdown.clone()));
-    let http = tokio::spawn(async move {
-        http.await
-            .context("HTTP server task failed")?
-            .context("HTTP server failed")
-    });
+    let http = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            http::serve(http_listener, router, shutdown)
+                .await
+                .context("HTTP server failed")
+        })
+    };
 
     if let Some(path) = &settings.listen.ready_file {
         write_ready_file(path, grpc_addr, http_addr)?;
