@@ -5,6 +5,9 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// 9999-12-31T23:59:59Z: the last second [`format_timestamp`] can write.
+pub const MAX_UNIX_SECS: u64 = 253_402_300_799;
+
 /// Seconds since the Unix epoch.
 pub fn unix_secs() -> u64 {
     since_epoch(SystemTime::now()).as_secs()
@@ -23,12 +26,14 @@ fn since_epoch(at: SystemTime) -> Duration {
 /// timestamp the broker writes has this one fixed form, so timestamps
 /// compare as text.
 pub fn format_timestamp(at: SystemTime) -> String {
-    humantime::format_rfc3339_millis(at).to_string()
+    // humantime cannot write a year past 9999: clamp rather than fail.
+    let last = UNIX_EPOCH + Duration::from_millis(MAX_UNIX_SECS * 1000 + 999);
+    humantime::format_rfc3339_millis(at.min(last)).to_string()
 }
 
 /// [`format_timestamp`] of a Unix time in seconds (a token's `exp`).
 pub fn format_unix_secs(secs: u64) -> String {
-    format_timestamp(UNIX_EPOCH + Duration::from_secs(secs))
+    format_timestamp(UNIX_EPOCH + Duration::from_secs(secs.min(MAX_UNIX_SECS)))
 }
 
 /// Parses what [`format_timestamp`] wrote.
@@ -53,11 +58,16 @@ pub fn timestamp_now(now: SystemTime) -> String {
     })
 }
 
-/// The monotonic instant at which the wall clock reads `unix_secs`
-/// (now, if that has passed).
+/// The monotonic instant at which the wall clock reads `unix_secs` (now,
+/// if that has passed; a century from now, if it is further than that).
 pub fn instant_at(unix_secs: u64) -> tokio::time::Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
     let now = since_epoch(SystemTime::now());
-    tokio::time::Instant::now() + Duration::from_secs(unix_secs).saturating_sub(now)
+    let wait = Duration::from_secs(unix_secs)
+        .saturating_sub(now)
+        .min(CENTURY);
+    let start = tokio::time::Instant::now();
+    start.checked_add(wait).unwrap_or(start)
 }
 
 #[cfg(test)]
@@ -71,5 +81,23 @@ mod tests {
         assert_eq!(timestamp_now(at), "2026-04-29T16:41:38.412Z");
         assert_eq!(format_unix_secs(1_700_000_000), "2023-11-14T22:13:20.000Z");
         assert_eq!(parse_timestamp("2026-04-29T16:41:38.412Z"), Some(at));
+    }
+
+    #[test]
+    fn the_far_future_saturates() {
+        assert_eq!(format_unix_secs(MAX_UNIX_SECS), "9999-12-31T23:59:59.000Z");
+        assert_eq!(format_unix_secs(u64::MAX), "9999-12-31T23:59:59.000Z");
+        let far = UNIX_EPOCH + Duration::from_secs(MAX_UNIX_SECS * 2);
+        assert_eq!(format_timestamp(far), "9999-12-31T23:59:59.999Z");
+    }
+
+    #[tokio::test]
+    async fn deadlines_never_overflow() {
+        let now = tokio::time::Instant::now();
+        for secs in [0, unix_secs(), MAX_UNIX_SECS, u64::MAX - 31, u64::MAX] {
+            let at = instant_at(secs);
+            assert!(at >= now, "{secs}");
+        }
+        assert!(instant_at(u64::MAX) > now + Duration::from_secs(50 * 365 * 24 * 3600));
     }
 }

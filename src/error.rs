@@ -147,6 +147,7 @@ impl From<AuthError> for ApiError {
             | A::InvalidPoolSignature { .. }
             | A::Expired { .. }
             | A::NoExpiry
+            | A::ExpTooFar { .. }
             | A::NotYetValid
             | A::NoTenant
             | A::BadTenant(_) => Code::Unauthenticated,

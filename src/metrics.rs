@@ -47,6 +47,8 @@ pub struct EdgeMetrics {
     pub expired_sockets: Counter,
     /// Tokens refreshed on open sockets.
     pub token_refreshes: Counter,
+    /// Per-tenant pumps that failed (their sockets were disconnected).
+    pub pump_failures: Counter,
 }
 
 /// The registry behind `/metrics`.
@@ -130,6 +132,11 @@ impl Metrics {
             "socketio_expired_sockets",
             "Sockets disconnected because their token expired",
             edge.expired_sockets.clone(),
+        );
+        registry.register(
+            "socketio_pump_failures",
+            "Per-tenant Socket.IO pumps that failed; their sockets were disconnected to resume",
+            edge.pump_failures.clone(),
         );
         registry.register(
             "socketio_token_refreshes",

@@ -23,6 +23,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
+use crate::clock;
 use crate::event::check_identifier;
 use cognito::Cognito;
 use memberships::Memberships;
@@ -65,6 +66,19 @@ impl Identity {
 /// The Unix second from which a token expiring at `exp` is refused.
 pub fn valid_until(exp: u64) -> u64 {
     exp.saturating_add(LEEWAY_SECS)
+}
+
+/// The latest `exp` accepted: 9999-12-31T23:59:59Z, the last second an RFC
+/// 3339 timestamp can name. A later one is refused at verification, so no
+/// time computed from a token's claims can leave the clock's range.
+pub const MAX_EXP: u64 = clock::MAX_UNIX_SECS;
+
+/// Refuses an `exp` beyond [`MAX_EXP`].
+fn check_exp(exp: u64) -> Result<u64, AuthError> {
+    if exp > MAX_EXP {
+        return Err(AuthError::ExpTooFar { exp });
+    }
+    Ok(exp)
 }
 
 /// Why a token was refused. Messages say which check failed, in words a
@@ -113,6 +127,10 @@ pub enum AuthError {
     Expired { at: String },
     #[error("token has no exp claim: tokens must expire")]
     NoExpiry,
+    #[error(
+        "token exp {exp} is beyond the year 9999: exp must be a Unix time in seconds, at most {MAX_EXP}"
+    )]
+    ExpTooFar { exp: u64 },
     #[error("token is not valid yet (nbf is in the future)")]
     NotYetValid,
     #[error("token has no tenant: set the tenantId or tenant_id claim")]
@@ -236,7 +254,7 @@ impl Authenticator {
                     subject: Some(user.sub),
                     tenant: Some(tenant),
                     scopes: self.cognito_scopes.clone(),
-                    expires_at: user.exp,
+                    expires_at: check_exp(user.exp)?,
                 })
             }
             alg if alg.eq_ignore_ascii_case("none") => Err(AuthError::AlgNone),
@@ -284,7 +302,7 @@ impl Authenticator {
             subject: claims.sub,
             tenant,
             scopes,
-            expires_at: claims.exp,
+            expires_at: check_exp(claims.exp)?,
         })
     }
 }
@@ -526,6 +544,24 @@ mod tests {
             SECRET,
         );
         assert_eq!(a.verify(&no_exp, None).await, Err(AuthError::NoExpiry));
+        for exp in [MAX_EXP + 1, u64::MAX - 31, u64::MAX] {
+            let far = sign(
+                serde_json::json!({"tenantId": "t", "exp": exp}),
+                Algorithm::HS256,
+                SECRET,
+            );
+            assert_eq!(
+                a.verify(&far, None).await,
+                Err(AuthError::ExpTooFar { exp }),
+                "{exp}"
+            );
+        }
+        let last = sign(
+            serde_json::json!({"tenantId": "t", "exp": MAX_EXP}),
+            Algorithm::HS256,
+            SECRET,
+        );
+        assert!(a.verify(&last, None).await.is_ok(), "the year 9999 is fine");
         let no_tenant = sign(
             serde_json::json!({"exp": now() + 60}),
             Algorithm::HS256,

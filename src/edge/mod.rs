@@ -184,6 +184,7 @@ impl Edge {
             .with_state(edge.clone())
             .build_layer();
         io.ns("/", on_connect.with(handshake));
+        edge.inner.rooms.set_io(io.clone());
         (layer, io, edge)
     }
 

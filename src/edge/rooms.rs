@@ -2,12 +2,18 @@
 //! first socket and retired when its last socket has gone and nothing is
 //! waiting. Sockets talk to their tenant's pump through [`Command`]s, so
 //! one task does all of a tenant's emitting. The pump tasks are tracked:
-//! shutdown waits for them.
+//! shutdown waits for them. A pump is supervised: if it panics, its
+//! tenant's sockets are told why (`internal_error`) and disconnected, so
+//! they reconnect with their last event id instead of staying connected
+//! and silent, and the next socket of the tenant starts a new pump.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
+use futures_util::FutureExt;
+use socketioxide::SocketIo;
 use socketioxide::extract::SocketRef;
 use socketioxide::socket::Sid;
 use tokio::sync::mpsc;
@@ -80,6 +86,8 @@ pub struct Rooms {
     metrics: EdgeMetrics,
     pumps: Mutex<HashMap<String, mpsc::UnboundedSender<Command>>>,
     tasks: TaskTracker,
+    /// The Socket.IO handle, to disconnect a failed pump's sockets.
+    io: OnceLock<SocketIo>,
 }
 
 impl Rooms {
@@ -91,7 +99,13 @@ impl Rooms {
             metrics,
             pumps: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
+            io: OnceLock::new(),
         })
+    }
+
+    /// Gives the rooms the Socket.IO handle (once, when it is built).
+    pub fn set_io(&self, io: SocketIo) {
+        let _ = self.io.set(io);
     }
 
     pub fn limit_for(&self, tenant: &str) -> Limit {
@@ -156,8 +170,14 @@ impl Rooms {
             subscription.history_tail.clone(),
             Instant::now(),
         );
-        self.tasks
-            .spawn(pump::run(pump, subscription, rx, Arc::clone(self)));
+        let rooms = Arc::clone(self);
+        let tenant = tenant.to_string();
+        self.tasks.spawn(async move {
+            let run = pump::run(pump, subscription, rx, Arc::clone(&rooms));
+            if let Err(what) = supervised(run).await {
+                rooms.pump_failed(&tenant, what).await;
+            }
+        });
     }
 
     /// A subscription to every event of `tenant`, after `since`.
@@ -175,9 +195,63 @@ impl Rooms {
         true
     }
 
+    /// A pump panicked: forget it and disconnect its tenant's sockets with
+    /// a reason, so that they resume elsewhere or on the next pump.
+    async fn pump_failed(&self, tenant: &str, what: String) {
+        tracing::error!(%tenant, "Socket.IO pump failed ({what}); disconnecting the tenant's sockets");
+        self.metrics.pump_failures.inc();
+        self.pumps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(tenant);
+        let Some(io) = self.io.get() else {
+            return;
+        };
+        let reason = serde_json::json!({
+            "code": "internal_error",
+            "message": "the server failed to deliver to this socket: reconnect with lastEventId to recover what it missed",
+            "last_event_id": null,
+        });
+        let room = super::room_name(tenant);
+        let _ = io.to(room.clone()).emit("disconnect_reason", &reason).await;
+        let _ = io.to(room).disconnect().await;
+    }
+
     /// Waits for every pump to end (they end when the broker closes).
     pub async fn closed(&self) {
         self.tasks.close();
         self.tasks.wait().await;
+    }
+}
+
+/// Runs `task`; a panic in it becomes an error with what the panic said.
+async fn supervised(task: impl Future<Output = ()>) -> Result<(), String> {
+    AssertUnwindSafe(task)
+        .catch_unwind()
+        .await
+        .map_err(|panic| {
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into())
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_task_is_reported_not_lost() {
+        assert_eq!(supervised(async {}).await, Ok(()));
+        let n = 3;
+        let failed = supervised(async move {
+            if n > 2 {
+                panic!("pump broke at {n}");
+            }
+        })
+        .await;
+        assert_eq!(failed, Err("pump broke at 3".into()));
     }
 }
