@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::auth::rbac::{PUBLISH, SUBSCRIBE};
-use crate::auth::{Authenticator, Identity, TokenKind};
+use crate::auth::{AuthError, Authenticator, Identity, TokenKind};
 use crate::broker::{Broker, Outcome, Subscription, TypeFilter};
 use crate::clock;
 use crate::config::parse::positive;
@@ -253,11 +253,21 @@ impl App {
         token: &str,
     ) -> Result<u64, ApiError> {
         // The socket's tenant as the active tenant refuses a token of
-        // another tenant.
+        // another tenant; the refusal names the socket's tenant as such.
         let identity = self
             .auth
             .verify(token.trim(), Some(&session.tenant))
-            .await?;
+            .await
+            .map_err(|e| match e {
+                AuthError::NoMembership { .. } => ApiError::new(
+                    Code::PermissionDenied,
+                    format!(
+                        "this token does not give access to the socket's tenant {}: refresh with a token for it, or reconnect to switch tenants",
+                        session.tenant
+                    ),
+                ),
+                e => e.into(),
+            })?;
         identity.require(SUBSCRIBE)?;
         if identity.subject != session.subject || identity.kind != session.kind {
             return Err(ApiError::new(

@@ -87,6 +87,16 @@ impl Metrics {
                 store.relayed.clone(),
             );
             registry.register(
+                "redis_invalid",
+                "Stream entries read from Redis and skipped: not an event that follows the rules",
+                store.invalid.clone(),
+            );
+            registry.register(
+                "redis_skipped_keys",
+                "Redis keys skipped because they hold something else than a stream",
+                store.skipped_keys.clone(),
+            );
+            registry.register(
                 "redis_relay_lag_ms",
                 "Milliseconds between a Redis entry's append and its relay here (last entry)",
                 store.relay_lag_ms.clone(),

@@ -25,6 +25,7 @@ use crate::app::App;
 use crate::broker::Broker;
 use crate::config::Settings;
 use crate::edge::Edge;
+use crate::edge::ratelimit::rates_from_redis;
 use crate::grpc::GrpcService;
 use crate::http::{self, HttpState};
 use crate::metrics::{EdgeMetrics, Metrics};
@@ -81,7 +82,10 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
     let shutdown = CancellationToken::new();
     let redis = settings
         .redis
-        .config(settings.broker.history_max_age)
+        .config(
+            settings.broker.history_max_age,
+            settings.limits.max_event_bytes,
+        )
         .map_err(anyhow::Error::msg)?;
     let broker = Broker::new(settings.broker());
     let auth = Arc::new(
@@ -256,25 +260,25 @@ async fn refresh_rate_overrides(
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(every);
+    let mut warned = std::collections::HashSet::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        let map: std::collections::HashMap<String, String> = match redis
+        // Raw bytes: one value that is not text must not hide the others.
+        let pairs: Vec<(Vec<u8>, Vec<u8>)> = match redis
             .query(redis::cmd("HGETALL").arg(crate::store::keys::RATE_LIMITS_KEY))
             .await
         {
             Ok(m) => m,
             Err(_) => continue, // Redis down: keep the last known rates.
         };
-        let mut overrides = std::collections::HashMap::new();
-        for (tenant, rate) in map {
-            match rate.trim().parse::<u32>() {
-                Ok(r) if r > 0 && crate::event::check_identifier(&tenant).is_ok() => {
-                    overrides.insert(tenant, r);
-                }
-                _ => tracing::warn!(%tenant, %rate, "ignoring a bad entry in Redis tc:ratelimits"),
+        let (overrides, refused) = rates_from_redis(pairs);
+        for (field, why) in refused {
+            // Once per bad entry, not at every refresh.
+            if warned.insert(field.clone()) {
+                tracing::warn!(%field, "ignoring an entry of Redis tc:ratelimits: {why}");
             }
         }
         edge.set_rate_overrides(overrides);

@@ -534,3 +534,72 @@ async fn sigterm_writes_what_waited_for_redis_before_exiting() {
         "exited by itself within the drain and flush bounds ({took:?})"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_is_a_peer_not_an_oracle_poisoned_keys_and_bad_entries_are_skipped() {
+    let redis = RedisServer::start();
+    // One partition: the poisoned key shares its XREAD with every stream.
+    let mut env = instance_env(&redis.url());
+    env.push(("TC_REDIS_PARTITIONS", "1".to_string()));
+    let a = spawn(&env);
+    let b = spawn(&env);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let token = full("tenant-p");
+    let on_b = grpc_follow(&b.grpc, &token).await;
+    let before = publish_many(a.grpc.clone(), "tenant-p", 0, 30).await;
+    wait_for("b relays the first events", Duration::from_secs(10), || {
+        on_b.lock().expect("lock").len() >= before.len()
+    })
+    .await;
+
+    // A key that is not a stream where a stream should be, registered as a
+    // type: Redis then answers WRONGTYPE for the whole partition's XREAD.
+    assert_eq!(redis.cli(&["set", "tc:{p0}:ev:evil.poison0", "x"]), "OK");
+    redis.cli(&["xadd", "tc:{p0}:types", "*", "t", "evil.poison0"]);
+    // Entries that no published event could be, in a real stream.
+    let valid = r#"{"id":"peer-1","type":"cost.updated","tenant_id":"tenant-p","data":{},"timestamp":"2026-04-29T16:41:38.412Z","trace_id":"4bf92f3577b34da6a3ce929d0e0e4736"}"#;
+    let stream = "tc:{p0}:ev:cost.updated";
+    for bad in [
+        valid.replace(r#""type":"cost.updated""#, r#""type":"NOT A TYPE""#),
+        valid.replace(r#""id":"peer-1""#, r#""id":"../../x y""#),
+        valid.replace(r#""tenant_id":"tenant-p""#, r#""tenant_id":"""#),
+        "not json".to_string(),
+    ] {
+        redis.cli(&["xadd", stream, "*", "o", "elsewhere", "e", &bad]);
+    }
+    redis.cli(&["xadd", stream, "*", "o", "elsewhere", "e", valid]);
+
+    // The rest of the partition keeps relaying.
+    let after = publish_many(a.grpc.clone(), "tenant-p", 1, 30).await;
+    wait_for("b relays past the poison", Duration::from_secs(10), || {
+        let seen = on_b.lock().expect("lock");
+        after.iter().all(|id| seen.iter().any(|e| &e.id == id))
+    })
+    .await;
+    let seen: Vec<proto::Event> = on_b.lock().expect("lock").clone();
+    assert!(
+        seen.iter().any(|e| e.id == "peer-1"),
+        "the valid entry written by hand is relayed"
+    );
+    for e in &seen {
+        assert!(
+            e.r#type != "NOT A TYPE" && e.id != "../../x y" && !e.tenant_id.is_empty(),
+            "an invalid entry reached a subscriber: {e:?}"
+        );
+    }
+    assert_eq!(b.metric("tc_redis_skipped_keys_total").await, 1.0);
+    assert_eq!(b.metric("tc_redis_invalid_total").await, 4.0);
+    let readyz = reqwest::get(format!("http://{}/readyz", b.http))
+        .await
+        .expect("readyz")
+        .text()
+        .await
+        .expect("text");
+    let readyz: serde_json::Value = serde_json::from_str(&readyz).expect("json");
+    assert_eq!(readyz["redis"]["state"], "up", "{readyz}");
+    assert_eq!(
+        readyz["redis"]["relays_failing"],
+        serde_json::json!([]),
+        "{readyz}"
+    );
+}

@@ -47,18 +47,42 @@ impl Memberships {
             .map(|f| f.tenants_of(sub))
             .unwrap_or_default();
         if let Some(redis) = &self.redis {
-            let value: Option<String> = redis
+            // Raw bytes: a value that is not text is skipped, not an outage.
+            let value: Option<Vec<u8>> = redis
                 .query(redis::cmd("HGET").arg(MEMBERSHIPS_KEY).arg(sub))
                 .await
                 .map_err(|_| AuthError::MembershipsUnavailable)?;
-            for tenant in value.as_deref().map(parse_list).unwrap_or_default() {
-                if check_identifier(&tenant).is_ok() && !tenants.contains(&tenant) {
+            for tenant in value
+                .map(|v| tenants_from_redis(sub, &v))
+                .unwrap_or_default()
+            {
+                if !tenants.contains(&tenant) {
                     tenants.push(tenant);
                 }
             }
         }
         Ok(tenants)
     }
+}
+
+/// The tenants a Redis membership value lists; what is not usable is
+/// skipped with a warning naming the field (the `cognito_sub`).
+fn tenants_from_redis(sub: &str, value: &[u8]) -> Vec<String> {
+    let field: String = sub.chars().take(140).collect();
+    let Ok(text) = std::str::from_utf8(value) else {
+        tracing::warn!(%field, "ignoring the Redis tc:memberships value of this field: not UTF-8 text");
+        return Vec::new();
+    };
+    parse_list(text)
+        .into_iter()
+        .filter(|tenant| match check_identifier(tenant) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::warn!(%field, "ignoring a tenant in Redis tc:memberships: {why}");
+                false
+            }
+        })
+        .collect()
 }
 
 /// A JSON array of strings, or a comma-separated list.
@@ -164,4 +188,24 @@ fn read(path: &Path) -> Result<(Option<(SystemTime, u64)>, Users), MembershipsEr
         }
     }
     Ok((seen, users))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_values_that_are_not_lists_of_tenants_are_skipped() {
+        assert_eq!(
+            tenants_from_redis("s", br#"["tenant-a","tenant-b"]"#),
+            ["tenant-a", "tenant-b"]
+        );
+        assert_eq!(
+            tenants_from_redis("s", b"tenant-a, tenant-b"),
+            ["tenant-a", "tenant-b"]
+        );
+        assert!(tenants_from_redis("s", &[0xff, 0xfe]).is_empty());
+        assert_eq!(tenants_from_redis("s", br#"["ok","bad tenant"]"#), ["ok"]);
+        assert!(tenants_from_redis("s", b"[1,2]").is_empty());
+    }
 }

@@ -131,15 +131,53 @@ struct EdgeInner {
     metrics: EdgeMetrics,
 }
 
-/// The `auth` object a client sends with its handshake.
-#[derive(Debug, Default, Deserialize)]
-struct Handshake {
-    token: Option<String>,
-    #[serde(rename = "activeTenantId")]
-    active_tenant_id: Option<String>,
-    types: Option<Vec<String>>,
-    #[serde(rename = "lastEventId")]
-    last_event_id: Option<String>,
+/// What a handshake's `auth` must be, for refusals.
+const AUTH_SHAPE: &str = "auth must be an object: { token, activeTenantId?, types?, lastEventId? }";
+
+/// Reads the `auth` object a client sends with its handshake: `{ token,
+/// activeTenantId?, types?, lastEventId? }`, each refusal naming the field.
+/// Unknown fields are ignored (socket.io-client adds its own).
+fn socket_params(auth: serde_json::Value) -> Result<SocketParams, ApiError> {
+    use serde_json::Value;
+    let mut fields = match auth {
+        Value::Object(fields) => fields,
+        Value::Null => serde_json::Map::new(),
+        _ => return Err(ApiError::invalid(AUTH_SHAPE)),
+    };
+    let mut text = |name: &str| match fields.remove(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ApiError::invalid(format!("auth.{name} must be a string"))),
+    };
+    let token = text("token")?;
+    let active_tenant = text("activeTenantId")?;
+    let last_event_id = text("lastEventId")?;
+    let types = match fields.remove("types") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(items)) => Some(
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| match item {
+                    Value::String(s) => Ok(s),
+                    _ => Err(ApiError::invalid(format!(
+                        "auth.types[{i}] must be a string"
+                    ))),
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "auth.types must be an array of strings, e.g. [\"cost.*\"]",
+            ));
+        }
+    };
+    Ok(SocketParams {
+        token,
+        active_tenant,
+        types,
+        last_event_id,
+    })
 }
 
 /// A refused handshake. socketioxide's `connect_error` packet carries one
@@ -202,7 +240,7 @@ impl Edge {
 /// Checks origin and the handshake before the socket joins anything.
 async fn handshake(
     socket: SocketRef,
-    TryData(auth): TryData<Handshake>,
+    TryData(auth): TryData<serde_json::Value>,
     State(edge): State<Edge>,
 ) -> Result<(), Refusal> {
     let result = open(&socket, auth, &edge).await;
@@ -221,7 +259,7 @@ async fn handshake(
 
 async fn open(
     socket: &SocketRef,
-    auth: Result<Handshake, socketioxide::ParserError>,
+    auth: Result<serde_json::Value, socketioxide::ParserError>,
     edge: &Edge,
 ) -> Result<SocketSession, ApiError> {
     if let Some(origin) = socket.req_parts().headers.get(axum::http::header::ORIGIN) {
@@ -236,20 +274,8 @@ async fn open(
             ));
         }
     }
-    let auth = auth.map_err(|_| {
-        ApiError::invalid(
-            "auth must be an object: { token, activeTenantId?, types?, lastEventId? }",
-        )
-    })?;
-    edge.inner
-        .app
-        .open_socket(SocketParams {
-            token: auth.token,
-            active_tenant: auth.active_tenant_id,
-            types: auth.types,
-            last_event_id: auth.last_event_id,
-        })
-        .await
+    let auth = auth.map_err(|_| ApiError::invalid(AUTH_SHAPE))?;
+    edge.inner.app.open_socket(socket_params(auth)?).await
 }
 
 async fn on_connect(
@@ -369,4 +395,37 @@ async fn on_refresh_token(
         Err(e) => refused(&e),
     };
     let _ = ack.send(&answer);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshake_fields_are_refused_by_name() {
+        let ok = socket_params(serde_json::json!({
+            "token": "t", "activeTenantId": "tenant-a", "types": ["cost.*"], "lastEventId": "e1", "extra": 1
+        }))
+        .expect("valid");
+        assert_eq!(ok.active_tenant.as_deref(), Some("tenant-a"));
+        assert_eq!(ok.types, Some(vec!["cost.*".to_string()]));
+        assert!(
+            socket_params(serde_json::Value::Null).is_ok(),
+            "no auth: the token check says why"
+        );
+        let refusal = |v| socket_params(v).err().map(|e| e.message);
+        assert_eq!(refusal(serde_json::json!("x")).as_deref(), Some(AUTH_SHAPE));
+        assert_eq!(
+            refusal(serde_json::json!({"token": "t", "activeTenantId": 7})).as_deref(),
+            Some("auth.activeTenantId must be a string")
+        );
+        assert_eq!(
+            refusal(serde_json::json!({"token": "t", "types": "cost.*"})).as_deref(),
+            Some("auth.types must be an array of strings, e.g. [\"cost.*\"]")
+        );
+        assert_eq!(
+            refusal(serde_json::json!({"token": "t", "types": ["a.b", 1]})).as_deref(),
+            Some("auth.types[1] must be a string")
+        );
+    }
 }

@@ -5,10 +5,10 @@
 //!
 //! Pure logic with an explicit clock, so it is tested without sleeping.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::event::SharedEvent;
+use crate::event::{SharedEvent, check_identifier};
 
 /// A tenant's limit.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -125,6 +125,52 @@ impl RateLimiter {
     }
 }
 
+/// Per-tenant rates as Redis holds them (hash `tc:ratelimits`: field a
+/// tenant id, value events per second). Returns the rates that apply and,
+/// for each entry that does not, its field (lossily as text) and why; one
+/// bad entry never hides the others.
+pub fn rates_from_redis(
+    pairs: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
+) -> (HashMap<String, u32>, Vec<(String, String)>) {
+    let mut rates = HashMap::new();
+    let mut refused = Vec::new();
+    for (field, value) in pairs {
+        let shown: String = String::from_utf8_lossy(&field).chars().take(140).collect();
+        let tenant = match String::from_utf8(field) {
+            Ok(t) => t,
+            Err(_) => {
+                refused.push((shown, "the tenant is not UTF-8 text".into()));
+                continue;
+            }
+        };
+        if let Err(why) = check_identifier(&tenant) {
+            refused.push((shown, format!("tenant: {why}")));
+            continue;
+        }
+        let rate = std::str::from_utf8(&value)
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .filter(|r| *r > 0);
+        match rate {
+            Some(r) => {
+                rates.insert(tenant, r);
+            }
+            None => refused.push((
+                shown,
+                format!(
+                    "the rate {:?} is not a whole number of events per second from 1 to {}",
+                    String::from_utf8_lossy(&value)
+                        .chars()
+                        .take(40)
+                        .collect::<String>(),
+                    u32::MAX
+                ),
+            )),
+        }
+    }
+    (rates, refused)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,5 +247,26 @@ mod tests {
         let later = |s| t0 + Duration::from_secs(s);
         let out: Vec<String> = (1..=3).flat_map(|s| drain(&mut l, later(s))).collect();
         assert_eq!(out, ["3", "4", "5"], "in order, one a second");
+    }
+
+    #[test]
+    fn one_bad_rate_limit_entry_does_not_hide_the_others() {
+        let pairs = vec![
+            (b"tenant-a".to_vec(), b"1000".to_vec()),
+            (vec![0xff, 0xfe], b"10".to_vec()),
+            (b"tenant-b".to_vec(), vec![0xc3, 0x28]),
+            (b"tenant c".to_vec(), b"5".to_vec()),
+            (b"tenant-d".to_vec(), b"0".to_vec()),
+            (b"tenant-e".to_vec(), b" 7 ".to_vec()),
+        ];
+        let (rates, refused) = rates_from_redis(pairs);
+        assert_eq!(rates.len(), 2);
+        assert_eq!(rates.get("tenant-a"), Some(&1000));
+        assert_eq!(rates.get("tenant-e"), Some(&7));
+        let fields: Vec<&str> = refused.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["\u{fffd}\u{fffd}", "tenant-b", "tenant c", "tenant-d"]
+        );
     }
 }

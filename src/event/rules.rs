@@ -31,6 +31,8 @@ pub enum EventError {
     TenantInvalid { reason: String },
     #[error("trace_id: {value:?} is not a W3C trace id: 32 lowercase hex characters, not all zero")]
     TraceIdInvalid { value: String },
+    #[error("timestamp: {value:?} is not an RFC 3339 time such as 2026-04-29T16:41:38.412Z")]
+    TimestampInvalid { value: String },
     #[error("events: empty: a publish needs at least one event")]
     BatchEmpty,
     #[error("events: {len} events is more than the batch limit of {limit}")]
@@ -154,6 +156,33 @@ pub fn new_trace_id() -> String {
 /// A new time-ordered event id (UUIDv7).
 pub fn new_event_id() -> String {
     uuid::Uuid::now_v7().to_string()
+}
+
+/// Checks an event another instance accepted (read back from Redis)
+/// against the rules a published event follows: type, id, tenant, `data`
+/// size, timestamp and trace id. Redis is a peer, not an oracle.
+pub fn check_stored(event: &super::Event, max_data_bytes: usize) -> Result<(), EventError> {
+    validate_type(&event.event_type)?;
+    check_identifier(&event.id).map_err(|reason| EventError::IdInvalid { reason })?;
+    check_identifier(&event.tenant_id).map_err(|reason| EventError::TenantInvalid { reason })?;
+    let size = event.data.get().len();
+    if size > max_data_bytes {
+        return Err(EventError::DataTooLarge {
+            size,
+            limit: max_data_bytes,
+        });
+    }
+    if crate::clock::parse_timestamp(&event.timestamp).is_none() {
+        return Err(EventError::TimestampInvalid {
+            value: event.timestamp.chars().take(64).collect(),
+        });
+    }
+    if !is_trace_id(&event.trace_id) {
+        return Err(EventError::TraceIdInvalid {
+            value: event.trace_id.chars().take(64).collect(),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

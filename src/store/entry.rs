@@ -8,6 +8,7 @@
 use redis::Value;
 
 use crate::event::Event;
+use crate::event::rules::check_stored;
 
 const FIELD_ORIGIN: &str = "o";
 const FIELD_EVENT: &str = "e";
@@ -77,17 +78,24 @@ impl RawEntry {
             .map(|(_, v)| v.as_slice())
     }
 
-    /// The event of an event stream's entry, unless `instance_id` wrote it.
-    pub(super) fn decode(&self, instance_id: &str) -> Decoded {
+    /// The event of an event stream's entry, unless `instance_id` wrote
+    /// it. Another instance's event must follow the rules of a published
+    /// one (`data` at most `max_data_bytes`); Redis is a peer, not an
+    /// oracle.
+    pub(super) fn decode(&self, instance_id: &str, max_data_bytes: usize) -> Decoded {
         if self.field(FIELD_ORIGIN) == Some(instance_id.as_bytes()) {
             return Decoded::Own;
         }
         let Some(json) = self.field(FIELD_EVENT) else {
             return Decoded::Invalid("no event field".into());
         };
-        match Event::from_json(json) {
-            Ok(event) => Decoded::Event(event),
-            Err(e) => Decoded::Invalid(format!("not an event: {e}")),
+        let event = match Event::from_json(json) {
+            Ok(event) => event,
+            Err(e) => return Decoded::Invalid(format!("not an event: {e}")),
+        };
+        match check_stored(&event, max_data_bytes) {
+            Ok(()) => Decoded::Event(event),
+            Err(e) => Decoded::Invalid(format!("event breaks a rule: {e}")),
         }
     }
 
@@ -202,7 +210,7 @@ mod tests {
 
     #[test]
     fn one_decoder_for_every_reply() {
-        let event = r#"{"id":"e1","type":"a.b","tenant_id":"t","data":{"n":1.50},"timestamp":"x","trace_id":"y"}"#;
+        let event = r#"{"id":"e1","type":"a.b","tenant_id":"t","data":{"n":1.50},"timestamp":"2026-04-29T16:41:38.412Z","trace_id":"4bf92f3577b34da6a3ce929d0e0e4736"}"#;
         let entries = Value::Array(vec![
             entry("1700000000000-9", &[("o", "other"), ("e", event)]),
             entry("1700000000000-10", &[("o", "me"), ("e", event)]),
@@ -217,12 +225,34 @@ mod tests {
         }
         let parsed = parse_entries(entries);
         assert!(parsed[0].position() < parsed[1].position(), "numeric order");
-        match parsed[0].decode("me") {
+        match parsed[0].decode("me", 1024) {
             Decoded::Event(e) => assert_eq!(e.data.get(), r#"{"n":1.50}"#),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(parsed[1].decode("me"), Decoded::Own));
-        assert!(matches!(parsed[2].decode("me"), Decoded::Invalid(_)));
+        assert!(matches!(parsed[1].decode("me", 1024), Decoded::Own));
+        assert!(matches!(parsed[2].decode("me", 1024), Decoded::Invalid(_)));
+        assert!(
+            matches!(parsed[0].decode("me", 4), Decoded::Invalid(m) if m.contains("data")),
+            "data over the size limit"
+        );
+        // What a published event could never be is skipped, not relayed.
+        let bad_events = [
+            event.replace(r#""type":"a.b""#, r#""type":"NOT A TYPE""#),
+            event.replace(r#""id":"e1""#, r#""id":"../../x y""#),
+            event.replace(r#""tenant_id":"t""#, r#""tenant_id":"""#),
+            event.replace("2026-04-29T16:41:38.412Z", "yesterday"),
+            event.replace("4bf92f3577b34da6a3ce929d0e0e4736", "x"),
+        ];
+        for bad in &bad_events {
+            let entries = parse_entries(Value::Array(vec![entry(
+                "1-0",
+                &[("o", "other"), ("e", bad)],
+            )]));
+            assert!(
+                matches!(entries[0].decode("me", 1024), Decoded::Invalid(m) if m.starts_with("event breaks a rule")),
+                "{bad}"
+            );
+        }
         let registry = parse_entries(Value::Array(vec![entry("1-0", &[("t", "cost.updated")])]));
         assert_eq!(registry[0].registered_type(), Some("cost.updated"));
     }

@@ -103,6 +103,7 @@ impl StoreSettings {
     pub fn config(
         &self,
         history_max_age: Duration,
+        max_event_bytes: usize,
     ) -> Result<Option<(Target, StoreConfig)>, String> {
         let Some(url) = self.redis_url.as_deref().filter(|u| !u.trim().is_empty()) else {
             return Ok(None);
@@ -124,6 +125,7 @@ impl StoreSettings {
                 buffer: self.redis_buffer,
                 warm_window: history_max_age.min(self.redis_stream_max_age),
                 instance_id,
+                max_event_bytes,
             },
         )))
     }
@@ -154,6 +156,8 @@ pub struct StoreConfig {
     pub warm_window: Duration,
     /// This instance's id, written with each event.
     pub instance_id: String,
+    /// Largest `data` of an event read from Redis (`TC_MAX_EVENT_BYTES`).
+    pub max_event_bytes: usize,
 }
 
 /// Counters and gauges of the store.
@@ -171,6 +175,11 @@ pub struct StoreMetrics {
     pub relayed: Counter,
     /// Milliseconds between an entry's append and its relay here (last seen).
     pub relay_lag_ms: Gauge,
+    /// Stream entries skipped because they are not an event that follows
+    /// the rules.
+    pub invalid: Counter,
+    /// Keys skipped because they are not streams where streams should be.
+    pub skipped_keys: Counter,
 }
 
 /// The running store: the writer and one relay per partition.

@@ -8,8 +8,15 @@
 //! appear in the registry, which the same `XREAD` follows. Every quarter of
 //! the age cap (`trim_every`) it trims its streams by age (`XTRIM MINID ~`);
 //! the count cap is applied by each `XADD`. It stops when told to.
+//!
+//! Redis is a peer, not an oracle. A key of the wrong type where a stream
+//! or the registry should be (Redis answers `WRONGTYPE` for the whole
+//! `XREAD`) is found with `TYPE`, skipped and logged once, and the rest of
+//! the partition keeps relaying. Every event read passes the rules of a
+//! published one ([`super::entry`]); a bad entry is skipped and counted in
+//! `tc_redis_invalid_total`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -41,6 +48,10 @@ struct Relay {
     /// Last entry id read, per stream key.
     positions: BTreeMap<String, String>,
     registry_position: String,
+    /// False when the registry key holds something other than a stream.
+    registry_usable: bool,
+    /// Keys skipped because they are not streams.
+    skipped: BTreeSet<String>,
     warmed: bool,
 }
 
@@ -59,6 +70,8 @@ pub(super) async fn run(
         status,
         positions: BTreeMap::new(),
         registry_position: "0-0".into(),
+        registry_usable: true,
+        skipped: BTreeSet::new(),
         warmed: false,
     };
     let mut conn: Option<Conn> = None;
@@ -100,8 +113,14 @@ pub(super) async fn run(
             r = round => r,
         };
         match result {
-            Ok(()) => retry.reset(),
+            Ok(()) => {
+                relay.status.relay_ok(relay.partition);
+                retry.reset();
+            }
+            // A key that is not a stream: skip it and go on at once.
+            Err(e) if e.code() == Some("WRONGTYPE") && relay.skip_wrong_types(c).await => {}
             Err(e) => {
+                relay.status.relay_failed(relay.partition, &e);
                 relay.status.mark_down(&e);
                 conn = None;
                 tokio::select! {
@@ -117,14 +136,18 @@ impl Relay {
     /// Reads the registry and each stream's recent entries into history,
     /// and sets every stream's position to its newest entry.
     async fn warm(&mut self, conn: &mut Conn) -> redis::RedisResult<()> {
-        let registry = entry::parse_entries(
-            redis::cmd("XRANGE")
-                .arg(registry_key(self.partition))
-                .arg("-")
-                .arg("+")
-                .query_async(conn)
-                .await?,
-        );
+        let registry = if self.registry_usable {
+            entry::parse_entries(
+                redis::cmd("XRANGE")
+                    .arg(registry_key(self.partition))
+                    .arg("-")
+                    .arg("+")
+                    .query_async(conn)
+                    .await?,
+            )
+        } else {
+            Vec::new()
+        };
         for e in &registry {
             if let Some(t) = e.registered_type() {
                 self.learn_type(t);
@@ -195,17 +218,26 @@ impl Relay {
     /// One blocking read of the registry and every known stream.
     async fn follow(&mut self, conn: &mut Conn) -> redis::RedisResult<()> {
         let registry = registry_key(self.partition);
+        if !self.registry_usable && self.positions.is_empty() {
+            // Nothing to follow: wait as a blocking read would.
+            tokio::time::sleep(BLOCK).await;
+            return Ok(());
+        }
         let mut cmd = redis::cmd("XREAD");
         cmd.arg("COUNT")
             .arg(COUNT)
             .arg("BLOCK")
             .arg(BLOCK.as_millis() as u64)
-            .arg("STREAMS")
-            .arg(&registry);
+            .arg("STREAMS");
+        if self.registry_usable {
+            cmd.arg(&registry);
+        }
         for key in self.positions.keys() {
             cmd.arg(key);
         }
-        cmd.arg(&self.registry_position);
+        if self.registry_usable {
+            cmd.arg(&self.registry_position);
+        }
         for id in self.positions.values() {
             cmd.arg(id);
         }
@@ -250,9 +282,44 @@ impl Relay {
     /// from its start.
     fn learn_type(&mut self, event_type: &str) {
         let key = stream_key(event_type, self.config.partitions);
-        self.positions
-            .entry(key)
-            .or_insert_with(|| "0-0".to_string());
+        if !self.skipped.contains(&key) {
+            self.positions
+                .entry(key)
+                .or_insert_with(|| "0-0".to_string());
+        }
+    }
+
+    /// After a `WRONGTYPE`: asks the type of the registry and of every
+    /// followed key, and stops reading those that hold something else than
+    /// a stream (a missing key is fine: `XREAD` waits for it). True when
+    /// one was found, so the round can be tried again at once.
+    async fn skip_wrong_types(&mut self, conn: &mut Conn) -> bool {
+        let registry = registry_key(self.partition);
+        let mut keys: Vec<String> = self.positions.keys().cloned().collect();
+        if self.registry_usable {
+            keys.push(registry.clone());
+        }
+        let mut found = false;
+        for key in keys {
+            let kind: String = match redis::cmd("TYPE").arg(&key).query_async(conn).await {
+                Ok(kind) => kind,
+                Err(_) => return found,
+            };
+            if kind == "stream" || kind == "none" {
+                continue;
+            }
+            found = true;
+            self.status.metrics.skipped_keys.inc();
+            if key == registry {
+                self.registry_usable = false;
+                tracing::error!(%key, %kind, "the partition's type registry is not a stream: new types of this partition are not learned until it is deleted");
+            } else {
+                self.positions.remove(&key);
+                self.skipped.insert(key.clone());
+                tracing::error!(%key, %kind, "skipping a key that is not a stream; the rest of the partition goes on");
+            }
+        }
+        found
     }
 
     /// Delivers an entry another instance wrote; skips this instance's own.
@@ -262,7 +329,7 @@ impl Relay {
         metrics
             .relay_lag_ms
             .set(unix_millis().saturating_sub(ms) as i64);
-        match e.decode(&self.config.instance_id) {
+        match e.decode(&self.config.instance_id, self.config.max_event_bytes) {
             Decoded::Own => {}
             Decoded::Event(event) => {
                 if self.broker.relay(event) {
@@ -270,7 +337,8 @@ impl Relay {
                 }
             }
             Decoded::Invalid(reason) => {
-                tracing::warn!(id = %e.id, "stream entry skipped: {reason}");
+                metrics.invalid.inc();
+                tracing::warn!(entry = %e.id, "stream entry skipped: {reason}");
             }
         }
     }

@@ -1,5 +1,6 @@
 //! What `/readyz` shows of Redis, and Redis errors in words.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
@@ -11,6 +12,10 @@ pub struct Status {
     pub(super) warmed: AtomicU32,
     partitions: u32,
     last_error: Mutex<Option<String>>,
+    /// Partitions whose relay's last rounds failed: how many in a row, and
+    /// the last error. Redis may answer the writer and still fail a relay
+    /// (a key of the wrong type it could not skip, a slot moving).
+    relays_failing: Mutex<BTreeMap<u32, (u64, String)>>,
     pub(super) metrics: StoreMetrics,
 }
 
@@ -21,8 +26,31 @@ impl Status {
             warmed: AtomicU32::new(0),
             partitions,
             last_error: Mutex::new(None),
+            relays_failing: Mutex::new(BTreeMap::new()),
             metrics,
         }
+    }
+
+    /// A relay round of `partition` succeeded.
+    pub(super) fn relay_ok(&self, partition: u32) {
+        let mut failing = self
+            .relays_failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if failing.remove(&partition).is_some() {
+            tracing::info!(partition, "Redis relay recovered");
+        }
+    }
+
+    /// A relay round of `partition` failed.
+    pub(super) fn relay_failed(&self, partition: u32, error: &redis::RedisError) {
+        let mut failing = self
+            .relays_failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let entry = failing.entry(partition).or_insert((0, String::new()));
+        entry.0 += 1;
+        entry.1 = redis_error(error);
     }
 
     pub(super) fn mark_up(&self) {
@@ -52,6 +80,15 @@ impl Status {
             "last_error": if up { None } else {
                 self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
             },
+            "relays_failing": self
+                .relays_failing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(partition, (rounds, error))| serde_json::json!({
+                    "partition": partition, "failed_rounds": rounds, "last_error": error,
+                }))
+                .collect::<Vec<_>>(),
         })
     }
 }
@@ -64,6 +101,8 @@ fn redis_error(e: &redis::RedisError) -> String {
         "connection refused".into()
     } else if e.is_connection_dropped() || e.is_io_error() {
         "connection lost".into()
+    } else if let Some(code) = e.code() {
+        format!("Redis answered {code}")
     } else {
         format!("{:?}", e.kind())
     }

@@ -94,7 +94,11 @@ describe('token refresh', () => {
       token: backendToken({ tenant: 'tenant-r2', sub: 'user-r', exp: now() + 900 }),
     });
     assert.equal(ack.ok, false);
-    assert.equal(ack.error, 'no membership in tenant-r1');
+    // Issue 9: the refusal names the socket's tenant as such.
+    assert.equal(
+      ack.error,
+      "this token does not give access to the socket's tenant tenant-r1: refresh with a token for it, or reconnect to switch tenants",
+    );
     assert.equal(c.socket.connected, true);
     c.close();
   });
