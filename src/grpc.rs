@@ -1,9 +1,11 @@
 //! The gRPC surface (`tensorcost.events.v1.EventBroker`): translates
 //! messages to [`App`] calls and back. No broker logic lives here.
 
+use std::future::Future;
 use std::pin::Pin;
 
 use tokio_stream::{Stream, StreamExt};
+use tonic::codegen::http;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -30,13 +32,80 @@ impl GrpcService {
     pub fn new(app: App) -> Self {
         Self { app }
     }
+}
 
-    async fn identity(&self, metadata: &MetadataMap) -> Result<Identity, Status> {
-        let header = |name| metadata.get(name).and_then(|v| v.to_str().ok());
-        Ok(self
-            .app
-            .authenticate(header("authorization"), header(ACTIVE_TENANT_HEADER))
-            .await?)
+/// The caller, as [`Authenticated`] verified it before the request's body
+/// was read.
+fn identity<T>(request: &Request<T>) -> Result<Identity, Status> {
+    request
+        .extensions()
+        .get::<Identity>()
+        .cloned()
+        .ok_or_else(|| Status::internal("request was not authenticated"))
+}
+
+/// The broker's gRPC service behind the door: every call is authenticated
+/// from its headers (`authorization`, `x-active-tenant-id`) before its body
+/// is read, so a caller without a valid token costs at most its headers
+/// and what flow control lets it send before the refusal. The verified
+/// [`Identity`] travels to the handler in the request's extensions.
+#[derive(Clone)]
+pub struct Authenticated<S> {
+    inner: S,
+    app: App,
+}
+
+impl<S> Authenticated<S> {
+    pub fn new(inner: S, app: App) -> Self {
+        Self { inner, app }
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Authenticated<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for Authenticated<S>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+        // The clone that was made ready is the one to call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let app = self.app.clone();
+        Box::pin(async move {
+            let headers = request.headers();
+            let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+            let verified = app
+                .authenticate(header("authorization"), header(ACTIVE_TENANT_HEADER))
+                .await;
+            match verified {
+                Ok(identity) => {
+                    request.extensions_mut().insert(identity);
+                    inner.call(request).await
+                }
+                Err(refused) => Ok(Status::from(refused).into_http()),
+            }
+        })
     }
 }
 
@@ -140,7 +209,7 @@ impl EventBroker for GrpcService {
         &self,
         request: Request<PublishRequest>,
     ) -> Result<Response<PublishResponse>, Status> {
-        let identity = self.identity(request.metadata()).await?;
+        let identity = identity(&request)?;
         let stamp = self.app.stamp(traceparent(request.metadata()));
         let drafts = request
             .into_inner()
@@ -160,7 +229,7 @@ impl EventBroker for GrpcService {
         &self,
         request: Request<Streaming<PublishStreamRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
-        let identity = self.identity(request.metadata()).await?;
+        let identity = identity(&request)?;
         let stamp = self.app.stamp(traceparent(request.metadata()));
         let app = self.app.clone();
         let mut next_sequence = 0u64;
@@ -216,7 +285,7 @@ impl EventBroker for GrpcService {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let identity = self.identity(request.metadata()).await?;
+        let identity = identity(&request)?;
         let request = request.into_inner();
         let request_batch = request.max_batch;
         let params = SubscribeParams {

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -13,6 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 
+use crate::admission::{self, Admission};
 use crate::app::{ACTIVE_TENANT_HEADER, App};
 use crate::error::{ApiError, Code};
 use crate::event::json::drafts_from_body;
@@ -36,22 +38,16 @@ pub struct HttpState {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
+    admission: Arc<Admission>,
+    header_read_timeout: Duration,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::TokioIo;
+    use hyper_util::rt::{TokioIo, TokioTimer};
     use tower::ServiceExt;
     let connections = tokio_util::task::TaskTracker::new();
     loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait, go on.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
+        let (stream, _, permit) = tokio::select! {
+            accepted = admission::accept(&listener, &admission, "HTTP") => accepted,
             () = shutdown.cancelled() => break,
         };
         if let Err(e) = stream.set_nodelay(true) {
@@ -62,12 +58,19 @@ pub async fn serve(
                 .clone()
                 .map_request(|r: axum::http::Request<hyper::body::Incoming>| r.map(Body::new)),
         );
+        // hyper enforces the header-read timeout only with a timer; it
+        // also bounds how long an idle keep-alive connection waits for its
+        // next request.
         let connection = hyper::server::conn::http1::Builder::new()
             .max_buf_size(8192)
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout)
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
+            // The connection's place under the caps, until it closes.
+            let _permit = permit;
             let mut connection = std::pin::pin!(connection);
             let result = tokio::select! {
                 r = connection.as_mut() => r,

@@ -10,6 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::admission::AdmissionMetrics;
 use crate::broker::{Broker, Count};
 use crate::store::StoreMetrics;
 
@@ -57,7 +58,12 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(broker: &Broker, edge: &EdgeMetrics, store: Option<&StoreMetrics>) -> Self {
+    pub fn new(
+        broker: &Broker,
+        edge: &EdgeMetrics,
+        store: Option<&StoreMetrics>,
+        admission: &AdmissionMetrics,
+    ) -> Self {
         let mut registry = Registry::with_prefix("tc");
         if let Some(store) = store {
             registry.register("redis_up", "1 while Redis answers", store.up.clone());
@@ -103,6 +109,21 @@ impl Metrics {
             );
         }
         registry.register_collector(Box::new(BrokerCollector(broker.clone())));
+        registry.register(
+            "connections_open",
+            "Connections open now, gRPC and HTTP together",
+            admission.open.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed at once because TC_MAX_CONNECTIONS or TC_MAX_CONNECTIONS_PER_IP was reached",
+            admission.refused.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Failed accepts (out of file descriptors and the like)",
+            admission.accept_errors.clone(),
+        );
         registry.register(
             "socketio_sockets",
             "Socket.IO sockets connected",

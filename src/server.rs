@@ -19,14 +19,14 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
 
+use crate::admission::{Admission, AdmissionMetrics, GrpcIncoming};
 use crate::app::App;
 use crate::broker::Broker;
 use crate::config::Settings;
 use crate::edge::Edge;
 use crate::edge::ratelimit::rates_from_redis;
-use crate::grpc::GrpcService;
+use crate::grpc::{Authenticated, GrpcService};
 use crate::http::{self, HttpState};
 use crate::metrics::{EdgeMetrics, Metrics};
 use crate::proto;
@@ -36,6 +36,13 @@ use tokio_util::task::TaskTracker;
 
 /// How long open streams get to finish after shutdown begins.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 flow-control windows of the gRPC listener: what a client may send
+/// ahead of the server reading it, per stream and per connection.
+const GRPC_STREAM_WINDOW: u32 = 1 << 20;
+const GRPC_CONNECTION_WINDOW: u32 = 2 << 20;
+/// Largest header block of a gRPC request (a Cognito ID token is ~1-2 KiB).
+const GRPC_MAX_HEADER_BYTES: u32 = 16 << 10;
+
 /// How often tenants without subscribers or history are released.
 const RELEASE_IDLE_EVERY: Duration = Duration::from_secs(30);
 
@@ -56,6 +63,32 @@ pub struct ListenSettings {
     /// supervisors and tests that bind port 0.
     #[arg(long, env = "TC_READY_FILE")]
     pub ready_file: Option<PathBuf>,
+
+    /// Most connections open at once, both listeners together (0: what the
+    /// descriptor limit leaves, `ulimit -n` minus 128).
+    #[arg(long, env = "TC_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+
+    /// Most connections open at once from one IP address (0: no cap).
+    /// Behind a load balancer that does not keep client addresses, raise it
+    /// or set 0.
+    #[arg(long, env = "TC_MAX_CONNECTIONS_PER_IP", default_value_t = 1000)]
+    pub max_connections_per_ip: usize,
+
+    /// A new connection must send its request headers (HTTP/1) or its
+    /// HTTP/2 preface (gRPC) within this long, and an idle HTTP/1
+    /// connection is closed after it.
+    #[arg(long, env = "TC_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = crate::config::parse::duration)]
+    pub header_read_timeout: Duration,
+
+    /// Longest a gRPC call may take to produce its response (a unary call's
+    /// whole request included); streams, once answered, are not cut.
+    #[arg(long, env = "TC_GRPC_REQUEST_TIMEOUT", default_value = "30s", value_parser = crate::config::parse::duration)]
+    pub grpc_request_timeout: Duration,
+
+    /// Most concurrent gRPC streams (calls) per connection.
+    #[arg(long, env = "TC_GRPC_MAX_STREAMS", default_value_t = 100, value_parser = crate::config::parse::positive_u32)]
+    pub grpc_max_streams: u32,
 
     /// Development mode (no `TC_JWT_SECRET`) keeps its generated secret in
     /// this file for `token` and `check-token` (default:
@@ -122,10 +155,22 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         None => None,
     };
     let edge_metrics = EdgeMetrics::default();
+    let admission_metrics = AdmissionMetrics::default();
+    let admission = Admission::new(
+        settings.listen.max_connections,
+        settings.listen.max_connections_per_ip,
+        admission_metrics.clone(),
+    );
+    tracing::info!(
+        max_connections = admission.max_total(),
+        per_ip = settings.listen.max_connections_per_ip,
+        "connection caps"
+    );
     let metrics = Arc::new(Metrics::new(
         &broker,
         &edge_metrics,
         store.as_ref().map(|_| &store_metrics),
+        &admission_metrics,
     ));
     let edge_config = settings.edge.config();
     let cors = edge_config.origins.cors_layer();
@@ -178,22 +223,31 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let broker_service = EventBrokerServer::new(GrpcService::new(app.clone()))
-        .max_decoding_message_size(app.max_request_bytes());
+    // Authenticated before its body is read (grpc::Authenticated).
+    let broker_service = Authenticated::new(
+        EventBrokerServer::new(GrpcService::new(app.clone()))
+            .max_decoding_message_size(app.max_request_bytes()),
+        app.clone(),
+    );
+    let listen = &settings.listen;
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(listen.grpc_max_streams)
+        .initial_stream_window_size(GRPC_STREAM_WINDOW)
+        .initial_connection_window_size(GRPC_CONNECTION_WINDOW)
+        .http2_max_header_list_size(GRPC_MAX_HEADER_BYTES)
+        .timeout(listen.grpc_request_timeout)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(broker_service)
-        // Socket options set on the builder are ignored for an incoming
-        // stream; without TCP_NODELAY each unary call waits out Nagle and
-        // delayed ACKs (~40 ms).
         .serve_with_incoming_shutdown(
-            TcpIncoming::from(grpc_listener)
-                .with_nodelay(Some(true))
-                .with_keepalive(Some(Duration::from_secs(60))),
+            GrpcIncoming::new(
+                grpc_listener,
+                Arc::clone(&admission),
+                listen.header_read_timeout,
+            ),
             shutdown.clone().cancelled_owned(),
         );
     let grpc = tokio::spawn(async move { grpc.await.context("gRPC server failed") });
@@ -208,10 +262,18 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
     .layer(cors);
     let http = {
         let shutdown = shutdown.clone();
+        let admission = Arc::clone(&admission);
+        let header_read_timeout = listen.header_read_timeout;
         tokio::spawn(async move {
-            http::serve(http_listener, router, shutdown)
-                .await
-                .context("HTTP server failed")
+            http::serve(
+                http_listener,
+                router,
+                admission,
+                header_read_timeout,
+                shutdown,
+            )
+            .await
+            .context("HTTP server failed")
         })
     };
 
