@@ -205,7 +205,7 @@ impl App {
         }
         let subscription = self
             .broker
-            .subscribe(scope.clone(), filter, since.as_deref())
+            .subscribe(scope.clone(), filter, since.as_deref())?
             .with_deadline(clock::instant_at(identity.valid_until()));
         Ok((scope, subscription))
     }

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::auth::AuthError;
 use crate::auth::rbac::Denied;
-use crate::broker::FilterError;
+use crate::broker::{FilterError, TooManySubscribers};
 use crate::event::EventError;
 use crate::event::json::BodyError;
 
@@ -110,6 +110,12 @@ impl std::error::Error for ApiError {}
 impl From<EventError> for ApiError {
     fn from(e: EventError) -> Self {
         Self::invalid(e.to_string())
+    }
+}
+
+impl From<TooManySubscribers> for ApiError {
+    fn from(e: TooManySubscribers) -> Self {
+        Self::new(Code::ResourceExhausted, e.to_string())
     }
 }
 

@@ -172,7 +172,9 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         store.as_ref().map(|_| &store_metrics),
         &admission_metrics,
     ));
-    let edge_config = settings.edge.config();
+    let edge_config = settings
+        .edge
+        .config(settings.broker.max_subscribers_per_tenant);
     let cors = edge_config.origins.cors_layer();
     let (socketio, io, edge) = Edge::layer(app.clone(), broker.clone(), edge_config, edge_metrics);
     if let Some(store) = &store {

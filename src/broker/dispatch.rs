@@ -32,6 +32,16 @@ use super::{BrokerConfig, Outcome, Persist, Stats};
 use crate::event::{Event, SharedEvent};
 use crate::tenant::TenantScope;
 
+/// A subscription refused because its tenant has as many as allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "tenant {tenant} has {limit} subscriptions open, the most TC_MAX_SUBSCRIBERS_PER_TENANT allows: close one first"
+)]
+pub struct TooManySubscribers {
+    pub tenant: String,
+    pub limit: usize,
+}
+
 /// A cheap handle to the broker; clone it freely.
 #[derive(Clone)]
 pub struct Broker {
@@ -153,13 +163,47 @@ impl Broker {
     /// Follows `scope`'s events matching `filter`. With `since_id`, history
     /// after that id is replayed first; the replay snapshot and the live
     /// registration are taken under the same lock, so there is no gap and
-    /// no duplicate at the seam.
+    /// no duplicate at the seam. Refused when the tenant (or every-tenant
+    /// scope) already has `max_subscribers_per_tenant` subscriptions.
     pub fn subscribe(
         &self,
         scope: TenantScope,
         filter: TypeFilter,
         since_id: Option<&str>,
-    ) -> Subscription {
+    ) -> Result<Subscription, TooManySubscribers> {
+        let limit = self.shared.config.max_subscribers_per_tenant;
+        self.open(scope, filter, since_id, |held, scope| {
+            if held >= limit {
+                Err(TooManySubscribers {
+                    tenant: scope.label().to_string(),
+                    limit,
+                })
+            } else {
+                Ok(())
+            }
+        })
+    }
+
+    /// Every event of `tenant`, after `since_id`: the broker's own
+    /// consumers (the Socket.IO edge's per-tenant pump), not capped.
+    pub fn follow(&self, tenant: &str, since_id: Option<&str>) -> Subscription {
+        let uncapped = |_: usize, _: &TenantScope| Ok::<(), std::convert::Infallible>(());
+        let Ok(subscription) = self.open(
+            TenantScope::One(tenant.to_string()),
+            TypeFilter::all(),
+            since_id,
+            uncapped,
+        );
+        subscription
+    }
+
+    fn open<E>(
+        &self,
+        scope: TenantScope,
+        filter: TypeFilter,
+        since_id: Option<&str>,
+        admit: impl FnOnce(usize, &TenantScope) -> Result<(), E>,
+    ) -> Result<Subscription, E> {
         let shared = &self.shared;
         let (tx, rx) = mpsc::channel(shared.config.subscriber_buffer.max(1));
         let overflowed = Arc::new(AtomicBool::new(false));
@@ -177,6 +221,7 @@ impl Broker {
         let mut history_tail = None;
         match &scope {
             TenantScope::One(tenant) => self.with_tenant(tenant, |state| {
+                admit(state.subscribers.len(), &scope)?;
                 state.history.trim(Instant::now(), &shared.config);
                 history_tail = state.history.tail_id();
                 if let Some(since) = since_id {
@@ -187,14 +232,17 @@ impl Broker {
                 if !shared.closed.load(Ordering::Acquire) {
                     state.subscribers.push(subscriber);
                 }
-            }),
+                Ok(())
+            })?,
             TenantScope::All => {
+                let mut everyone = lock(&shared.all_tenants);
+                admit(everyone.len(), &scope)?;
                 if !shared.closed.load(Ordering::Acquire) {
-                    lock(&shared.all_tenants).push(subscriber);
+                    everyone.push(subscriber);
                 }
             }
         }
-        Subscription {
+        Ok(Subscription {
             replay: replay.events.into_iter(),
             recovered: since_id.map(|_| replay.recovered),
             history_tail,
@@ -208,7 +256,7 @@ impl Broker {
                 scope,
                 id,
             },
-        }
+        })
     }
 
     /// Events of `tenant` after `since_id`, up to and including `until_id`,

@@ -22,7 +22,7 @@ mod subscription;
 
 use std::time::Duration;
 
-pub use dispatch::Broker;
+pub use dispatch::{Broker, TooManySubscribers};
 pub use filter::{FilterError, TypeFilter};
 pub use stats::{Count, Stats};
 pub use subscription::{Delivery, Subscription};
@@ -58,6 +58,12 @@ pub struct BrokerConfig {
     /// Events buffered per subscriber before it is dropped as too slow.
     #[arg(long, env = "TC_SUBSCRIBER_BUFFER", default_value_t = 1024, value_parser = positive)]
     pub subscriber_buffer: usize,
+
+    /// Most subscriptions (gRPC streams; and, counted apart, Socket.IO
+    /// sockets) one tenant may hold open; all-tenants streams count
+    /// together.
+    #[arg(long, env = "TC_MAX_SUBSCRIBERS_PER_TENANT", default_value_t = 10_000, value_parser = positive)]
+    pub max_subscribers_per_tenant: usize,
 
     /// On resume, also replay held events accepted up to this long before
     /// the resume point. Events reach instances in different orders; with
@@ -117,7 +123,9 @@ pub(crate) mod tests {
             subscriber_buffer: 2,
             ..Default::default()
         });
-        let mut slow = broker.subscribe(TenantScope::One("t".into()), TypeFilter::all(), None);
+        let mut slow = broker
+            .subscribe(TenantScope::One("t".into()), TypeFilter::all(), None)
+            .expect("under the cap");
         for i in 0..5 {
             broker.publish_one(event("t", &format!("e{i}"), "a.b"));
         }
@@ -136,8 +144,12 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn close_ends_streams_and_drop_unsubscribes() {
         let broker = Broker::new(BrokerConfig::default());
-        let mut sub = broker.subscribe(TenantScope::One("t".into()), TypeFilter::all(), None);
-        let other = broker.subscribe(TenantScope::All, TypeFilter::all(), None);
+        let mut sub = broker
+            .subscribe(TenantScope::One("t".into()), TypeFilter::all(), None)
+            .expect("under the cap");
+        let other = broker
+            .subscribe(TenantScope::All, TypeFilter::all(), None)
+            .expect("under the cap");
         assert_eq!(broker.subscriber_count(), 2);
         drop(other);
         assert_eq!(broker.subscriber_count(), 1);
@@ -158,7 +170,9 @@ pub(crate) mod tests {
             ..Default::default()
         });
         // A subscriber of a tenant that never publishes leaves nothing behind.
-        let sub = broker.subscribe(TenantScope::One("quiet".into()), TypeFilter::all(), None);
+        let sub = broker
+            .subscribe(TenantScope::One("quiet".into()), TypeFilter::all(), None)
+            .expect("under the cap");
         assert_eq!(broker.tenant_count(), 1);
         drop(sub);
         assert_eq!(
@@ -171,7 +185,9 @@ pub(crate) mod tests {
         for t in 0..1000 {
             broker.publish_one(event(&format!("tenant-{t}"), "e", "a.b"));
         }
-        let sub = broker.subscribe(TenantScope::One("tenant-0".into()), TypeFilter::all(), None);
+        let sub = broker
+            .subscribe(TenantScope::One("tenant-0".into()), TypeFilter::all(), None)
+            .expect("under the cap");
         assert_eq!(broker.tenant_count(), 1000);
         let now = Instant::now();
         assert_eq!(broker.release_idle(now), 0, "history is still held");
@@ -185,11 +201,56 @@ pub(crate) mod tests {
 
         // A released tenant comes back on its next event, and a subscriber
         // that arrived meanwhile sees it.
-        let mut again =
-            broker.subscribe(TenantScope::One("tenant-5".into()), TypeFilter::all(), None);
+        let mut again = broker
+            .subscribe(TenantScope::One("tenant-5".into()), TypeFilter::all(), None)
+            .expect("under the cap");
         broker.publish_one(event("tenant-5", "f", "a.b"));
         assert!(matches!(again.try_next_now(), Some(Delivery::Event(e)) if e.id == "f"));
         drop(sub);
+    }
+
+    #[test]
+    fn subscriptions_per_tenant_are_capped() {
+        let broker = Broker::new(BrokerConfig {
+            max_subscribers_per_tenant: 2,
+            ..Default::default()
+        });
+        let one = |t: &str| TenantScope::One(t.into());
+        let a = broker
+            .subscribe(one("a"), TypeFilter::all(), None)
+            .expect("1st");
+        let _b = broker
+            .subscribe(one("a"), TypeFilter::all(), None)
+            .expect("2nd");
+        let refused = broker.subscribe(one("a"), TypeFilter::all(), None).err();
+        assert_eq!(
+            refused,
+            Some(TooManySubscribers {
+                tenant: "a".into(),
+                limit: 2
+            })
+        );
+        assert!(
+            broker.subscribe(one("b"), TypeFilter::all(), None).is_ok(),
+            "per tenant"
+        );
+        let _internal = broker.follow("a", None);
+        drop(a);
+        assert!(
+            broker.subscribe(one("a"), TypeFilter::all(), None).is_err(),
+            "internal followers count as held"
+        );
+        let _all1 = broker
+            .subscribe(TenantScope::All, TypeFilter::all(), None)
+            .expect("all 1");
+        let _all2 = broker
+            .subscribe(TenantScope::All, TypeFilter::all(), None)
+            .expect("all 2");
+        assert!(
+            broker
+                .subscribe(TenantScope::All, TypeFilter::all(), None)
+                .is_err()
+        );
     }
 
     impl Subscription {

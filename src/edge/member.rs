@@ -2,11 +2,14 @@
 //! in its send buffer (the backlog), and leaving (told why, then
 //! disconnected).
 //!
-//! Emits never wait. A socket whose send buffer is full queues events in
-//! its backlog, in order, retried by the pump; past [`MAX_BACKLOG`] it is
-//! too slow: it receives nothing more, is told `too_slow` and disconnected
-//! as soon as its buffer has room, and recovers what it missed by
-//! reconnecting with its last event id.
+//! Emits never wait. A socket whose send buffer (`TC_SOCKET_BUFFER`
+//! packets, held by socketioxide) is full queues events in its backlog, in
+//! order, retried by the pump; past `TC_SOCKET_BUFFER_BYTES` of backlog it
+//! is too slow: it receives nothing more, is told `too_slow` and
+//! disconnected as soon as its buffer has room (or closed by the engine's
+//! heartbeat if it never reads again), and recovers what it missed by
+//! reconnecting with its last event id. A backlog entry shares the
+//! tenant's encoded payload; it is counted at its full size all the same.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -21,8 +24,9 @@ use crate::broker::TypeFilter;
 use crate::event::socketio::Payload;
 use crate::metrics::EdgeMetrics;
 
-/// Most events that may wait for one socket before it counts as too slow.
-pub const MAX_BACKLOG: usize = 10_000;
+/// What a backlog entry costs beyond its payload and id (queue slot,
+/// `Arc`, `String`), for the byte count.
+const ENTRY_OVERHEAD: usize = 64;
 
 /// Why an emit did not go out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +85,9 @@ pub(super) struct Member<O> {
     /// than the buffer, or a burst), in order. While it is not empty, new
     /// events queue behind it.
     backlog: VecDeque<(String, Payload)>,
+    /// Bytes of the backlog, as counted against `max_backlog_bytes`.
+    backlog_bytes: usize,
+    max_backlog_bytes: usize,
     /// Set when the socket must go (too slow, token expired): it receives
     /// nothing more and is disconnected as soon as it has been told why.
     leaving: Option<Leaving>,
@@ -102,13 +109,20 @@ struct Reason<'a> {
 }
 
 impl<O: Outlet> Member<O> {
-    pub(super) fn new(socket: O, filter: TypeFilter, expires_at: u64) -> Self {
+    pub(super) fn new(
+        socket: O,
+        filter: TypeFilter,
+        expires_at: u64,
+        max_backlog_bytes: usize,
+    ) -> Self {
         Self {
             socket,
             filter,
             expires_at,
             last_sent: None,
             backlog: VecDeque::new(),
+            backlog_bytes: 0,
+            max_backlog_bytes,
             leaving: None,
         }
     }
@@ -138,10 +152,12 @@ impl<O: Outlet> Member<O> {
             metrics.slow_sockets.inc();
         }
         self.backlog.clear();
+        self.backlog_bytes = 0;
         self.leave(
             "too_slow",
             format!(
-                "socket too slow: more than {MAX_BACKLOG} events waited for it; reconnect with lastEventId to recover what it missed"
+                "socket too slow: more than {} bytes of events waited for it; reconnect with lastEventId to recover what it missed",
+                self.max_backlog_bytes
             ),
         );
     }
@@ -163,9 +179,11 @@ impl<O: Outlet> Member<O> {
                 Err(Emit::Gone) => return false,
             }
         }
-        if self.backlog.len() >= MAX_BACKLOG {
+        let cost = payload.get().len() + id.len() + ENTRY_OVERHEAD;
+        if self.backlog_bytes + cost > self.max_backlog_bytes {
             self.too_slow(metrics);
         } else {
+            self.backlog_bytes += cost;
             self.backlog
                 .push_back((id.to_string(), Arc::clone(payload)));
         }
@@ -180,6 +198,7 @@ impl<O: Outlet> Member<O> {
                 Ok(()) => {
                     metrics.events_sent.inc();
                     self.last_sent = Some(id.clone());
+                    self.backlog_bytes -= payload.get().len() + id.len() + ENTRY_OVERHEAD;
                     self.backlog.pop_front();
                 }
                 Err(Emit::Full) => return true,

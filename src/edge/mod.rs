@@ -25,6 +25,7 @@ pub mod rooms;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
 use socketioxide::extract::{AckSender, Extension, SocketRef, State, TryData};
@@ -35,7 +36,7 @@ use socketioxide::{SocketIo, TransportType};
 use crate::app::{App, SocketParams, SocketSession};
 use crate::broker::Broker;
 use crate::clock;
-use crate::config::parse::{positive, positive_u32};
+use crate::config::parse::{duration, positive, positive_u32};
 use crate::error::{ApiError, Code};
 use crate::event::check_identifier;
 use crate::metrics::EdgeMetrics;
@@ -48,6 +49,12 @@ pub const PATH: &str = "/ws";
 
 /// Initial websocket read buffer per socket.
 const WS_READ_BUFFER: usize = 1024;
+/// Largest message (and websocket frame, and polling body) a client may
+/// send.
+const MAX_CLIENT_MESSAGE: usize = 32 << 10;
+/// How long a connection that opened the transport has to send its
+/// Socket.IO handshake before it is closed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The edge's settings as flags and `TC_*` variables of `serve`; each
 /// default written once, here.
@@ -70,13 +77,30 @@ pub struct EdgeSettings {
     #[arg(long, env = "TC_RATE_LIMIT_QUEUE", default_value_t = 1000, value_parser = positive)]
     pub rate_limit_queue: usize,
 
-    /// Socket.IO packets buffered per socket before it counts as too slow.
-    #[arg(long, env = "TC_SOCKET_BUFFER", default_value_t = 1024, value_parser = positive)]
+    /// Socket.IO packets socketioxide buffers per socket; what does not
+    /// fit waits in the socket's backlog.
+    #[arg(long, env = "TC_SOCKET_BUFFER", default_value_t = 128, value_parser = positive)]
     pub socket_buffer: usize,
+
+    /// Bytes of events that may wait in one socket's backlog; past it the
+    /// socket is disconnected as too slow (it resumes with its last id).
+    #[arg(long, env = "TC_SOCKET_BUFFER_BYTES", default_value_t = 1 << 20, value_parser = positive)]
+    pub socket_buffer_bytes: usize,
+
+    /// How often the server pings a socket (Engine.IO heartbeat). A socket
+    /// whose buffer is still full at the next ping is closed.
+    #[arg(long, env = "TC_SOCKET_PING_INTERVAL", default_value = "25s", value_parser = duration)]
+    pub ping_interval: Duration,
+
+    /// How long a socket has to answer a ping before it is closed.
+    #[arg(long, env = "TC_SOCKET_PING_TIMEOUT", default_value = "20s", value_parser = duration)]
+    pub ping_timeout: Duration,
 }
 
 impl EdgeSettings {
-    pub fn config(&self) -> EdgeConfig {
+    /// The edge's settings, parsed; `max_sockets_per_tenant` comes from the
+    /// broker's subscription cap.
+    pub fn config(&self, max_sockets_per_tenant: usize) -> EdgeConfig {
         EdgeConfig {
             origins: Origins::parse(self.cors_origin.as_deref()),
             limits: RateLimits {
@@ -87,6 +111,10 @@ impl EdgeSettings {
                 overrides: self.rate_limit_overrides.0.clone(),
             },
             socket_buffer: self.socket_buffer,
+            socket_buffer_bytes: self.socket_buffer_bytes,
+            ping_interval: self.ping_interval,
+            ping_timeout: self.ping_timeout,
+            max_sockets_per_tenant,
         }
     }
 }
@@ -114,8 +142,14 @@ fn overrides(s: &str) -> Result<Overrides, String> {
 pub struct EdgeConfig {
     pub origins: Origins,
     pub limits: RateLimits,
-    /// Packets buffered per socket before it counts as too slow.
+    /// Packets socketioxide buffers per socket.
     pub socket_buffer: usize,
+    /// Bytes of backlog per socket before it counts as too slow.
+    pub socket_buffer_bytes: usize,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    /// Most sockets per tenant (`TC_MAX_SUBSCRIBERS_PER_TENANT`).
+    pub max_sockets_per_tenant: usize,
 }
 
 /// Shared state of every socket handler. Cheap to clone.
@@ -206,7 +240,13 @@ impl Edge {
     ) -> (SocketIoLayer, SocketIo, Edge) {
         let edge = Edge {
             inner: Arc::new(EdgeInner {
-                rooms: Rooms::new(broker, config.limits, metrics.clone()),
+                rooms: Rooms::new(
+                    broker,
+                    config.limits,
+                    config.socket_buffer_bytes,
+                    config.max_sockets_per_tenant,
+                    metrics.clone(),
+                ),
                 app,
                 origins: config.origins,
                 metrics,
@@ -216,6 +256,15 @@ impl Edge {
             .req_path(PATH)
             .transports([TransportType::Polling, TransportType::Websocket])
             .max_buffer_size(config.socket_buffer.max(16))
+            // What a client may send, before and after it authenticates:
+            // the largest valid message (auth, subscribe with 64 filters,
+            // refresh_token) is a few KiB.
+            .max_payload(MAX_CLIENT_MESSAGE as u64)
+            .ws_max_message_size(MAX_CLIENT_MESSAGE)
+            .ws_max_frame_size(MAX_CLIENT_MESSAGE)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .ping_interval(config.ping_interval)
+            .ping_timeout(config.ping_timeout)
             // Incoming frames are small (pings, subscribe, refresh_token);
             // the buffer grows for larger ones. 4 KiB per socket otherwise.
             .ws_read_buffer_size(WS_READ_BUFFER)
@@ -275,7 +324,17 @@ async fn open(
         }
     }
     let auth = auth.map_err(|_| ApiError::invalid(AUTH_SHAPE))?;
-    edge.inner.app.open_socket(socket_params(auth)?).await
+    let session = edge.inner.app.open_socket(socket_params(auth)?).await?;
+    if let Err(open) = edge.inner.rooms.has_room_for(&session.tenant) {
+        return Err(ApiError::new(
+            Code::ResourceExhausted,
+            format!(
+                "tenant {} has {open} sockets open, the most TC_MAX_SUBSCRIBERS_PER_TENANT allows",
+                session.tenant
+            ),
+        ));
+    }
+    Ok(session)
 }
 
 async fn on_connect(
@@ -284,6 +343,7 @@ async fn on_connect(
     Extension(session): Extension<SocketSession>,
 ) {
     edge.inner.metrics.sockets.inc();
+    edge.inner.rooms.count_socket(&session.tenant, true);
     socket.on("subscribe", on_subscribe);
     socket.on("refresh_token", on_refresh_token);
     socket.on_disconnect(on_disconnect);
@@ -311,6 +371,7 @@ async fn on_disconnect(
     Extension(session): Extension<SocketSession>,
 ) {
     edge.inner.metrics.sockets.dec();
+    edge.inner.rooms.count_socket(&session.tenant, false);
     edge.inner
         .rooms
         .send(&session.tenant, Command::Detach { sid: socket.id });

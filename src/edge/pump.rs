@@ -30,7 +30,6 @@ use crate::clock;
 use crate::event::socketio;
 use crate::event::{self, Event, SharedEvent};
 use crate::metrics::{EdgeMetrics, TenantLabel};
-use crate::tenant::TenantScope;
 
 /// How often a pump checks token expiry, slow sockets and drop notices.
 const TICK: Duration = Duration::from_millis(250);
@@ -47,6 +46,8 @@ pub(super) struct Pump<O> {
     metrics: EdgeMetrics,
     members: HashMap<Sid, Member<O>>,
     limiter: RateLimiter,
+    /// Each member's backlog cap (`TC_SOCKET_BUFFER_BYTES`).
+    max_backlog_bytes: usize,
     /// The last event handed to members (or already in history when the
     /// pump started): a joiner's replay ends here.
     emitted_upto: Option<String>,
@@ -64,6 +65,7 @@ impl<O: Outlet> Pump<O> {
         broker: Broker,
         metrics: EdgeMetrics,
         limit: Limit,
+        max_backlog_bytes: usize,
         history_tail: Option<String>,
         now: Instant,
     ) -> Self {
@@ -74,6 +76,7 @@ impl<O: Outlet> Pump<O> {
             metrics,
             members: HashMap::new(),
             limiter: RateLimiter::new(limit, now),
+            max_backlog_bytes,
             emitted_upto: history_tail.clone(),
             last_received: history_tail,
             last_notice: now,
@@ -125,7 +128,7 @@ impl<O: Outlet> Pump<O> {
         let Ok(session) = serde_json::value::to_raw_value(&session) else {
             return;
         };
-        let mut member = Member::new(socket, filter, expires_at);
+        let mut member = Member::new(socket, filter, expires_at, self.max_backlog_bytes);
         if member.socket.emit("session", &session).is_err() {
             return;
         }
@@ -335,11 +338,7 @@ pub(super) async fn run(
 
 /// The broker subscription a pump follows: every event of the tenant.
 pub(super) fn follow(broker: &Broker, tenant: &str, since: Option<&str>) -> Subscription {
-    broker.subscribe(
-        TenantScope::One(tenant.to_string()),
-        TypeFilter::all(),
-        since,
-    )
+    broker.follow(tenant, since)
 }
 
 #[cfg(test)]
@@ -352,7 +351,6 @@ mod tests {
     use super::*;
     use crate::broker::BrokerConfig;
     use crate::edge::member::Emit;
-    use crate::edge::member::MAX_BACKLOG;
 
     /// A socket that records what it is sent. `room` is how many more
     /// messages its buffer takes (`usize::MAX`: always room).
@@ -431,6 +429,8 @@ mod tests {
     }
 
     const TENANT: &str = "tenant-a";
+    /// Each test member's backlog cap: a few thousand small events.
+    const BACKLOG_BYTES: usize = 1 << 20;
 
     fn event(id: &str, event_type: &str) -> Event {
         crate::broker::tests::event(TENANT, id, event_type)
@@ -458,6 +458,7 @@ mod tests {
                     per_second,
                     queue: 100,
                 },
+                BACKLOG_BYTES,
                 subscription.history_tail.clone(),
                 t0,
             );
@@ -586,7 +587,9 @@ mod tests {
         assert!(!s.pump.backlogged());
 
         slow.room.store(0, Ordering::SeqCst);
-        let ids: Vec<String> = (0..=MAX_BACKLOG).map(|i| format!("b-{i}")).collect();
+        // Small events cost about 250 bytes each in a backlog: 10,000 of
+        // them are well past the cap.
+        let ids: Vec<String> = (0..10_000).map(|i| format!("b-{i}")).collect();
         let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
         s.publish(&refs, s.t0);
         slow.room.store(usize::MAX, Ordering::SeqCst);

@@ -80,6 +80,8 @@ impl Command {
 pub struct Rooms {
     broker: Broker,
     limits: RateLimits,
+    /// Each socket's backlog cap (`TC_SOCKET_BUFFER_BYTES`).
+    socket_buffer_bytes: usize,
     /// Per-tenant rates from Redis (`tc:ratelimits`); they win over
     /// configured overrides.
     live_overrides: std::sync::RwLock<HashMap<String, u32>>,
@@ -88,19 +90,54 @@ pub struct Rooms {
     tasks: TaskTracker,
     /// The Socket.IO handle, to disconnect a failed pump's sockets.
     io: OnceLock<SocketIo>,
+    /// Sockets connected per tenant, and the cap.
+    sockets: Mutex<HashMap<String, usize>>,
+    max_sockets_per_tenant: usize,
 }
 
 impl Rooms {
-    pub fn new(broker: Broker, limits: RateLimits, metrics: EdgeMetrics) -> Arc<Self> {
+    pub fn new(
+        broker: Broker,
+        limits: RateLimits,
+        socket_buffer_bytes: usize,
+        max_sockets_per_tenant: usize,
+        metrics: EdgeMetrics,
+    ) -> Arc<Self> {
         Arc::new(Self {
             broker,
             limits,
+            socket_buffer_bytes,
             live_overrides: std::sync::RwLock::new(HashMap::new()),
             metrics,
             pumps: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             io: OnceLock::new(),
+            sockets: Mutex::new(HashMap::new()),
+            max_sockets_per_tenant,
         })
+    }
+
+    /// Whether `tenant` may open one more socket (checked at handshake;
+    /// concurrent handshakes may pass it by a few).
+    pub fn has_room_for(&self, tenant: &str) -> Result<(), usize> {
+        let sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        match sockets.get(tenant) {
+            Some(&n) if n >= self.max_sockets_per_tenant => Err(n),
+            _ => Ok(()),
+        }
+    }
+
+    /// A socket of `tenant` connected (`+1`) or left (`-1`).
+    pub fn count_socket(&self, tenant: &str, joined: bool) {
+        let mut sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        if joined {
+            *sockets.entry(tenant.to_string()).or_default() += 1;
+        } else if let Some(n) = sockets.get_mut(tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                sockets.remove(tenant);
+            }
+        }
     }
 
     /// Gives the rooms the Socket.IO handle (once, when it is built).
@@ -167,6 +204,7 @@ impl Rooms {
             self.broker.clone(),
             self.metrics.clone(),
             self.limit_for(tenant),
+            self.socket_buffer_bytes,
             subscription.history_tail.clone(),
             Instant::now(),
         );
