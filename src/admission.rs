@@ -2,7 +2,7 @@
 //! cap on open connections, the accept loop's back-off when the process is
 //! out of file descriptors (logged once a second, not per attempt), and
 //! for gRPC a deadline by which a new connection must have sent its
-//! HTTP/2 preface.
+//! HTTP/2 preface; on both, a write deadline for peers that stop reading.
 //!
 //! A connection over a cap is accepted and closed at once: its descriptor
 //! is held for a moment only. The caps bound what any number of clients
@@ -222,6 +222,7 @@ pub struct GrpcIncoming {
     listener: TcpListener,
     admission: Arc<Admission>,
     preface_timeout: Duration,
+    write_timeout: Duration,
     paused: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -230,11 +231,13 @@ impl GrpcIncoming {
         listener: TcpListener,
         admission: Arc<Admission>,
         preface_timeout: Duration,
+        write_timeout: Duration,
     ) -> Self {
         Self {
             listener,
             admission,
             preface_timeout,
+            write_timeout,
             paused: None,
         }
     }
@@ -271,6 +274,8 @@ impl Stream for GrpcIncoming {
                         _permit: permit,
                         preface_read: 0,
                         preface_deadline: Some(Box::pin(tokio::time::sleep(this.preface_timeout))),
+                        write_timeout: this.write_timeout,
+                        stalled: None,
                     })));
                 }
                 Poll::Ready(Err(e)) => {
@@ -282,13 +287,61 @@ impl Stream for GrpcIncoming {
     }
 }
 
-/// An admitted gRPC connection: the stream, its place under the caps, and
-/// the deadline for its HTTP/2 preface.
+/// An admitted connection: the stream, its place under the caps, the
+/// deadline for its HTTP/2 preface (gRPC), and the write deadline: a write
+/// that makes no progress for `write_timeout` (a peer that stopped
+/// reading, its window at zero) fails, so the connection's tasks end and
+/// what they hold is freed instead of waiting on the peer forever.
 pub struct Admitted {
     stream: TcpStream,
     _permit: Permit,
     preface_read: usize,
     preface_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    write_timeout: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Admitted {
+    /// An HTTP/1 connection (no preface deadline: hyper's header-read
+    /// timeout does that job).
+    pub fn http(stream: TcpStream, permit: Permit, write_timeout: Duration) -> Self {
+        Self {
+            stream,
+            _permit: permit,
+            preface_read: PREFACE_BYTES,
+            preface_deadline: None,
+            write_timeout,
+            stalled: None,
+        }
+    }
+
+    /// Fails the pending write once it has made no progress for
+    /// `write_timeout`; any progress resets the clock.
+    fn write_progress<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match result {
+            Poll::Pending => {
+                let timeout = self.write_timeout;
+                let stalled = self
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                if stalled.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the peer has not read for the write timeout",
+                    )));
+                }
+                Poll::Pending
+            }
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
 }
 
 impl AsyncRead for Admitted {
@@ -325,15 +378,18 @@ impl AsyncWrite for Admitted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let result = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.write_progress(cx, result)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        let result = Pin::new(&mut self.stream).poll_flush(cx);
+        self.write_progress(cx, result)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        let result = Pin::new(&mut self.stream).poll_shutdown(cx);
+        self.write_progress(cx, result)
     }
 
     fn poll_write_vectored(
@@ -341,7 +397,8 @@ impl AsyncWrite for Admitted {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let result = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.write_progress(cx, result)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 
-use crate::admission::{self, Admission};
+use crate::admission::{self, Admission, Admitted};
 use crate::app::{ACTIVE_TENANT_HEADER, App};
 use crate::error::{ApiError, Code};
 use crate::event::json::drafts_from_body;
@@ -40,6 +40,7 @@ pub async fn serve(
     router: Router,
     admission: Arc<Admission>,
     header_read_timeout: Duration,
+    write_timeout: Duration,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
@@ -65,12 +66,13 @@ pub async fn serve(
             .max_buf_size(8192)
             .timer(TokioTimer::new())
             .header_read_timeout(header_read_timeout)
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(
+                TokioIo::new(Admitted::http(stream, permit, write_timeout)),
+                service,
+            )
             .with_upgrades();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
-            // The connection's place under the caps, until it closes.
-            let _permit = permit;
             let mut connection = std::pin::pin!(connection);
             let result = tokio::select! {
                 r = connection.as_mut() => r,

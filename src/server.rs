@@ -81,6 +81,11 @@ pub struct ListenSettings {
     #[arg(long, env = "TC_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = crate::config::parse::duration)]
     pub header_read_timeout: Duration,
 
+    /// A connection whose writes make no progress for this long (the peer
+    /// stopped reading) is closed, freeing what waits for it.
+    #[arg(long, env = "TC_WRITE_TIMEOUT", default_value = "30s", value_parser = crate::config::parse::duration)]
+    pub write_timeout: Duration,
+
     /// Longest a gRPC call may take to produce its response (a unary call's
     /// whole request included); streams, once answered, are not cut.
     #[arg(long, env = "TC_GRPC_REQUEST_TIMEOUT", default_value = "30s", value_parser = crate::config::parse::duration)]
@@ -249,6 +254,7 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
                 grpc_listener,
                 Arc::clone(&admission),
                 listen.header_read_timeout,
+                listen.write_timeout,
             ),
             shutdown.clone().cancelled_owned(),
         );
@@ -266,12 +272,14 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         let shutdown = shutdown.clone();
         let admission = Arc::clone(&admission);
         let header_read_timeout = listen.header_read_timeout;
+        let write_timeout = listen.write_timeout;
         tokio::spawn(async move {
             http::serve(
                 http_listener,
                 router,
                 admission,
                 header_read_timeout,
+                write_timeout,
                 shutdown,
             )
             .await

@@ -79,7 +79,7 @@ pub struct EdgeSettings {
 
     /// Socket.IO packets socketioxide buffers per socket; what does not
     /// fit waits in the socket's backlog.
-    #[arg(long, env = "TC_SOCKET_BUFFER", default_value_t = 128, value_parser = positive)]
+    #[arg(long, env = "TC_SOCKET_BUFFER", default_value_t = 64, value_parser = positive)]
     pub socket_buffer: usize,
 
     /// Bytes of events that may wait in one socket's backlog; past it the

@@ -38,33 +38,9 @@ fn server_command(program: &str) -> Command {
     c
 }
 
-/// User + system CPU time of a process in clock ticks (100 per second).
-pub fn cpu_ticks(p: &Process) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", p.pid())).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    let get = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    get(11) + get(12)
-}
-
 /// Resident memory of a process in KiB.
 pub fn rss_kib(p: &Process) -> u64 {
-    std::fs::read_to_string(format!("/proc/{}/status", p.pid()))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    p.rss_kib()
 }
 
 /// CPU use of a process over a window, in percent of one core.
@@ -76,14 +52,14 @@ pub struct CpuWindow {
 impl CpuWindow {
     pub fn start(p: &Process) -> Self {
         Self {
-            ticks: cpu_ticks(p),
+            ticks: p.cpu_ticks(),
             at: std::time::Instant::now(),
         }
     }
 
     pub fn percent(&self, p: &Process) -> f64 {
         let secs = self.at.elapsed().as_secs_f64().max(1e-3);
-        (cpu_ticks(p).saturating_sub(self.ticks)) as f64 / 100.0 / secs * 100.0
+        (p.cpu_ticks().saturating_sub(self.ticks)) as f64 / 100.0 / secs * 100.0
     }
 }
 
