@@ -28,6 +28,9 @@ pub(crate) mod store;
 pub(crate) mod telemetry;
 pub(crate) mod tenant;
 
+#[cfg(test)]
+mod properties;
+
 /// Generated gRPC code for `tensorcost.events.v1`.
 pub mod proto {
     #![allow(clippy::all, missing_docs)]

@@ -67,7 +67,7 @@ impl Memberships {
 
 /// The tenants a Redis membership value lists; what is not usable is
 /// skipped with a warning naming the field (the `cognito_sub`).
-fn tenants_from_redis(sub: &str, value: &[u8]) -> Vec<String> {
+pub(crate) fn tenants_from_redis(sub: &str, value: &[u8]) -> Vec<String> {
     let field: String = sub.chars().take(140).collect();
     let Ok(text) = std::str::from_utf8(value) else {
         tracing::warn!(%field, "ignoring the Redis tc:memberships value of this field: not UTF-8 text");

@@ -171,7 +171,7 @@ const AUTH_SHAPE: &str = "auth must be an object: { token, activeTenantId?, type
 /// Reads the `auth` object a client sends with its handshake: `{ token,
 /// activeTenantId?, types?, lastEventId? }`, each refusal naming the field.
 /// Unknown fields are ignored (socket.io-client adds its own).
-fn socket_params(auth: serde_json::Value) -> Result<SocketParams, ApiError> {
+pub(crate) fn socket_params(auth: serde_json::Value) -> Result<SocketParams, ApiError> {
     use serde_json::Value;
     let mut fields = match auth {
         Value::Object(fields) => fields,

@@ -55,14 +55,14 @@ pub(super) fn add_type(
 
 /// An entry as Redis returned it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct RawEntry {
+pub(crate) struct RawEntry {
     pub(super) id: String,
     fields: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// What an event stream's entry holds, for the instance reading it.
 #[derive(Debug)]
-pub(super) enum Decoded {
+pub(crate) enum Decoded {
     /// Written by this instance: already delivered here.
     Own,
     Event(Event),
@@ -82,7 +82,7 @@ impl RawEntry {
     /// it. Another instance's event must follow the rules of a published
     /// one (`data` at most `max_data_bytes`); Redis is a peer, not an
     /// oracle.
-    pub(super) fn decode(&self, instance_id: &str, max_data_bytes: usize) -> Decoded {
+    pub(crate) fn decode(&self, instance_id: &str, max_data_bytes: usize) -> Decoded {
         if self.field(FIELD_ORIGIN) == Some(instance_id.as_bytes()) {
             return Decoded::Own;
         }
@@ -100,14 +100,14 @@ impl RawEntry {
     }
 
     /// The type a registry entry names.
-    pub(super) fn registered_type(&self) -> Option<&str> {
+    pub(crate) fn registered_type(&self) -> Option<&str> {
         self.field(FIELD_TYPE)
             .and_then(|t| std::str::from_utf8(t).ok())
     }
 
     /// Milliseconds and sequence of the entry id (`1700000000000-3`), which
     /// order entries numerically.
-    pub(super) fn position(&self) -> (u64, u64) {
+    pub(crate) fn position(&self) -> (u64, u64) {
         parse_id(&self.id)
     }
 }
@@ -135,7 +135,7 @@ fn bytes(v: Value) -> Vec<u8> {
 
 /// An `XRANGE` / `XREVRANGE` reply (also the entries of one stream in an
 /// `XREAD` reply): `[[id, [field, value, …]], …]`.
-pub(super) fn parse_entries(reply: Value) -> Vec<RawEntry> {
+pub(crate) fn parse_entries(reply: Value) -> Vec<RawEntry> {
     let Value::Array(entries) = reply else {
         return Vec::new();
     };
@@ -167,7 +167,7 @@ pub(super) fn parse_entries(reply: Value) -> Vec<RawEntry> {
 }
 
 /// An `XREAD` reply as (stream key, entries), RESP2 arrays or RESP3 maps.
-pub(super) fn parse_streams(reply: Value) -> Vec<(String, Vec<RawEntry>)> {
+pub(crate) fn parse_streams(reply: Value) -> Vec<(String, Vec<RawEntry>)> {
     let streams: Vec<(Value, Value)> = match reply {
         Value::Array(items) => items
             .into_iter()

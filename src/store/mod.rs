@@ -24,7 +24,7 @@
 //! task of the store has ended.
 
 pub mod conn;
-mod entry;
+pub(crate) mod entry;
 pub mod keys;
 mod relay;
 mod retry;
