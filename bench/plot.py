@@ -58,6 +58,28 @@ def main(directory: str) -> None:
     fig.suptitle(f"tensorcost-events vs peers ({report['size']} size, {report['machine']['cpus']} CPUs, one run)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "results.png", dpi=110)
+    if 6 in scenarios:
+        soak(scenarios[6], out)
+
+
+def soak(scenario: dict, out: Path) -> None:
+    """soak.png: RSS and open descriptors over the soak run."""
+    rows = scenario["rows"]
+    seconds = [int(r["system"].removeprefix("t=").removesuffix("s")) for r in rows]
+    rss = [r["rss_mib"] for r in rows]
+    fds = [int((r.get("note") or "0").split(" ")[0]) for r in rows]
+    fig, left = plt.subplots(figsize=(7, 3.6))
+    left.plot(seconds, rss, color="#2b6cb0", marker=".", label="RSS (MiB)")
+    left.set_xlabel("seconds")
+    left.set_ylabel("RSS (MiB)", color="#2b6cb0")
+    left.set_ylim(bottom=0)
+    right = left.twinx()
+    right.plot(seconds, fds, color="#c05621", marker=".", label="open descriptors")
+    right.set_ylabel("open descriptors", color="#c05621")
+    right.set_ylim(bottom=0)
+    left.set_title(f"6: soak, {scenario['shape']}", fontsize=8, wrap=True)
+    fig.tight_layout()
+    fig.savefig(out / "soak.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -353,6 +353,60 @@ pub async fn sio_receive(mut ws: Ws, recorder: Arc<Recorder>, stop: Arc<AtomicBo
     local.flush(&recorder);
 }
 
+/// A socket that lives `lifetime`, leaves, and comes back resuming from the
+/// last event id it saw, until `stop`; it first waits `offset`. Counts
+/// events into `recorder` and reconnections into `resumes`.
+pub async fn sio_churning(
+    host: String,
+    token: String,
+    offset: Duration,
+    lifetime: Duration,
+    recorder: Arc<Recorder>,
+    resumes: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) {
+    tokio::time::sleep(offset).await;
+    let mut last_id: Option<String> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let mut auth = serde_json::json!({ "token": token });
+        if let Some(id) = &last_id {
+            auth["lastEventId"] = id.clone().into();
+            resumes.fetch_add(1, Ordering::Relaxed);
+        }
+        let Ok(mut ws) = sio_connect(&host, &auth).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let until = Instant::now() + lifetime;
+        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+            let next = tokio::select! {
+                m = ws.next() => m,
+                () = tokio::time::sleep(Duration::from_millis(200)) => continue,
+            };
+            let Some(Ok(Message::Text(text))) = next else {
+                break;
+            };
+            if text.as_str() == "2" {
+                let _ = ws.send(Message::text("3")).await;
+            } else if sio::is_event_packet(&text) {
+                if let Some(id) = event_id(&text) {
+                    last_id = Some(id.to_string());
+                }
+                // Counted at once: the soak samples the rate as it goes.
+                recorder.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let _ = ws.close(None).await;
+    }
+}
+
+/// The `id` of an `event` packet: the envelope starts with it.
+fn event_id(packet: &str) -> Option<&str> {
+    let start = packet.find("{\"id\":\"")? + 7;
+    let len = packet[start..].find('"')?;
+    Some(&packet[start..start + len])
+}
+
 /// Publishes to the Node peer: `42["publish",{tenant,type,data}]` at a
 /// steady rate, round robin over tenants.
 pub async fn sio_publish_steady(

@@ -38,8 +38,9 @@ pub struct Config {
     pub node_peer: PathBuf,
     #[arg(long, value_enum, default_value = "small")]
     pub size: Size,
-    /// Scenarios to run, comma separated.
-    #[arg(long, default_value = "1,2,3,4,5")]
+    /// Scenarios to run, comma separated (6, the soak run, takes 10
+    /// minutes at full size).
+    #[arg(long, default_value = "1,2,3,4,5,6")]
     pub scenarios: String,
     /// Where results.json and results.md go.
     #[arg(long)]
@@ -92,7 +93,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             }
             4 => scenarios::cross_instance(&config).await?,
             5 => scenarios::idle(&config).await?,
-            other => anyhow::bail!("no scenario {other} (1 to 5)"),
+            6 => scenarios::soak(&config).await?,
+            other => anyhow::bail!("no scenario {other} (1 to 6)"),
         };
         report.scenarios.push(scenario);
         report::write(&report, &config.out)?;

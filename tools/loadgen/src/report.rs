@@ -94,6 +94,21 @@ pub fn markdown(report: &Report) -> String {
                     r.note.clone().unwrap_or_default()
                 );
             }
+        } else if s.id == 6 {
+            let _ = writeln!(
+                md,
+                "| time | delivered/s | RSS MiB | descriptors, resumes |\n|---|---:|---:|---|"
+            );
+            for r in &s.rows {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} |",
+                    r.system,
+                    num(r.delivered_per_s),
+                    num(r.rss_mib),
+                    r.note.clone().unwrap_or_default()
+                );
+            }
         } else {
             let _ = writeln!(
                 md,
