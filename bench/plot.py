@@ -28,8 +28,12 @@ def main(directory: str) -> None:
         panels.append(("4: across instances, latency (ms)", scenarios[4]["rows"], None))
     if 5 in scenarios:
         panels.append(("5: idle websocket\nKiB per connection", scenarios[5]["rows"], "kib_per_connection"))
+    if 6 in scenarios:
+        soak(scenarios[6], out)
     if not panels:
-        sys.exit("no scenarios in results.json")
+        if 6 not in scenarios:
+            sys.exit("no scenarios in results.json")
+        return
     cols = min(3, len(panels))
     nrows = (len(panels) + cols - 1) // cols
     fig, grid = plt.subplots(nrows, cols, figsize=(4.6 * cols, 4.0 * nrows), squeeze=False)
@@ -58,8 +62,6 @@ def main(directory: str) -> None:
     fig.suptitle(f"tensorcost-events vs peers ({report['size']} size, {report['machine']['cpus']} CPUs, one run)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "results.png", dpi=110)
-    if 6 in scenarios:
-        soak(scenarios[6], out)
 
 
 def soak(scenario: dict, out: Path) -> None:

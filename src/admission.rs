@@ -70,7 +70,9 @@ impl Drop for Permit {
 
 impl Admission {
     /// `max_total` 0 means "what the descriptor limit allows"; `max_per_ip`
-    /// 0 means no per-IP cap.
+    /// 0 means no per-IP cap, and any other value is held to half the total,
+    /// so that one address can never take every place (a health check from
+    /// elsewhere still gets in).
     pub fn new(max_total: usize, max_per_ip: usize, metrics: AdmissionMetrics) -> Arc<Self> {
         let fd_room = fd_limit().saturating_sub(RESERVED_FDS).max(1) as usize;
         let max_total = match max_total {
@@ -90,7 +92,7 @@ impl Admission {
             max_per_ip: if max_per_ip == 0 {
                 usize::MAX
             } else {
-                max_per_ip
+                max_per_ip.min((max_total / 2).max(1))
             },
             total: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
@@ -102,6 +104,11 @@ impl Admission {
 
     pub fn max_total(&self) -> usize {
         self.max_total
+    }
+
+    /// The per-address cap in force (`usize::MAX` when there is none).
+    pub fn max_per_ip(&self) -> usize {
+        self.max_per_ip
     }
 
     /// A place for a connection from `ip`, if both caps allow it.
@@ -420,18 +427,23 @@ mod tests {
 
     #[test]
     fn caps_per_ip_and_in_total_and_places_come_back() {
-        let admission = Admission::new(3, 2, AdmissionMetrics::default());
+        let admission = Admission::new(4, 2, AdmissionMetrics::default());
         let a: IpAddr = [10, 0, 0, 1].into();
         let b: IpAddr = [10, 0, 0, 2].into();
         let a1 = admission.admit(a).expect("first from a");
         let a2 = admission.admit(a).expect("second from a");
         assert!(admission.admit(a).is_none(), "per-IP cap");
         let b1 = admission.admit(b).expect("first from b");
+        let c: IpAddr = [10, 0, 0, 3].into();
+        let c1 = admission.admit(c).expect("first from c");
         assert!(admission.admit(b).is_none(), "total cap");
         drop(a1);
         assert!(admission.admit(b).is_some(), "a place came back");
-        drop((a2, b1));
+        drop((a2, b1, c1));
         assert_eq!(admission.metrics.refused.get(), 2);
+        let halved = Admission::new(10, 1000, AdmissionMetrics::default());
+        let from_a: Vec<Permit> = (0..10).filter_map(|_| halved.admit(a)).collect();
+        assert_eq!(from_a.len(), 5, "one address gets at most half the places");
         let unlimited = Admission::new(0, 0, AdmissionMetrics::default());
         assert!(unlimited.max_total() > 0);
         let many: Vec<Permit> = (0..100).filter_map(|_| unlimited.admit(a)).collect();

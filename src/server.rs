@@ -69,7 +69,8 @@ pub struct ListenSettings {
     #[arg(long, env = "TC_MAX_CONNECTIONS", default_value_t = 0)]
     pub max_connections: usize,
 
-    /// Most connections open at once from one IP address (0: no cap).
+    /// Most connections open at once from one IP address (0: no cap); held
+    /// to half of the total cap, so one address never takes every place.
     /// Behind a load balancer that does not keep client addresses, raise it
     /// or set 0.
     #[arg(long, env = "TC_MAX_CONNECTIONS_PER_IP", default_value_t = 1000)]
@@ -168,7 +169,7 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
     );
     tracing::info!(
         max_connections = admission.max_total(),
-        per_ip = settings.listen.max_connections_per_ip,
+        per_ip = admission.max_per_ip(),
         "connection caps"
     );
     let metrics = Arc::new(Metrics::new(

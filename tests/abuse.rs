@@ -380,3 +380,31 @@ async fn a_far_future_exp_is_refused_everywhere_and_breaks_nobody() {
         "the tenant's other socket still receives"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn out_of_descriptors_one_address_cannot_take_every_place() {
+    // The broker under a descriptor limit of 256: 128 connections at most,
+    // 64 from one address.
+    let mut options = BrokerOptions::new(SECRET)
+        .env("TC_HEADER_READ_TIMEOUT", "5s")
+        .env("RUST_LOG", "error");
+    options.prefix = vec!["prlimit".into(), "--nofile=256:256".into()];
+    let b = BrokerProcess::start(Path::new(BIN), options).unwrap_or_else(|e| panic!("{e:#}"));
+    let mut held = Vec::new();
+    for _ in 0..300 {
+        match TcpStream::connect(http_addr(&b)).await {
+            Ok(s) => held.push(s),
+            Err(e) => panic!("connect: {e}"),
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(healthz(&b).await, "/healthz from another address answers");
+    let refused = metric(&b, "tc_connections_refused_total").await;
+    assert!(refused >= 236.0, "{refused} of 300 refused (64 held)");
+    assert_eq!(
+        metric(&b, "tc_accept_errors_total").await,
+        0.0,
+        "never out of descriptors"
+    );
+    assert!(b.process.open_fds() < 256);
+}
