@@ -24,6 +24,7 @@ pub(crate) mod grpc;
 pub(crate) mod http;
 pub(crate) mod metrics;
 pub mod server;
+pub(crate) mod state;
 pub(crate) mod store;
 pub(crate) mod telemetry;
 pub(crate) mod tenant;

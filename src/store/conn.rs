@@ -170,7 +170,26 @@ impl Lazy {
 
     /// Runs `cmd`; on error the connection is dropped and made again next time.
     pub async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
-        let mut conn = {
+        let mut conn = self.conn().await?;
+        let result = cmd.query_async(&mut conn).await;
+        if result.is_err() {
+            *self.conn.lock().await = None;
+        }
+        result
+    }
+
+    /// Runs a (non-atomic) pipeline, ignoring its replies.
+    pub async fn pipeline(&self, pipe: &redis::Pipeline) -> redis::RedisResult<()> {
+        let mut conn = self.conn().await?;
+        let result = pipe.query_async::<()>(&mut conn).await;
+        if result.is_err() {
+            *self.conn.lock().await = None;
+        }
+        result
+    }
+
+    async fn conn(&self) -> redis::RedisResult<Conn> {
+        Ok({
             let mut slot = self.conn.lock().await;
             match slot.as_ref() {
                 Some(c) => c.clone(),
@@ -180,11 +199,6 @@ impl Lazy {
                     c
                 }
             }
-        };
-        let result = cmd.query_async(&mut conn).await;
-        if result.is_err() {
-            *self.conn.lock().await = None;
-        }
-        result
+        })
     }
 }

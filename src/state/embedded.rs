@@ -1,0 +1,622 @@
+//! The embedded backend: one `redb` file (`state.redb` under
+//! `TC_DATA_DIR`), for a broker without Redis.
+//!
+//! Writes go to one writer thread, which applies every write waiting at
+//! that moment in one transaction and commits it durably (redb's default,
+//! fsync before the commit returns): concurrent writers share a commit, and
+//! each caller's future resolves once its write is on disk. Reads use
+//! redb's snapshots beside the writer.
+//!
+//! Queues are indexed in memory (queue → due time → job id; about 100
+//! bytes a job, bodies stay on disk), rebuilt from the file at start. This
+//! process is the file's only user (redb locks it), so a lease is only
+//! kept in memory: after a crash every job is due at its stored time again.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Capacity, Job, Result, StateError};
+
+const RECORDS: TableDefinition<(&str, &str, &str), &str> = TableDefinition::new("records");
+const LOGS: TableDefinition<(&str, u64), &str> = TableDefinition::new("logs");
+const JOBS: TableDefinition<&str, &str> = TableDefinition::new("jobs");
+
+/// Writes waiting for the writer thread at most; callers wait beyond it.
+const WRITE_QUEUE: usize = 4096;
+
+enum Op {
+    Record {
+        key: (String, String, String),
+        value: Option<String>,
+        reply: oneshot::Sender<Result<bool>>,
+    },
+    LogPush {
+        key: String,
+        value: String,
+        keep: usize,
+        reply: oneshot::Sender<Result<bool>>,
+    },
+    LogClear {
+        key: String,
+        reply: oneshot::Sender<Result<bool>>,
+    },
+    Jobs {
+        put: Vec<Job>,
+        delete: Vec<String>,
+        reply: oneshot::Sender<Result<bool>>,
+    },
+}
+
+impl Op {
+    fn reply(self, result: Result<bool>) {
+        let reply = match self {
+            Op::Record { reply, .. }
+            | Op::LogPush { reply, .. }
+            | Op::LogClear { reply, .. }
+            | Op::Jobs { reply, .. } => reply,
+        };
+        let _ = reply.send(result);
+    }
+}
+
+#[derive(Default)]
+struct Index {
+    /// queue → (due, id), leased jobs at their lease's end.
+    queues: HashMap<String, BTreeSet<(u64, String)>>,
+    /// id → (queue, due) for every job.
+    jobs: HashMap<String, (String, u64)>,
+}
+
+impl Index {
+    fn insert(&mut self, job: &Job) {
+        self.remove(&job.id);
+        self.queues
+            .entry(job.queue.clone())
+            .or_default()
+            .insert((job.due_ms, job.id.clone()));
+        self.jobs
+            .insert(job.id.clone(), (job.queue.clone(), job.due_ms));
+    }
+
+    fn remove(&mut self, id: &str) {
+        if let Some((queue, due)) = self.jobs.remove(id)
+            && let Some(set) = self.queues.get_mut(&queue)
+        {
+            set.remove(&(due, id.to_string()));
+            if set.is_empty() {
+                self.queues.remove(&queue);
+            }
+        }
+    }
+}
+
+pub struct Embedded {
+    path: PathBuf,
+    db: Arc<Database>,
+    tx: mpsc::Sender<Op>,
+    index: Mutex<Index>,
+    versions: Mutex<HashMap<String, u64>>,
+    next_version: AtomicU64,
+}
+
+fn err(what: &str, e: impl std::fmt::Display) -> StateError {
+    StateError(format!("{what}: {e}"))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Embedded {
+    pub fn open(dir: PathBuf) -> Result<Self> {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| err(&format!("cannot create TC_DATA_DIR {}", dir.display()), e))?;
+        let path = dir.join("state.redb");
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StateError(format!(
+                "{} is in use by another process: give each broker its own TC_DATA_DIR, or use Redis (TC_REDIS_URL) to share state",
+                path.display()
+            )),
+            e => err(&format!("cannot open {}", path.display()), e),
+        })?;
+        // Create the tables, so that reads find them.
+        let txn = db.begin_write().map_err(|e| err("begin", e))?;
+        {
+            txn.open_table(RECORDS).map_err(|e| err("records", e))?;
+            txn.open_table(LOGS).map_err(|e| err("logs", e))?;
+            txn.open_table(JOBS).map_err(|e| err("jobs", e))?;
+        }
+        txn.commit().map_err(|e| err("commit", e))?;
+        let mut index = Index::default();
+        {
+            let read = db.begin_read().map_err(|e| err("read", e))?;
+            let jobs = read.open_table(JOBS).map_err(|e| err("jobs", e))?;
+            for row in jobs.iter().map_err(|e| err("jobs", e))? {
+                let (_, value) = row.map_err(|e| err("jobs", e))?;
+                match serde_json::from_str::<Job>(value.value()) {
+                    Ok(job) => index.insert(&job),
+                    Err(e) => {
+                        tracing::warn!("skipped an unreadable job in {}: {e}", path.display())
+                    }
+                }
+            }
+        }
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let writer_db = Arc::clone(&db);
+        std::thread::Builder::new()
+            .name("tc-state-writer".into())
+            .spawn(move || writer(&writer_db, rx))
+            .map_err(|e| err("cannot start the state writer", e))?;
+        Ok(Self {
+            path,
+            db,
+            tx,
+            index: Mutex::new(index),
+            versions: Mutex::new(HashMap::new()),
+            next_version: AtomicU64::new(1),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn write(&self, make: impl FnOnce(oneshot::Sender<Result<bool>>) -> Op) -> Result<bool> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| StateError("the state writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StateError("the state writer has stopped".into()))?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| err("read task", e))?
+    }
+
+    pub async fn get(&self, table: &str, tenant: &str, id: &str) -> Result<Option<String>> {
+        let key = (table.to_string(), tenant.to_string(), id.to_string());
+        self.read(move |db| {
+            let read = db.begin_read().map_err(|e| err("read", e))?;
+            let t = read.open_table(RECORDS).map_err(|e| err("records", e))?;
+            Ok(t.get((key.0.as_str(), key.1.as_str(), key.2.as_str()))
+                .map_err(|e| err("records", e))?
+                .map(|v| v.value().to_string()))
+        })
+        .await
+    }
+
+    pub async fn put(&self, table: &str, tenant: &str, id: &str, value: String) -> Result<()> {
+        let key = (table.to_string(), tenant.to_string(), id.to_string());
+        self.write(|reply| Op::Record {
+            key,
+            value: Some(value),
+            reply,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn delete(&self, table: &str, tenant: &str, id: &str) -> Result<bool> {
+        let key = (table.to_string(), tenant.to_string(), id.to_string());
+        self.write(|reply| Op::Record {
+            key,
+            value: None,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn list(&self, table: &str, tenant: &str) -> Result<Vec<(String, String)>> {
+        let (table, tenant) = (table.to_string(), tenant.to_string());
+        self.read(move |db| {
+            let read = db.begin_read().map_err(|e| err("read", e))?;
+            let t = read.open_table(RECORDS).map_err(|e| err("records", e))?;
+            let end = format!("{tenant}\0");
+            let rows = t
+                .range((table.as_str(), tenant.as_str(), "")..(table.as_str(), end.as_str(), ""))
+                .map_err(|e| err("records", e))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (k, v) = row.map_err(|e| err("records", e))?;
+                out.push((k.value().2.to_string(), v.value().to_string()));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn list_all(&self, table: &str) -> Result<Vec<(String, String, String)>> {
+        let table = table.to_string();
+        self.read(move |db| {
+            let read = db.begin_read().map_err(|e| err("read", e))?;
+            let t = read.open_table(RECORDS).map_err(|e| err("records", e))?;
+            let end = format!("{table}\0");
+            let rows = t
+                .range((table.as_str(), "", "")..(end.as_str(), "", ""))
+                .map_err(|e| err("records", e))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (k, v) = row.map_err(|e| err("records", e))?;
+                let (_, tenant, id) = k.value();
+                out.push((tenant.to_string(), id.to_string(), v.value().to_string()));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn push_log(&self, log: &str, key: &str, value: String, keep: usize) -> Result<()> {
+        let key = log_key(log, key);
+        self.write(|reply| Op::LogPush {
+            key,
+            value,
+            keep: keep.max(1),
+            reply,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn read_log(&self, log: &str, key: &str, limit: usize) -> Result<Vec<String>> {
+        let key = log_key(log, key);
+        self.read(move |db| {
+            let read = db.begin_read().map_err(|e| err("read", e))?;
+            let t = read.open_table(LOGS).map_err(|e| err("logs", e))?;
+            let rows = t
+                .range((key.as_str(), 0)..=(key.as_str(), u64::MAX))
+                .map_err(|e| err("logs", e))?;
+            let mut out = Vec::new();
+            for row in rows.rev().take(limit) {
+                let (_, v) = row.map_err(|e| err("logs", e))?;
+                out.push(v.value().to_string());
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn delete_log(&self, log: &str, key: &str) -> Result<()> {
+        let key = log_key(log, key);
+        self.write(|reply| Op::LogClear { key, reply })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn enqueue(&self, jobs: Vec<Job>) -> Result<()> {
+        let index_copy: Vec<Job> = jobs
+            .iter()
+            .map(|j| Job {
+                body: String::new(),
+                ..j.clone()
+            })
+            .collect();
+        self.write(|reply| Op::Jobs {
+            put: jobs,
+            delete: Vec::new(),
+            reply,
+        })
+        .await?;
+        let mut index = lock(&self.index);
+        for job in &index_copy {
+            index.insert(job);
+        }
+        Ok(())
+    }
+
+    pub async fn claim(
+        &self,
+        now_ms: u64,
+        lease_ms: u64,
+        capacity: &Capacity,
+        max: usize,
+    ) -> Result<Vec<Job>> {
+        let claimed: Vec<(String, String)> = {
+            let mut index = lock(&self.index);
+            let mut picked = Vec::new();
+            let queues: Vec<String> = index.queues.keys().cloned().collect();
+            for queue in queues {
+                if picked.len() >= max {
+                    break;
+                }
+                let room = capacity.of(&queue).min(max - picked.len());
+                let due: Vec<(u64, String)> = index.queues[&queue]
+                    .iter()
+                    .take_while(|(d, _)| *d <= now_ms)
+                    .take(room)
+                    .cloned()
+                    .collect();
+                for (_, id) in due {
+                    index.insert(&Job {
+                        id: id.clone(),
+                        queue: queue.clone(),
+                        due_ms: now_ms.saturating_add(lease_ms),
+                        body: String::new(),
+                    });
+                    picked.push((queue.clone(), id));
+                }
+            }
+            picked
+        };
+        if claimed.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.read(move |db| {
+            let read = db.begin_read().map_err(|e| err("read", e))?;
+            let t = read.open_table(JOBS).map_err(|e| err("jobs", e))?;
+            let mut out = Vec::new();
+            for (_, id) in claimed {
+                if let Some(v) = t.get(id.as_str()).map_err(|e| err("jobs", e))? {
+                    match serde_json::from_str::<Job>(v.value()) {
+                        Ok(job) => out.push(job),
+                        Err(e) => tracing::warn!(job = %id, "skipped an unreadable job: {e}"),
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn finish(&self, _queue: &str, id: &str) -> Result<()> {
+        lock(&self.index).remove(id);
+        self.write(|reply| Op::Jobs {
+            put: Vec::new(),
+            delete: vec![id.to_string()],
+            reply,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn drop_queue(&self, queue: &str) -> Result<()> {
+        let ids: Vec<String> = {
+            let mut index = lock(&self.index);
+            let ids: Vec<String> = index
+                .queues
+                .get(queue)
+                .map(|s| s.iter().map(|(_, id)| id.clone()).collect())
+                .unwrap_or_default();
+            for id in &ids {
+                index.remove(id);
+            }
+            ids
+        };
+        self.write(|reply| Op::Jobs {
+            put: Vec::new(),
+            delete: ids,
+            reply,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub fn queued(&self) -> u64 {
+        lock(&self.index).jobs.len() as u64
+    }
+
+    pub fn version(&self, name: &str) -> u64 {
+        lock(&self.versions).get(name).copied().unwrap_or(0)
+    }
+
+    pub fn bump(&self, name: &str) -> u64 {
+        let v = self.next_version.fetch_add(1, Ordering::Relaxed);
+        lock(&self.versions).insert(name.to_string(), v);
+        v
+    }
+
+    /// Every write has been awaited by its caller, so there is nothing left
+    /// to commit; this waits for a write in flight to finish.
+    pub async fn close(&self) {
+        let _ = self
+            .write(|reply| Op::Jobs {
+                put: Vec::new(),
+                delete: Vec::new(),
+                reply,
+            })
+            .await;
+    }
+}
+
+fn log_key(log: &str, key: &str) -> String {
+    format!("{log}\0{key}")
+}
+
+/// The writer thread: every write waiting, one transaction, one commit.
+fn writer(db: &Database, mut rx: mpsc::Receiver<Op>) {
+    // Per log key: (oldest seq, next seq), learned on first use.
+    let mut logs: HashMap<String, (u64, u64)> = HashMap::new();
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < WRITE_QUEUE {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut log_seen = logs.clone();
+        match apply(db, &batch, &mut log_seen) {
+            Ok(results) => {
+                logs = log_seen;
+                for (op, existed) in batch.into_iter().zip(results) {
+                    op.reply(Ok(existed));
+                }
+            }
+            Err(e) => {
+                tracing::error!("state store write failed: {e}");
+                for op in batch {
+                    op.reply(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn apply(db: &Database, batch: &[Op], logs: &mut HashMap<String, (u64, u64)>) -> Result<Vec<bool>> {
+    let txn = db.begin_write().map_err(|e| err("begin", e))?;
+    let mut results = Vec::with_capacity(batch.len());
+    {
+        let mut records = txn.open_table(RECORDS).map_err(|e| err("records", e))?;
+        let mut log_table = txn.open_table(LOGS).map_err(|e| err("logs", e))?;
+        let mut jobs = txn.open_table(JOBS).map_err(|e| err("jobs", e))?;
+        for op in batch {
+            let existed = match op {
+                Op::Record { key, value, .. } => {
+                    let k = (key.0.as_str(), key.1.as_str(), key.2.as_str());
+                    match value {
+                        Some(v) => records
+                            .insert(k, v.as_str())
+                            .map_err(|e| err("records", e))?
+                            .is_some(),
+                        None => records.remove(k).map_err(|e| err("records", e))?.is_some(),
+                    }
+                }
+                Op::LogPush {
+                    key, value, keep, ..
+                } => {
+                    let (oldest, next) = match logs.get(key) {
+                        Some(span) => *span,
+                        None => log_span(&log_table, key)?,
+                    };
+                    log_table
+                        .insert((key.as_str(), next), value.as_str())
+                        .map_err(|e| err("logs", e))?;
+                    let next = next + 1;
+                    let mut oldest = oldest;
+                    while next - oldest > *keep as u64 {
+                        log_table
+                            .remove((key.as_str(), oldest))
+                            .map_err(|e| err("logs", e))?;
+                        oldest += 1;
+                    }
+                    logs.insert(key.clone(), (oldest, next));
+                    true
+                }
+                Op::LogClear { key, .. } => {
+                    let (oldest, next) = match logs.get(key) {
+                        Some(span) => *span,
+                        None => log_span(&log_table, key)?,
+                    };
+                    for seq in oldest..next {
+                        log_table
+                            .remove((key.as_str(), seq))
+                            .map_err(|e| err("logs", e))?;
+                    }
+                    logs.insert(key.clone(), (next, next));
+                    true
+                }
+                Op::Jobs { put, delete, .. } => {
+                    for job in put {
+                        let text = serde_json::to_string(job).map_err(|e| err("job", e))?;
+                        jobs.insert(job.id.as_str(), text.as_str())
+                            .map_err(|e| err("jobs", e))?;
+                    }
+                    for id in delete {
+                        jobs.remove(id.as_str()).map_err(|e| err("jobs", e))?;
+                    }
+                    true
+                }
+            };
+            results.push(existed);
+        }
+    }
+    txn.commit().map_err(|e| err("commit", e))?;
+    Ok(results)
+}
+
+/// A log's (oldest seq, next seq) as stored.
+fn log_span(table: &redb::Table<(&str, u64), &str>, key: &str) -> Result<(u64, u64)> {
+    let mut rows = table
+        .range((key, 0)..=(key, u64::MAX))
+        .map_err(|e| err("logs", e))?;
+    let first = rows.next().transpose().map_err(|e| err("logs", e))?;
+    let last = rows.next_back().transpose().map_err(|e| err("logs", e))?;
+    Ok(match (first, last) {
+        (None, _) => (0, 0),
+        (Some(f), None) => (f.0.value().1, f.0.value().1 + 1),
+        (Some(f), Some(l)) => (f.0.value().1, l.0.value().1 + 1),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{State, contract};
+
+    fn scratch() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tc-state-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn keeps_the_contract_and_survives_reopening() {
+        let dir = scratch();
+        {
+            let state = State::embedded(dir.clone()).unwrap();
+            contract::records(&state).await;
+            contract::logs(&state).await;
+            contract::queues(&state).await;
+            let again = State::embedded(dir.clone());
+            assert!(
+                matches!(&again, Err(e) if e.0.contains("in use by another process")),
+                "a second opener is refused"
+            );
+            state
+                .enqueue(vec![Job {
+                    id: "kept".into(),
+                    queue: "q".into(),
+                    due_ms: 1,
+                    body: "{}".into(),
+                }])
+                .await
+                .unwrap();
+            state.close().await;
+        }
+        // The writer thread exits when the last sender is dropped; redb
+        // releases the file lock with the database.
+        let mut reopened = None;
+        for _ in 0..50 {
+            match State::embedded(dir.clone()) {
+                Ok(s) => {
+                    reopened = Some(s);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
+        let state = reopened.expect("reopened");
+        assert_eq!(state.list("t", "a").await.unwrap().len(), 1);
+        assert_eq!(state.read_log("l", "other", 10).await.unwrap(), vec!["x"]);
+        let cap = Capacity {
+            default: 10,
+            limited: Vec::new(),
+        };
+        let ids: Vec<String> = state
+            .claim(u64::MAX / 2, 10, &cap, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
+        assert!(ids.contains(&"kept".to_string()), "{ids:?}");
+        // Logs keep counting after a restart.
+        state.push_log("l", "other", "y".into(), 1).await.unwrap();
+        assert_eq!(state.read_log("l", "other", 10).await.unwrap(), vec!["y"]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
