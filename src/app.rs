@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::auth::rbac::{PUBLISH, SUBSCRIBE};
+use crate::auth::rbac::{INTEGRATION_READ, INTEGRATION_WRITE, PUBLISH, SUBSCRIBE};
 use crate::auth::{AuthError, Authenticator, Identity, TokenKind};
 use crate::broker::{Broker, Outcome, Subscription, TypeFilter};
 use crate::clock;
@@ -15,6 +15,7 @@ use crate::config::parse::positive;
 use crate::error::{ApiError, Code};
 use crate::event::{self, EventDraft, EventError, Stamp, check_identifier};
 use crate::tenant::TenantScope;
+use crate::webhook::Webhooks;
 
 /// Header (gRPC metadata key) with which a caller picks one of its
 /// tenants: a Cognito user's `activeTenantId`, or the tenant an
@@ -62,6 +63,14 @@ pub struct App {
     broker: Broker,
     auth: Arc<Authenticator>,
     limits: Limits,
+    webhooks: Option<Webhooks>,
+}
+
+/// Reading or changing a tenant's integrations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
 }
 
 /// Parameters of a subscription, as any surface receives them.
@@ -102,7 +111,36 @@ impl App {
             broker,
             auth,
             limits,
+            webhooks: None,
         }
+    }
+
+    /// The webhook service the REST surface reaches through [`App::webhooks`].
+    pub fn with_webhooks(mut self, webhooks: Webhooks) -> Self {
+        self.webhooks = Some(webhooks);
+        self
+    }
+
+    /// The webhook service for `identity`'s tenant: `integration:read`
+    /// (or `:write`) to read, `integration:write` to change. Another
+    /// tenant's endpoints are simply not found by it.
+    pub fn webhooks(
+        &self,
+        identity: &Identity,
+        access: Access,
+    ) -> Result<(String, &Webhooks), ApiError> {
+        match access {
+            Access::Read => identity.require_any(&[INTEGRATION_READ, INTEGRATION_WRITE])?,
+            Access::Write => identity.require(INTEGRATION_WRITE)?,
+        }
+        let tenant = identity.acting_tenant("")?;
+        let webhooks = self.webhooks.as_ref().ok_or_else(|| {
+            ApiError::new(
+                Code::Unavailable,
+                "webhooks are not running on this instance",
+            )
+        })?;
+        Ok((tenant, webhooks))
     }
 
     /// Verifies an `authorization` header value; `active_tenant` is the

@@ -13,7 +13,9 @@ pub use crate::auth::settings::AuthSettings;
 pub use crate::broker::BrokerConfig;
 pub use crate::edge::{EdgeSettings, Overrides};
 pub use crate::server::ListenSettings;
+pub use crate::state::StateSettings;
 pub use crate::store::StoreSettings;
+pub use crate::webhook::WebhookSettings;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
@@ -29,6 +31,10 @@ pub struct Settings {
     pub edge: EdgeSettings,
     #[command(flatten, next_help_heading = "Redis")]
     pub redis: StoreSettings,
+    #[command(flatten, next_help_heading = "Kept state")]
+    pub state: StateSettings,
+    #[command(flatten, next_help_heading = "Webhooks")]
+    pub webhooks: WebhookSettings,
 }
 
 impl Settings {

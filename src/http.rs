@@ -98,6 +98,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/events", post(publish))
         .route("/metrics", get(metrics))
+        .merge(crate::webhook::rest::routes())
         .fallback(not_found)
         .with_state(state)
 }

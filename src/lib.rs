@@ -28,6 +28,7 @@ pub(crate) mod state;
 pub(crate) mod store;
 pub(crate) mod telemetry;
 pub(crate) mod tenant;
+pub(crate) mod webhook;
 
 #[cfg(test)]
 mod properties;

@@ -13,6 +13,7 @@ use prometheus_client::registry::Registry;
 use crate::admission::AdmissionMetrics;
 use crate::broker::{Broker, Count};
 use crate::store::StoreMetrics;
+use crate::webhook::WebhookMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TenantLabel {
@@ -63,8 +64,44 @@ impl Metrics {
         edge: &EdgeMetrics,
         store: Option<&StoreMetrics>,
         admission: &AdmissionMetrics,
+        webhooks: &WebhookMetrics,
     ) -> Self {
         let mut registry = Registry::with_prefix("tc");
+        registry.register(
+            "webhook_attempts",
+            "Webhook delivery attempts by outcome (succeeded, failed, refused by the destination guard, gone)",
+            webhooks.attempts.clone(),
+        );
+        registry.register(
+            "webhook_attempt_seconds",
+            "Time from sending a webhook to its answer",
+            webhooks.latency.clone(),
+        );
+        registry.register(
+            "webhook_pending",
+            "Webhook deliveries waiting, counting those in flight (every instance's, with Redis)",
+            webhooks.pending.clone(),
+        );
+        registry.register(
+            "webhook_in_flight",
+            "Webhook deliveries in flight on this instance",
+            webhooks.in_flight.clone(),
+        );
+        registry.register(
+            "webhook_endpoints_disabled",
+            "Webhook endpoints disabled now",
+            webhooks.disabled.clone(),
+        );
+        registry.register(
+            "webhook_given_up",
+            "Webhook deliveries given up (schedule exhausted, endpoint gone or disabled, pending limit)",
+            webhooks.given_up.clone(),
+        );
+        registry.register(
+            "webhook_dropped",
+            "Events not handed to webhooks because TC_WEBHOOK_QUEUE was full",
+            webhooks.dropped.clone(),
+        );
         if let Some(store) = store {
             registry.register("redis_up", "1 while Redis answers", store.up.clone());
             registry.register(

@@ -31,7 +31,9 @@ use crate::http::{self, HttpState};
 use crate::metrics::{EdgeMetrics, Metrics};
 use crate::proto;
 use crate::proto::event_broker_server::EventBrokerServer;
+use crate::state::State;
 use crate::store::{Lazy, Store, StoreMetrics};
+use crate::webhook::{WebhookMetrics, Webhooks};
 use tokio_util::task::TaskTracker;
 
 /// How long open streams get to finish after shutdown begins.
@@ -113,6 +115,8 @@ pub struct Running {
     background: TaskTracker,
     edge: Edge,
     store: Option<Store>,
+    webhooks: crate::webhook::Running,
+    state: State,
 }
 
 /// Binds both listeners and starts serving. `secret` is the HS256 secret
@@ -132,7 +136,6 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
             .auth
             .authenticator(secret, redis.as_ref().map(|(t, _)| t))?,
     );
-    let app = App::new(broker.clone(), Arc::clone(&auth), settings.limits.clone());
     let background = TaskTracker::new();
     if let Some(cognito) = auth.cognito() {
         tracing::info!(issuer = %cognito.config().issuer, "Cognito ID tokens accepted");
@@ -160,6 +163,29 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         }
         None => None,
     };
+    let (store, mut sinks) = match store {
+        Some((store, sink)) => (Some(store), vec![sink]),
+        None => (None, Vec::new()),
+    };
+    // Kept state: Redis when configured, else the embedded store.
+    let state = match &store {
+        Some(store) => State::redis(store.target().clone()),
+        None => State::embedded(settings.state.data_dir()).map_err(|e| anyhow::anyhow!("{e}"))?,
+    };
+    tracing::info!(state = %state.describe(), "kept state");
+    let webhook_metrics = WebhookMetrics::default();
+    let webhooks = Webhooks::new(
+        state.clone(),
+        broker.clone(),
+        settings.webhooks.clone(),
+        settings.limits.max_event_bytes,
+        webhook_metrics.clone(),
+    )?;
+    let (webhook_tasks, tap) = webhooks.start().await?;
+    sinks.push(tap);
+    broker.set_persist(sinks);
+    let app = App::new(broker.clone(), Arc::clone(&auth), settings.limits.clone())
+        .with_webhooks(webhooks);
     let edge_metrics = EdgeMetrics::default();
     let admission_metrics = AdmissionMetrics::default();
     let admission = Admission::new(
@@ -177,6 +203,7 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         &edge_metrics,
         store.as_ref().map(|_| &store_metrics),
         &admission_metrics,
+        &webhook_metrics,
     ));
     let edge_config = settings
         .edge
@@ -300,6 +327,8 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         background,
         edge,
         store,
+        webhooks: webhook_tasks,
+        state,
     })
 }
 
@@ -416,12 +445,16 @@ impl Running {
         {
             tracing::warn!("background tasks still running after {DRAIN_TIMEOUT:?}");
         }
-        // Last, with nothing publishing any more: the Redis writer writes
-        // what was accepted (bounded by its flush timeout), so other
-        // instances get it.
+        // With nothing publishing any more: the webhook enqueuer writes the
+        // deliveries it holds and deliveries in flight finish (bounded by
+        // the webhook timeout); they may publish their trace events.
+        self.webhooks.stop().await;
+        // Last: the Redis writer writes what was accepted (bounded by its
+        // flush timeout), so other instances get it.
         if let Some(store) = self.store {
             store.stop().await;
         }
+        self.state.close().await;
         result
     }
 }

@@ -17,6 +17,11 @@ pub const SUBSCRIBE: &str = "events:subscribe";
 /// tenant (subscribe). Combine with `events:publish` / `events:subscribe`.
 pub const ALL_TENANTS: &str = "events:all_tenants";
 
+/// Read the tenant's integrations (webhook endpoints and deliveries).
+pub const INTEGRATION_READ: &str = "integration:read";
+/// Change the tenant's integrations; implies reading them.
+pub const INTEGRATION_WRITE: &str = "integration:write";
+
 /// Scopes of a backend token that carries no `scope` or `scopes` claim
 /// (`TC_DEFAULT_SCOPES`), and of the tokens `token` and development mode
 /// mint unless told otherwise.
@@ -97,6 +102,15 @@ impl Identity {
                 has: self.scopes.to_string(),
             })
         }
+    }
+
+    /// Fails unless the token carries one of `scopes` (the first is named
+    /// in the refusal).
+    pub fn require_any(&self, scopes: &[&'static str]) -> Result<(), Denied> {
+        if scopes.iter().any(|s| self.scopes.has(s)) {
+            return Ok(());
+        }
+        self.require(scopes[0])
     }
 
     /// The tenant an event is published for: the token's own unless the

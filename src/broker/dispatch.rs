@@ -57,7 +57,7 @@ struct Shared {
     next_subscriber: AtomicU64,
     closed: AtomicBool,
     stats: Stats,
-    persist: OnceLock<Box<dyn Persist>>,
+    persist: OnceLock<Vec<Box<dyn Persist>>>,
 }
 
 struct TenantState {
@@ -111,7 +111,7 @@ impl Broker {
         }
         shared.stats.published.inc();
         let event = Arc::new(event);
-        self.dispatch(&event, shared.persist.get().map(|p| p.as_ref()));
+        self.dispatch(&event, shared.persist.get().map(Vec::as_slice));
         Outcome {
             id: event.id.clone(),
             duplicate: false,
@@ -132,17 +132,18 @@ impl Broker {
         true
     }
 
-    /// Sends `persist` a copy of every locally accepted event from now on.
-    /// Set once, at start-up.
-    pub fn set_persist(&self, persist: Box<dyn Persist>) {
+    /// Sends each of `persist` (the Redis writer, the webhook enqueuer) a
+    /// copy of every locally accepted event from now on. Set once, at
+    /// start-up, before anything is published.
+    pub fn set_persist(&self, persist: Vec<Box<dyn Persist>>) {
         if self.shared.persist.set(persist).is_err() {
-            tracing::warn!("a persistence sink was already set");
+            tracing::warn!("persistence sinks were already set");
         }
     }
 
     /// History, subscribers and persistence, under the tenant's lock so
     /// every one of them sees the tenant's events in the same order.
-    fn dispatch(&self, event: &SharedEvent, persist: Option<&dyn Persist>) {
+    fn dispatch(&self, event: &SharedEvent, persist: Option<&[Box<dyn Persist>]>) {
         let shared = &self.shared;
         self.with_tenant(&event.tenant_id, |state| {
             state
@@ -154,8 +155,8 @@ impl Broker {
                 everyone.retain(|s| s.offer(event, &shared.stats));
             }
             drop(everyone);
-            if let Some(persist) = persist {
-                persist.offer(event);
+            for sink in persist.unwrap_or_default() {
+                sink.offer(event);
             }
         });
     }
@@ -278,6 +279,15 @@ impl Broker {
             state
                 .history
                 .between(since_id, until_id, filter, config.resume_margin)
+        })
+    }
+
+    /// The event of `tenant` with this id, if history still holds it.
+    pub fn history_event(&self, tenant: &str, id: &str) -> Option<SharedEvent> {
+        let config = &self.shared.config;
+        self.with_tenant(tenant, |state| {
+            state.history.trim(Instant::now(), config);
+            state.history.find(id)
         })
     }
 

@@ -100,6 +100,11 @@ impl History {
         }
     }
 
+    /// The held event with this id.
+    pub(super) fn find(&self, id: &str) -> Option<SharedEvent> {
+        self.position(id).map(|p| Arc::clone(&self.events[p].1))
+    }
+
     fn position(&self, id: &str) -> Option<usize> {
         self.events.iter().rposition(|(_, e)| e.id == id)
     }

@@ -405,6 +405,10 @@ impl Embedded {
         .map(|_| ())
     }
 
+    pub fn queue_len(&self, queue: &str) -> usize {
+        lock(&self.index).queues.get(queue).map_or(0, BTreeSet::len)
+    }
+
     pub fn queued(&self) -> u64 {
         lock(&self.index).jobs.len() as u64
     }

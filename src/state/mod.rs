@@ -25,6 +25,33 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+/// Where the embedded store keeps its file.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StateSettings {
+    /// Directory of the embedded store (`state.redb`: webhook endpoints and
+    /// deliveries), used when Redis is not configured. Default:
+    /// `$XDG_STATE_HOME/tensorcost-events`, else
+    /// `~/.local/state/tensorcost-events`. One broker per directory.
+    #[arg(long, env = "TC_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl StateSettings {
+    pub fn data_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.data_dir {
+            return dir.clone();
+        }
+        let base = std::env::var_os("XDG_STATE_HOME")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local").join("state"))
+            })
+            .unwrap_or_else(|| PathBuf::from("."));
+        base.join("tensorcost-events")
+    }
+}
+
 /// A job in a queue. `body` is the feature's own JSON text.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Job {
@@ -186,6 +213,14 @@ impl State {
         match self {
             State::Embedded(e) => e.drop_queue(queue).await,
             State::Redis(r) => r.drop_queue(queue).await,
+        }
+    }
+
+    /// Jobs waiting in one queue, counting leased ones.
+    pub async fn queue_len(&self, queue: &str) -> Result<usize> {
+        match self {
+            State::Embedded(e) => Ok(e.queue_len(queue)),
+            State::Redis(r) => r.queue_len(queue).await,
         }
     }
 

@@ -301,6 +301,11 @@ impl RedisState {
         Ok(())
     }
 
+    pub async fn queue_len(&self, queue: &str) -> Result<usize> {
+        self.query("count", redis::cmd("ZCARD").arg(key(&["q", queue])))
+            .await
+    }
+
     pub async fn queued(&self) -> Result<u64> {
         self.query("count", redis::cmd("HLEN").arg(key(&["jobs"])))
             .await

@@ -191,18 +191,19 @@ pub struct Store {
 }
 
 impl Store {
-    /// Starts the writer and one relay reader per partition, and hooks the
-    /// writer into the broker's publish path. Returns at once: Redis being
-    /// down at start is an outage like any other.
+    /// Starts the writer and one relay reader per partition. Returns the
+    /// store and the writer's sink, for the broker's publish path
+    /// ([`Broker::set_persist`]). Returns at once: Redis being down at start
+    /// is an outage like any other.
     pub fn start(
         target: Target,
         config: StoreConfig,
         broker: &Broker,
         metrics: StoreMetrics,
-    ) -> Self {
+    ) -> (Self, Box<dyn crate::broker::Persist>) {
         let status = Arc::new(Status::new(config.partitions, metrics.clone()));
         let (tx, rx) = mpsc::channel(config.buffer.max(1));
-        broker.set_persist(Box::new(sink::Sink::new(tx, metrics)));
+        let sink = Box::new(sink::Sink::new(tx, metrics));
         let config = Arc::new(config);
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -224,12 +225,13 @@ impl Store {
             ));
         }
         tasks.close();
-        Self {
+        let store = Self {
             status,
             target,
             stop,
             tasks,
-        }
+        };
+        (store, sink)
     }
 
     pub fn status(&self) -> Arc<Status> {

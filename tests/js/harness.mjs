@@ -108,7 +108,13 @@ export async function startBroker(env = {}) {
       readyFile,
     ],
     {
-      env: { PATH: process.env.PATH ?? '/usr/bin:/bin', RUST_LOG: 'warn', TC_JWT_SECRET: SECRET, ...env },
+      env: {
+        PATH: process.env.PATH ?? '/usr/bin:/bin',
+        RUST_LOG: 'warn',
+        TC_JWT_SECRET: SECRET,
+        TC_DATA_DIR: path.join(dir, 'data'),
+        ...env,
+      },
       stdio: ['ignore', 'pipe', 'pipe'],
     },
   );

@@ -134,7 +134,7 @@ def broker(tmp_path_factory):
             "--ready-file",
             str(ready),
         ],
-        env=_env(),
+        env={**_env(), "TC_DATA_DIR": str(workdir / "data")},
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -90,6 +90,9 @@ impl BrokerProcess {
         command
             .env("TC_JWT_SECRET", options.secret)
             .env("TC_READY_FILE", &ready)
+            // Its own embedded store, unless the test names one (to restart
+            // a broker on the same state).
+            .env("TC_DATA_DIR", scratch.join("data"))
             .env("RUST_LOG", "warn")
             .envs(options.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

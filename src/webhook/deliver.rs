@@ -1,0 +1,657 @@
+//! Delivering: the dispatcher that claims due jobs within the concurrency
+//! caps, one attempt (sign, POST, classify the answer), and what follows
+//! it: done, retried on the schedule, given up, or the endpoint disabled.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::endpoint::Endpoint;
+use super::{ATTEMPTS, DEAD, OutcomeLabel, Webhooks, format_ms, sign};
+use crate::clock;
+use crate::event::Event;
+use crate::state::{Capacity, Job};
+
+/// How often the dispatcher looks for due jobs when nothing woke it.
+const POLL: Duration = Duration::from_millis(250);
+/// Longest error text kept from a receiver's answer.
+const MAX_ERROR: usize = 300;
+
+/// A job's body: one event for one endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Delivery {
+    pub endpoint: String,
+    pub tenant: String,
+    pub event_id: String,
+    pub event_type: String,
+    pub trace_id: String,
+    /// The envelope as JSON: the request body, byte for byte what is signed.
+    pub payload: String,
+    /// This attempt's number, from 1.
+    pub attempt: u32,
+    /// When the first attempt was due, Unix ms.
+    pub first_ms: u64,
+}
+
+impl Delivery {
+    pub fn new(endpoint: &str, event: &Event, attempt: u32) -> Self {
+        Self {
+            endpoint: endpoint.to_string(),
+            tenant: event.tenant_id.clone(),
+            event_id: event.id.clone(),
+            event_type: event.event_type.clone(),
+            trace_id: event.trace_id.clone(),
+            payload: event.to_json(),
+            attempt,
+            first_ms: clock::unix_millis(),
+        }
+    }
+
+    /// As a job due at `due_ms`; the id is new (a replay is a new job).
+    pub fn job(&self, due_ms: u64) -> Job {
+        Job {
+            id: uuid::Uuid::now_v7().simple().to_string(),
+            queue: self.endpoint.clone(),
+            due_ms,
+            body: serde_json::to_string(self).unwrap_or_default(),
+        }
+    }
+}
+
+/// One attempt, as `GET /v1/webhooks/{id}/deliveries` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Attempt {
+    pub event_id: String,
+    pub event_type: String,
+    pub attempt: u32,
+    pub at: String,
+    /// `succeeded` or `failed`.
+    pub status: String,
+    pub status_code: Option<u16>,
+    pub latency_ms: u64,
+    pub error: Option<String>,
+    /// When it is tried again; none when it succeeded or was given up.
+    pub next_attempt_at: Option<String>,
+}
+
+/// A delivery given up, kept (bounded) so it can be listed and replayed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Dead {
+    pub delivery: Delivery,
+    pub error: String,
+    pub at: String,
+}
+
+/// Deliveries in flight here: per endpoint, per tenant, in all.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    endpoints: HashMap<String, usize>,
+    tenants: HashMap<String, usize>,
+    total: usize,
+}
+
+/// Releases a place in flight when a delivery ends, and wakes the
+/// dispatcher.
+struct Place {
+    hooks: Webhooks,
+    endpoint: String,
+    tenant: String,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let inner = &self.hooks.inner;
+        {
+            let mut guard = inner
+                .in_flight
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let f = &mut *guard;
+            for (map, key) in [
+                (&mut f.endpoints, &self.endpoint),
+                (&mut f.tenants, &self.tenant),
+            ] {
+                if let Some(n) = map.get_mut(key) {
+                    *n -= 1;
+                    if *n == 0 {
+                        map.remove(key);
+                    }
+                }
+            }
+            f.total = f.total.saturating_sub(1);
+            inner.metrics.in_flight.set(f.total as i64);
+        }
+        inner.wake.notify_one();
+    }
+}
+
+/// What a claim may take: each endpoint its free places, within its
+/// tenant's free places and the free places in all.
+fn capacity(hooks: &Webhooks) -> (Capacity, usize) {
+    let settings = &hooks.inner.settings;
+    let tenants = hooks.tenant_endpoints();
+    let f = hooks
+        .inner
+        .in_flight
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let free_total = settings.webhook_max_in_flight.saturating_sub(f.total);
+    let mut limited = Vec::new();
+    for (tenant, endpoints) in tenants {
+        let mut tenant_free = settings
+            .webhook_tenant_concurrency
+            .saturating_sub(f.tenants.get(&tenant).copied().unwrap_or(0));
+        for id in endpoints {
+            let own = settings
+                .webhook_concurrency
+                .saturating_sub(f.endpoints.get(&id).copied().unwrap_or(0));
+            let give = own.min(tenant_free);
+            tenant_free -= give;
+            if give < settings.webhook_concurrency {
+                limited.push((id, give));
+            }
+        }
+    }
+    (
+        Capacity {
+            // Queues of endpoints not in the cache (deleted ones) are
+            // claimed like any and dropped.
+            default: settings.webhook_concurrency,
+            limited,
+        },
+        free_total,
+    )
+}
+
+/// Claims due jobs and starts their deliveries, until `stop`; then waits
+/// for deliveries in flight.
+pub async fn dispatcher(hooks: Webhooks, stop: CancellationToken, tasks: TaskTracker) {
+    let inner = Arc::clone(&hooks.inner);
+    // Long enough for an attempt and its follow-up; a crashed instance's
+    // jobs are due again when it ends.
+    let lease = inner.settings.webhook_timeout * 2 + Duration::from_secs(5);
+    let mut failing_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            () = inner.wake.notified() => {}
+            () = tokio::time::sleep(POLL) => {}
+            () = stop.cancelled() => return,
+        }
+        loop {
+            let (cap, free) = capacity(&hooks);
+            if free == 0 {
+                break;
+            }
+            let jobs = match inner
+                .state
+                .claim(clock::unix_millis(), lease.as_millis() as u64, &cap, free)
+                .await
+            {
+                Ok(jobs) => {
+                    failing_since = None;
+                    jobs
+                }
+                Err(e) => {
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() < Duration::from_secs(1) {
+                        tracing::warn!("webhook deliveries not claimed: {e}");
+                    } else {
+                        tracing::debug!("webhook deliveries not claimed: {e}");
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    break;
+                }
+            };
+            if jobs.is_empty() {
+                break;
+            }
+            for job in jobs {
+                let Ok(delivery) = serde_json::from_str::<Delivery>(&job.body) else {
+                    tracing::warn!(job = %job.id, "dropped an unreadable webhook job");
+                    let _ = inner.state.finish(&job.queue, &job.id).await;
+                    continue;
+                };
+                let place = take_place(&hooks, &delivery);
+                let hooks = hooks.clone();
+                tasks.spawn(async move {
+                    run(&hooks, job, delivery).await;
+                    drop(place);
+                });
+            }
+        }
+    }
+}
+
+fn take_place(hooks: &Webhooks, d: &Delivery) -> Place {
+    let mut f = hooks
+        .inner
+        .in_flight
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    *f.endpoints.entry(d.endpoint.clone()).or_default() += 1;
+    *f.tenants.entry(d.tenant.clone()).or_default() += 1;
+    f.total += 1;
+    hooks.inner.metrics.in_flight.set(f.total as i64);
+    Place {
+        hooks: hooks.clone(),
+        endpoint: d.endpoint.clone(),
+        tenant: d.tenant.clone(),
+    }
+}
+
+/// The answer to one attempt.
+enum Outcome {
+    Succeeded(u16),
+    /// 410: the receiver says the endpoint is gone.
+    Gone,
+    Failed {
+        status: Option<u16>,
+        error: String,
+        retry_after: Option<Duration>,
+        refused: bool,
+    },
+}
+
+/// One claimed job: attempt it, then record what follows.
+async fn run(hooks: &Webhooks, job: Job, delivery: Delivery) {
+    let inner = &hooks.inner;
+    let Some(cached) = hooks.cached(&delivery.tenant, &delivery.endpoint) else {
+        // The endpoint was deleted.
+        let _ = inner.state.finish(&job.queue, &job.id).await;
+        return;
+    };
+    let endpoint = cached.endpoint.clone();
+    if !endpoint.enabled {
+        let reason = endpoint
+            .disabled_reason
+            .clone()
+            .unwrap_or_else(|| "endpoint disabled".into());
+        give_up(hooks, delivery, &format!("not attempted: {reason}")).await;
+        let _ = inner.state.finish(&job.queue, &job.id).await;
+        return;
+    }
+    let started = Instant::now();
+    let outcome = send(hooks, &endpoint, &delivery).await;
+    let latency = started.elapsed();
+    follow_up(hooks, &endpoint, Some(&job), delivery, outcome, latency).await;
+}
+
+/// `POST /v1/webhooks/{id}/test`: one attempt now, no retry.
+pub async fn attempt_once(hooks: &Webhooks, endpoint: &Endpoint, delivery: Delivery) -> Attempt {
+    let started = Instant::now();
+    let outcome = send(hooks, endpoint, &delivery).await;
+    follow_up(hooks, endpoint, None, delivery, outcome, started.elapsed()).await
+}
+
+/// Signs and POSTs the payload.
+async fn send(hooks: &Webhooks, endpoint: &Endpoint, d: &Delivery) -> Outcome {
+    let inner = &hooks.inner;
+    if let Err(refused) = inner.guard.check_url(&endpoint.url) {
+        return Outcome::Failed {
+            status: None,
+            error: refused.to_string(),
+            retry_after: None,
+            refused: true,
+        };
+    }
+    let now_ms = clock::unix_millis();
+    let signature = sign::header_value(
+        endpoint.signing_secrets(now_ms),
+        now_ms / 1000,
+        d.payload.as_bytes(),
+    );
+    let request = inner
+        .client
+        .post(&endpoint.url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header(sign::HEADER, signature)
+        .header("x-tensorcost-event-id", &d.event_id)
+        .header("x-tensorcost-event-type", &d.event_type)
+        .header("x-tensorcost-attempt", d.attempt.to_string())
+        .body(d.payload.clone());
+    match request.send().await {
+        Ok(response) => {
+            let status = response.status();
+            if status.is_success() {
+                return Outcome::Succeeded(status.as_u16());
+            }
+            if status == reqwest::StatusCode::GONE {
+                return Outcome::Gone;
+            }
+            let retry_after = if matches!(status.as_u16(), 429 | 503) {
+                response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_retry_after)
+            } else {
+                None
+            };
+            let mut error = format!("HTTP {}", status.as_u16());
+            if status.is_redirection() {
+                error.push_str(": redirects are not followed; register the final URL");
+            }
+            Outcome::Failed {
+                status: Some(status.as_u16()),
+                error,
+                retry_after,
+                refused: false,
+            }
+        }
+        Err(e) => {
+            let refused = chain(&e).contains("destination refused");
+            Outcome::Failed {
+                status: None,
+                error: describe(&e),
+                retry_after: None,
+                refused,
+            }
+        }
+    }
+}
+
+/// The whole chain of an error, without the URL (it may hold a token).
+fn chain(e: &reqwest::Error) -> String {
+    let mut out = String::new();
+    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(&s.to_string());
+        out.push_str(": ");
+        source = s.source();
+    }
+    out
+}
+
+fn describe(e: &reqwest::Error) -> String {
+    let what = if e.is_timeout() {
+        "timed out (TC_WEBHOOK_TIMEOUT)"
+    } else if e.is_connect() {
+        "cannot connect"
+    } else {
+        "request failed"
+    };
+    let mut text = format!("{what}: {}", chain(e).trim_end_matches(": "));
+    text.truncate(MAX_ERROR);
+    text
+}
+
+/// `Retry-After`: seconds, or an HTTP date.
+fn parse_retry_after(v: &str) -> Option<Duration> {
+    if let Ok(secs) = v.trim().parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v.trim()).ok()?;
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// Records an attempt and does what follows it; returns the attempt.
+async fn follow_up(
+    hooks: &Webhooks,
+    endpoint: &Endpoint,
+    job: Option<&Job>,
+    delivery: Delivery,
+    outcome: Outcome,
+    latency: Duration,
+) -> Attempt {
+    let inner = &hooks.inner;
+    let settings = &inner.settings;
+    let now = clock::unix_millis();
+    inner.metrics.latency.observe(latency.as_secs_f64());
+    let mut attempt = Attempt {
+        event_id: delivery.event_id.clone(),
+        event_type: delivery.event_type.clone(),
+        attempt: delivery.attempt,
+        at: format_ms(now),
+        status: "failed".into(),
+        status_code: None,
+        latency_ms: latency.as_millis() as u64,
+        error: None,
+        next_attempt_at: None,
+    };
+    let trace = delivery.trace_id.clone();
+    match outcome {
+        Outcome::Succeeded(code) => {
+            inner
+                .metrics
+                .attempts
+                .get_or_create(&OutcomeLabel {
+                    outcome: "succeeded",
+                })
+                .inc();
+            attempt.status = "succeeded".into();
+            attempt.status_code = Some(code);
+            if let Some(job) = job
+                && let Err(e) = inner.state.finish(&job.queue, &job.id).await
+            {
+                tracing::warn!(webhook = %endpoint.id, "delivered, but not marked done (it may be delivered again): {e}");
+            }
+            if endpoint.failing_since_ms.is_some() {
+                update_endpoint(hooks, endpoint, |e| e.failing_since_ms = None).await;
+            }
+        }
+        Outcome::Gone => {
+            inner
+                .metrics
+                .attempts
+                .get_or_create(&OutcomeLabel { outcome: "gone" })
+                .inc();
+            attempt.status_code = Some(410);
+            attempt.error = Some("HTTP 410 Gone: endpoint disabled".into());
+            disable(hooks, endpoint, "the receiver answered 410 Gone").await;
+            if let Some(job) = job {
+                give_up(hooks, delivery.clone(), "HTTP 410 Gone: endpoint disabled").await;
+                let _ = inner.state.finish(&job.queue, &job.id).await;
+            }
+        }
+        Outcome::Failed {
+            status,
+            error,
+            retry_after,
+            refused,
+        } => {
+            let label = if refused { "refused" } else { "failed" };
+            inner
+                .metrics
+                .attempts
+                .get_or_create(&OutcomeLabel { outcome: label })
+                .inc();
+            attempt.status_code = status;
+            attempt.error = Some(error.clone());
+            if let Some(job) = job {
+                let steps = &settings.webhook_retry_schedule.0;
+                match steps.get(delivery.attempt as usize - 1) {
+                    Some(step) => {
+                        let last = *steps.last().unwrap_or(step);
+                        let wait = match retry_after {
+                            Some(asked) => asked.clamp(Duration::from_secs(1), last),
+                            None => jitter(*step, &job.id),
+                        };
+                        let due = now.saturating_add(wait.as_millis() as u64);
+                        attempt.next_attempt_at = Some(format_ms(due));
+                        let mut next = delivery.clone();
+                        next.attempt += 1;
+                        let retry = Job {
+                            id: job.id.clone(),
+                            queue: job.queue.clone(),
+                            due_ms: due,
+                            body: serde_json::to_string(&next).unwrap_or_default(),
+                        };
+                        if let Err(e) = inner.state.enqueue(vec![retry]).await {
+                            tracing::warn!(webhook = %endpoint.id, "retry not scheduled; the job is tried again when its lease ends: {e}");
+                        }
+                    }
+                    None => {
+                        give_up(
+                            hooks,
+                            delivery.clone(),
+                            &format!("gave up after {} attempts: {error}", delivery.attempt),
+                        )
+                        .await;
+                        let _ = inner.state.finish(&job.queue, &job.id).await;
+                    }
+                }
+                let since = endpoint.failing_since_ms.unwrap_or(now);
+                if now.saturating_sub(since) >= settings.webhook_disable_after.as_millis() as u64 {
+                    disable(
+                        hooks,
+                        endpoint,
+                        &format!(
+                            "every delivery failed for {} (TC_WEBHOOK_DISABLE_AFTER)",
+                            humantime::format_duration(settings.webhook_disable_after)
+                        ),
+                    )
+                    .await;
+                } else if endpoint.failing_since_ms.is_none() {
+                    update_endpoint(hooks, endpoint, |e| {
+                        e.failing_since_ms.get_or_insert(now);
+                    })
+                    .await;
+                }
+            }
+        }
+    }
+    let value = serde_json::to_string(&attempt).unwrap_or_default();
+    if let Err(e) = inner
+        .state
+        .push_log(ATTEMPTS, &endpoint.id, value, settings.webhook_log_keep)
+        .await
+    {
+        tracing::debug!(webhook = %endpoint.id, "attempt not logged: {e}");
+    }
+    let (kind, status) = if attempt.status == "succeeded" {
+        ("notification.sent", "sent")
+    } else {
+        ("notification.failed", "failed")
+    };
+    hooks.publish(
+        &delivery.tenant,
+        kind,
+        serde_json::json!({
+            "webhook_id": endpoint.id,
+            "event_id": delivery.event_id,
+            "event_type": delivery.event_type,
+            "attempt": delivery.attempt,
+            "status": status,
+            "status_code": attempt.status_code,
+            "error": attempt.error,
+            "next_attempt_at": attempt.next_attempt_at,
+        }),
+        &trace,
+    );
+    attempt
+}
+
+/// Spreads retries of many deliveries: the wait ±10%, fixed per job.
+fn jitter(step: Duration, job_id: &str) -> Duration {
+    use std::hash::BuildHasher;
+    let h = foldhash::fast::FixedState::default().hash_one(job_id);
+    let permille = 900 + (h % 201); // 900..=1100
+    step.mul_f64(permille as f64 / 1000.0)
+}
+
+/// Keeps a delivery among the given-up ones (listed, replayable).
+pub async fn give_up(hooks: &Webhooks, delivery: Delivery, error: &str) {
+    let inner = &hooks.inner;
+    inner.metrics.given_up.inc();
+    tracing::info!(
+        webhook = %delivery.endpoint,
+        tenant = %delivery.tenant,
+        event_id = %delivery.event_id,
+        trace_id = %delivery.trace_id,
+        "webhook delivery given up: {error}"
+    );
+    let endpoint = delivery.endpoint.clone();
+    let dead = Dead {
+        delivery,
+        error: error.to_string(),
+        at: format_ms(clock::unix_millis()),
+    };
+    if let Err(e) = inner
+        .state
+        .push_log(
+            DEAD,
+            &endpoint,
+            serde_json::to_string(&dead).unwrap_or_default(),
+            inner.settings.webhook_log_keep,
+        )
+        .await
+    {
+        tracing::warn!(webhook = %endpoint, "given-up delivery not kept: {e}");
+    }
+}
+
+/// Disables an endpoint and publishes `system.webhook_disabled`.
+async fn disable(hooks: &Webhooks, endpoint: &Endpoint, reason: &str) {
+    if !endpoint.enabled {
+        return;
+    }
+    tracing::warn!(tenant = %endpoint.tenant, webhook = %endpoint.id, "webhook disabled: {reason}");
+    let reason_owned = reason.to_string();
+    update_endpoint(hooks, endpoint, move |e| {
+        e.enabled = false;
+        e.disabled_reason = Some(reason_owned);
+    })
+    .await;
+    hooks.publish(
+        &endpoint.tenant,
+        "system.webhook_disabled",
+        serde_json::json!({
+            "webhook_id": endpoint.id,
+            "url": endpoint.url,
+            "reason": reason,
+        }),
+        "",
+    );
+}
+
+/// Reads the endpoint again, changes it and writes it (a deleted one
+/// stays deleted).
+async fn update_endpoint(
+    hooks: &Webhooks,
+    endpoint: &Endpoint,
+    change: impl FnOnce(&mut Endpoint),
+) {
+    let Ok(mut fresh) = hooks.load(&endpoint.tenant, &endpoint.id).await else {
+        return;
+    };
+    change(&mut fresh);
+    fresh.updated_at = clock::timestamp_now(SystemTime::now());
+    if let Err(e) = hooks.save(&fresh).await {
+        tracing::warn!(webhook = %endpoint.id, "endpoint not updated: {}", e.message);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_in_seconds_or_a_date() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after("soon"), None);
+        let future = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(100));
+        let d = parse_retry_after(&future).unwrap();
+        assert!(
+            d > Duration::from_secs(90) && d <= Duration::from_secs(100),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn jitter_stays_within_ten_percent() {
+        for i in 0..100 {
+            let d = jitter(Duration::from_secs(100), &format!("job{i}"));
+            assert!(
+                d >= Duration::from_secs(90) && d <= Duration::from_secs(110),
+                "{d:?}"
+            );
+        }
+    }
+}
