@@ -45,6 +45,7 @@ impl Settings {
         settings.listen.grpc_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         settings.listen.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         settings.auth.jwt_secret = Some(secret.to_string());
+        settings.state.in_memory = true;
         settings
     }
 

@@ -170,7 +170,7 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
     // Kept state: Redis when configured, else the embedded store.
     let state = match &store {
         Some(store) => State::redis(store.target().clone()),
-        None => State::embedded(settings.state.data_dir()).map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => State::embedded_from(&settings.state).map_err(|e| anyhow::anyhow!("{e}"))?,
     };
     tracing::info!(state = %state.describe(), "kept state");
     let webhook_metrics = WebhookMetrics::default();

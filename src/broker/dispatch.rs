@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -279,6 +279,16 @@ impl Broker {
             state
                 .history
                 .between(since_id, until_id, filter, config.resume_margin)
+        })
+    }
+
+    /// Events of `tenant` held after `since_id` that match `filter`, exactly
+    /// (no resume margin); `recovered` is false when `since_id` is not held.
+    pub fn history_after(&self, tenant: &str, since_id: &str, filter: &TypeFilter) -> Replay {
+        let config = &self.shared.config;
+        self.with_tenant(tenant, |state| {
+            state.history.trim(Instant::now(), config);
+            state.history.after(since_id, filter, Duration::ZERO)
         })
     }
 

@@ -124,6 +124,18 @@ impl Embedded {
             )),
             e => err(&format!("cannot open {}", path.display()), e),
         })?;
+        Self::with_database(db, path)
+    }
+
+    /// A store in memory only: for servers started in-process by tests.
+    pub fn in_memory() -> Result<Self> {
+        let db = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(|e| err("in-memory store", e))?;
+        Self::with_database(db, PathBuf::from("(memory)"))
+    }
+
+    fn with_database(db: Database, path: PathBuf) -> Result<Self> {
         // Create the tables, so that reads find them.
         let txn = db.begin_write().map_err(|e| err("begin", e))?;
         {

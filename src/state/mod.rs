@@ -34,6 +34,11 @@ pub struct StateSettings {
     /// `~/.local/state/tensorcost-events`. One broker per directory.
     #[arg(long, env = "TC_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+
+    /// Keep the embedded store in memory (servers started in-process by
+    /// tests and benchmarks; nothing survives them).
+    #[arg(skip)]
+    pub in_memory: bool,
 }
 
 impl StateSettings {
@@ -98,6 +103,14 @@ impl State {
     /// message naming the file when another process holds it.
     pub fn embedded(dir: PathBuf) -> Result<Self> {
         Ok(State::Embedded(Arc::new(embedded::Embedded::open(dir)?)))
+    }
+
+    /// The embedded store as `settings` say: a file, or memory.
+    pub fn embedded_from(settings: &StateSettings) -> Result<Self> {
+        if settings.in_memory {
+            return Ok(State::Embedded(Arc::new(embedded::Embedded::in_memory()?)));
+        }
+        Self::embedded(settings.data_dir())
     }
 
     pub fn redis(target: crate::store::Target) -> Self {

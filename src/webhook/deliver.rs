@@ -209,6 +209,7 @@ pub async fn dispatcher(hooks: Webhooks, stop: CancellationToken, tasks: TaskTra
             if jobs.is_empty() {
                 break;
             }
+            tracing::debug!(claimed = jobs.len(), "webhook deliveries claimed");
             for job in jobs {
                 let Ok(delivery) = serde_json::from_str::<Delivery>(&job.body) else {
                     tracing::warn!(job = %job.id, "dropped an unreadable webhook job");
@@ -260,6 +261,7 @@ enum Outcome {
 async fn run(hooks: &Webhooks, job: Job, delivery: Delivery) {
     let inner = &hooks.inner;
     let Some(cached) = hooks.cached(&delivery.tenant, &delivery.endpoint) else {
+        tracing::debug!(webhook = %delivery.endpoint, "delivery dropped: its endpoint was deleted");
         // The endpoint was deleted.
         let _ = inner.state.finish(&job.queue, &job.id).await;
         return;
@@ -517,6 +519,15 @@ async fn follow_up(
             }
         }
     }
+    tracing::debug!(
+        webhook = %endpoint.id,
+        event_id = %attempt.event_id,
+        attempt = attempt.attempt,
+        status = %attempt.status,
+        code = ?attempt.status_code,
+        error = ?attempt.error,
+        "webhook attempt"
+    );
     let value = serde_json::to_string(&attempt).unwrap_or_default();
     if let Err(e) = inner
         .state

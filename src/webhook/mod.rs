@@ -645,10 +645,7 @@ impl Webhooks {
             (None, Some(since)) => {
                 crate::event::check_identifier(&since)
                     .map_err(|r| ApiError::invalid(format!("since: {r}")))?;
-                let replay = self
-                    .inner
-                    .broker
-                    .history_between(tenant, &since, None, &filter);
+                let replay = self.inner.broker.history_after(tenant, &since, &filter);
                 if !replay.recovered {
                     return Err(ApiError::new(
                         Code::NotFound,

@@ -1,0 +1,956 @@
+//! Webhooks against the real binary and real HTTP receivers: delivery and
+//! retries, Retry-After, 410, outages, kill -9 with the embedded store and
+//! with Redis, three instances on one Redis, the destination guard,
+//! redirects, tenant isolation, replay and the limits.
+//!
+//! Signatures are verified here with the receiver's own HMAC (from
+//! aws-lc-rs, as any receiver would); `tests/python/test_webhooks.py`
+//! verifies them with Stripe's library and `tests/js/webhooks.test.mjs`
+//! with Node's crypto.
+
+mod common;
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tensorcost_testkit::broker::{BrokerOptions, BrokerProcess};
+use tensorcost_testkit::redis::RedisServer;
+use tensorcost_testkit::token;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tensorcost-events");
+const SECRET: &str = common::SECRET;
+const PATIENCE: Duration = Duration::from_secs(15);
+
+// ---- a real HTTP receiver ----------------------------------------------
+
+/// What a receiver answers: a status, optional headers, optional delay.
+#[derive(Clone)]
+struct Answer {
+    status: u16,
+    headers: Vec<(&'static str, String)>,
+    delay: Duration,
+}
+
+fn status(code: u16) -> Answer {
+    Answer {
+        status: code,
+        headers: Vec::new(),
+        delay: Duration::ZERO,
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Received {
+    headers: HeaderMap,
+    body: Bytes,
+    at: Instant,
+}
+
+impl Received {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("JSON body")
+    }
+    fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+#[derive(Default)]
+struct ReceiverState {
+    script: VecDeque<Answer>,
+    default: Option<Answer>,
+    got: Vec<Received>,
+}
+
+#[derive(Clone)]
+struct Receiver {
+    addr: SocketAddr,
+    state: Arc<Mutex<ReceiverState>>,
+}
+
+async fn receive(
+    State(state): State<Arc<Mutex<ReceiverState>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let answer = {
+        let mut s = state.lock().unwrap();
+        s.got.push(Received {
+            headers,
+            body,
+            at: Instant::now(),
+        });
+        let default = s.default.clone().unwrap_or(status(200));
+        s.script.pop_front().unwrap_or(default)
+    };
+    if !answer.delay.is_zero() {
+        tokio::time::sleep(answer.delay).await;
+    }
+    let mut response = StatusCode::from_u16(answer.status).unwrap().into_response();
+    for (k, v) in answer.headers {
+        response.headers_mut().insert(k, v.parse().unwrap());
+    }
+    response
+}
+
+impl Receiver {
+    async fn start() -> Self {
+        Self::on(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()).await
+    }
+
+    async fn on(listener: tokio::net::TcpListener) -> Self {
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(ReceiverState::default()));
+        let app = axum::Router::new()
+            .fallback(receive)
+            .with_state(Arc::clone(&state));
+        // Serves until the test's runtime ends.
+        tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+        Self { addr, state }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn script(&self, answers: impl IntoIterator<Item = Answer>) {
+        self.state.lock().unwrap().script.extend(answers);
+    }
+
+    fn answer_by_default(&self, answer: Answer) {
+        self.state.lock().unwrap().default = Some(answer);
+    }
+
+    fn got(&self) -> Vec<Received> {
+        self.state.lock().unwrap().got.clone()
+    }
+
+    /// Waits until `n` requests have arrived.
+    async fn wait_for(&self, n: usize, patience: Duration) -> Vec<Received> {
+        let deadline = Instant::now() + patience;
+        loop {
+            let got = self.got();
+            if got.len() >= n {
+                return got;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "receiver got {} of {n} requests in {patience:?}",
+                got.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+// ---- the broker's REST API ---------------------------------------------
+
+struct Api {
+    base: String,
+    client: reqwest::Client,
+}
+
+impl Api {
+    fn of(b: &BrokerProcess) -> Self {
+        Self {
+            base: format!("http://{}", b.http),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .client
+            .request(method.parse().unwrap(), format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        let resp = req.send().await.expect("request");
+        let code = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (
+            code,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn create(&self, token: &str, url: &str, types: &[&str]) -> Value {
+        let (code, body) = self
+            .call(
+                "POST",
+                "/v1/webhooks",
+                Some(token),
+                Some(json!({"url": url, "types": types})),
+            )
+            .await;
+        assert_eq!(code, 201, "{body}");
+        body
+    }
+
+    async fn publish(&self, token: &str, event_type: &str, data: Value) -> String {
+        self.publish_raw(token, event_type, &data.to_string()).await
+    }
+
+    /// `data` as exact JSON text.
+    async fn publish_raw(&self, token: &str, event_type: &str, data: &str) -> String {
+        let body = format!("{{\"type\":\"{event_type}\",\"data\":{data}}}");
+        let resp = self
+            .client
+            .post(format!("{}/v1/events", self.base))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("publish");
+        assert_eq!(resp.status().as_u16(), 200);
+        let reply: Value = serde_json::from_str(&resp.text().await.unwrap()).expect("JSON");
+        reply["results"][0]["id"].as_str().unwrap().to_string()
+    }
+
+    async fn deliveries(&self, token: &str, id: &str, query: &str) -> Vec<Value> {
+        let (code, body) = self
+            .call(
+                "GET",
+                &format!("/v1/webhooks/{id}/deliveries{query}"),
+                Some(token),
+                None,
+            )
+            .await;
+        assert_eq!(code, 200, "{body}");
+        body["deliveries"].as_array().unwrap().clone()
+    }
+}
+
+fn admin(tenant: &str) -> String {
+    token::mint(
+        SECRET,
+        Some(tenant),
+        "integration:write events:publish events:subscribe",
+        "admin",
+        Duration::from_secs(3600),
+    )
+}
+
+fn start(env: &[(&str, &str)]) -> BrokerProcess {
+    let mut options = BrokerOptions::new(SECRET).env("TC_WEBHOOK_ALLOW_HOSTS", "127.0.0.1");
+    for (k, v) in env {
+        options = options.env(k, *v);
+    }
+    BrokerProcess::start(Path::new(BIN), options).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// Checks `t=…,v1=…` against `secret` with a receiver's own HMAC.
+fn verifies(received: &Received, secret: &str) -> bool {
+    use aws_lc_rs::hmac;
+    let header = received.header("x-tensorcost-signature");
+    let mut t = None;
+    let mut sigs = Vec::new();
+    for part in header.split(',') {
+        match part.split_once('=') {
+            Some(("t", v)) => t = Some(v.to_string()),
+            Some(("v1", v)) => sigs.push(v.to_string()),
+            _ => {}
+        }
+    }
+    let Some(t) = t else { return false };
+    let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
+    let mut message = format!("{t}.").into_bytes();
+    message.extend_from_slice(&received.body);
+    let expected: String = hmac::sign(&key, &message)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    sigs.iter().any(|s| *s == expected)
+}
+
+// ---- tests -----------------------------------------------------------------
+
+#[tokio::test]
+async fn delivers_signed_events_a_receiver_can_verify() {
+    let receiver = Receiver::start().await;
+    let b = start(&[]);
+    let api = Api::of(&b);
+    let t = admin("acme");
+    let hook = api
+        .create(&t, &receiver.url("/hook"), &["cost.*", "alert.created"])
+        .await;
+    let secret = hook["secret"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("whsec_"));
+    // Types the endpoint does not want are not delivered.
+    api.publish(&t, "instance.created", json!({})).await;
+    let id = api
+        .publish_raw(
+            &t,
+            "cost.updated",
+            r#"{"usd":1.50,"n":12345678901234567890123}"#,
+        )
+        .await;
+    let got = receiver.wait_for(1, PATIENCE).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.got().len(), 1, "only the wanted type");
+    let r = &got[0];
+    assert!(
+        verifies(r, &secret),
+        "signature verifies: {}",
+        r.header("x-tensorcost-signature")
+    );
+    assert!(!verifies(r, "whsec_wrong"));
+    let body = r.json();
+    assert_eq!(body["id"], id.as_str());
+    assert_eq!(body["type"], "cost.updated");
+    assert_eq!(body["tenant_id"], "acme");
+    let text = String::from_utf8_lossy(&r.body);
+    assert!(
+        text.contains("\"usd\":1.50") && text.contains("12345678901234567890123"),
+        "{text}"
+    );
+    assert_eq!(r.header("content-type"), "application/json");
+    assert!(r.header("user-agent").starts_with("tensorcost-events/"));
+    assert_eq!(r.header("x-tensorcost-event-id"), id);
+    // The secret is never shown again.
+    let (_, list) = api.call("GET", "/v1/webhooks", Some(&t), None).await;
+    assert!(!list.to_string().contains("whsec_"), "{list}");
+    let (_, one) = api
+        .call(
+            "GET",
+            &format!("/v1/webhooks/{}", hook["id"].as_str().unwrap()),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert!(!one.to_string().contains("whsec_"), "{one}");
+    assert!(!b.stderr().contains(&secret), "secret in the log");
+}
+
+#[tokio::test]
+async fn retries_on_the_schedule_honours_retry_after_and_410_disables() {
+    let receiver = Receiver::start().await;
+    let watcher = Receiver::start().await;
+    let b = start(&[("TC_WEBHOOK_RETRY_SCHEDULE", "200ms,200ms,3s")]);
+    let api = Api::of(&b);
+    let t = admin("acme");
+    let hook = api.create(&t, &receiver.url("/hook"), &["cost.*"]).await;
+    let id = hook["id"].as_str().unwrap().to_string();
+    // A second endpoint hears about disabling.
+    api.create(&t, &watcher.url("/sys"), &["system.*"]).await;
+
+    // 500, 500, then 200: three attempts of the same event.
+    receiver.script([status(500), status(500), status(200)]);
+    let event = api.publish(&t, "cost.updated", json!({"n": 1})).await;
+    let got = receiver.wait_for(3, PATIENCE).await;
+    for (i, r) in got.iter().enumerate() {
+        assert_eq!(r.header("x-tensorcost-event-id"), event);
+        assert_eq!(r.header("x-tensorcost-attempt"), (i + 1).to_string());
+    }
+    let list = api.deliveries(&t, &id, "").await;
+    assert_eq!(list.len(), 3, "{list:?}");
+    assert_eq!(list[0]["status"], "succeeded");
+    assert_eq!(list[1]["status_code"], 500);
+    assert!(list[1]["next_attempt_at"].is_string());
+    let failed = api.deliveries(&t, &id, "?status=failed&limit=1").await;
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["status"], "failed");
+
+    // 503 with Retry-After: 2 waits 2 s, not the 200 ms of the schedule.
+    let mut busy = status(503);
+    busy.headers.push(("retry-after", "2".into()));
+    receiver.script([busy]);
+    api.publish(&t, "cost.updated", json!({"n": 2})).await;
+    let got = receiver.wait_for(5, PATIENCE).await;
+    let gap = got[4].at - got[3].at;
+    assert!(
+        gap >= Duration::from_millis(1800),
+        "Retry-After honoured: {gap:?}"
+    );
+
+    // 410 disables the endpoint at once and stops attempts.
+    receiver.script([status(410)]);
+    api.publish(&t, "cost.updated", json!({"n": 3})).await;
+    receiver.wait_for(6, PATIENCE).await;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (_, e) = api
+            .call("GET", &format!("/v1/webhooks/{id}"), Some(&t), None)
+            .await;
+        if e["enabled"] == false {
+            assert!(
+                e["disabled_reason"].as_str().unwrap().contains("410"),
+                "{e}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "not disabled: {e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    api.publish(&t, "cost.updated", json!({"n": 4})).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(receiver.got().len(), 6, "no attempt after 410");
+    let sys = watcher.wait_for(1, PATIENCE).await;
+    let notice = sys[0].json();
+    assert_eq!(notice["type"], "system.webhook_disabled");
+    assert_eq!(notice["data"]["webhook_id"], id.as_str());
+    // Given up and replayable: enable it again and replay the event.
+    let (code, _) = api
+        .call(
+            "PATCH",
+            &format!("/v1/webhooks/{id}"),
+            Some(&t),
+            Some(json!({"enabled": true})),
+        )
+        .await;
+    assert_eq!(code, 200);
+    let list = api.deliveries(&t, &id, "?limit=1").await;
+    let gone_event = list[0]["event_id"].as_str().unwrap().to_string();
+    let (code, body) = api
+        .call(
+            "POST",
+            &format!("/v1/webhooks/{id}/replay"),
+            Some(&t),
+            Some(json!({"event_id": gone_event})),
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    let got = receiver.wait_for(7, PATIENCE).await;
+    assert_eq!(got[6].header("x-tensorcost-event-id"), gone_event);
+}
+
+#[tokio::test]
+async fn exhausted_deliveries_stay_listed_and_replayable() {
+    let receiver = Receiver::start().await;
+    receiver.answer_by_default(status(500));
+    let b = start(&[("TC_WEBHOOK_RETRY_SCHEDULE", "100ms,100ms")]);
+    let api = Api::of(&b);
+    let t = admin("acme");
+    let hook = api.create(&t, &receiver.url("/x"), &["*"]).await;
+    let id = hook["id"].as_str().unwrap();
+    let event = api.publish(&t, "cost.updated", json!({})).await;
+    receiver.wait_for(3, PATIENCE).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        receiver.got().len(),
+        3,
+        "1 attempt + 2 retries, then given up"
+    );
+    let list = api.deliveries(&t, id, "").await;
+    assert!(
+        list[0]["error"].as_str().unwrap().contains("HTTP 500"),
+        "{list:?}"
+    );
+    assert!(list[0]["next_attempt_at"].is_null());
+    receiver.answer_by_default(status(204));
+    let (code, body) = api
+        .call(
+            "POST",
+            &format!("/v1/webhooks/{id}/replay"),
+            Some(&t),
+            Some(json!({"event_id": event})),
+        )
+        .await;
+    assert_eq!((code, body["replayed"].as_u64()), (202, Some(1)), "{body}");
+    let got = receiver.wait_for(4, PATIENCE).await;
+    assert_eq!(got[3].header("x-tensorcost-event-id"), event);
+    // Replay since: everything history holds after an event.
+    api.publish(&t, "cost.updated", json!({"k": 1})).await;
+    api.publish(&t, "alert.created", json!({"k": 2})).await;
+    receiver.wait_for(6, PATIENCE).await;
+    let (code, body) = api
+        .call(
+            "POST",
+            &format!("/v1/webhooks/{id}/replay"),
+            Some(&t),
+            Some(json!({"since": event})),
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    assert!(body["replayed"].as_u64().unwrap() >= 2, "{body}");
+    let (code, body) = api
+        .call(
+            "POST",
+            &format!("/v1/webhooks/{id}/replay"),
+            Some(&t),
+            Some(json!({"event_id": "nope"})),
+        )
+        .await;
+    assert_eq!(code, 404, "{body}");
+}
+
+#[tokio::test]
+async fn a_receiver_down_for_a_while_loses_nothing() {
+    // Reserve a port, then leave it closed: connections are refused.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let b = start(&[(
+        "TC_WEBHOOK_RETRY_SCHEDULE",
+        "300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms",
+    )]);
+    let api = Api::of(&b);
+    let t = admin("acme");
+    let hook = api
+        .create(&t, &format!("http://{addr}/hook"), &["cost.*"])
+        .await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(api.publish(&t, "cost.updated", json!({"i": i})).await);
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let failed = api
+        .deliveries(&t, hook["id"].as_str().unwrap(), "?status=failed")
+        .await;
+    assert!(!failed.is_empty());
+    assert!(
+        failed[0]["error"].as_str().unwrap().contains("connect"),
+        "{failed:?}"
+    );
+    let receiver = Receiver::on(tokio::net::TcpListener::bind(addr).await.unwrap()).await;
+    let got = receiver.wait_for(20, PATIENCE).await;
+    let mut seen: Vec<String> = got
+        .iter()
+        .map(|r| r.header("x-tensorcost-event-id"))
+        .collect();
+    seen.sort();
+    seen.dedup();
+    ids.sort();
+    assert_eq!(seen, ids, "every event, once the receiver is back");
+}
+
+/// Publishes while the receiver is down, kills the broker with SIGKILL,
+/// restarts it on the same state, and expects every delivery.
+async fn survives_kill9(env: Vec<(String, String)>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut b = start(&env_ref);
+    let api = Api::of(&b);
+    let t = admin("acme");
+    api.create(&t, &format!("http://{addr}/hook"), &["cost.*"])
+        .await;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(api.publish(&t, "cost.updated", json!({"i": i})).await);
+    }
+    // The writer's commit interval is milliseconds; give it a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.kill9();
+    let receiver = Receiver::on(tokio::net::TcpListener::bind(addr).await.unwrap()).await;
+    let _b2 = start(&env_ref);
+    let got = receiver.wait_for(10, Duration::from_secs(30)).await;
+    let mut seen: Vec<String> = got
+        .iter()
+        .map(|r| r.header("x-tensorcost-event-id"))
+        .collect();
+    seen.sort();
+    seen.dedup();
+    ids.sort();
+    assert_eq!(seen, ids);
+}
+
+#[tokio::test]
+async fn pending_deliveries_survive_kill9_with_the_embedded_store() {
+    let dir = tensorcost_testkit::process::Scratch::new("wh-state").unwrap();
+    let data: PathBuf = dir.join("data");
+    survives_kill9(vec![
+        ("TC_DATA_DIR".into(), data.display().to_string()),
+        (
+            "TC_WEBHOOK_RETRY_SCHEDULE".into(),
+            "500ms,500ms,500ms,500ms,500ms,500ms".into(),
+        ),
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn pending_deliveries_survive_kill9_with_redis() {
+    let redis = RedisServer::start();
+    survives_kill9(vec![
+        ("TC_REDIS_URL".into(), redis.url()),
+        (
+            "TC_WEBHOOK_RETRY_SCHEDULE".into(),
+            "500ms,500ms,500ms,500ms,500ms,500ms".into(),
+        ),
+        // The killed instance's leased jobs come back when the lease ends.
+        ("TC_WEBHOOK_TIMEOUT".into(), "1s".into()),
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn three_instances_deliver_each_event_once_and_take_over_a_dead_ones_work() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let env = [("TC_REDIS_URL", url.as_str()), ("TC_WEBHOOK_TIMEOUT", "1s")];
+    let mut brokers: Vec<BrokerProcess> = (0..3).map(|_| start(&env)).collect();
+    let receiver = Receiver::start().await;
+    let t = admin("acme");
+    let api0 = Api::of(&brokers[0]);
+    api0.create(&t, &receiver.url("/a"), &["cost.*"]).await;
+    // Every instance learns of the endpoint within its refresh (1 s).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let api = Api::of(&brokers[i % 3]);
+        ids.push(api.publish(&t, "cost.updated", json!({"i": i})).await);
+    }
+    receiver.wait_for(30, PATIENCE).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got = receiver.got();
+    assert_eq!(got.len(), 30, "each event once, not once per instance");
+
+    // Instances die holding deliveries in flight: a new one finishes them.
+    brokers[0].kill9();
+    receiver.answer_by_default(Answer {
+        status: 200,
+        headers: Vec::new(),
+        delay: Duration::from_secs(3),
+    });
+    let api1 = Api::of(&brokers[1]);
+    let mut late = Vec::new();
+    for i in 0..4 {
+        late.push(api1.publish(&t, "cost.updated", json!({"late": i})).await);
+    }
+    // Claimed by instance 1 or 2, and in flight (the receiver is slow);
+    // every late event written as a delivery (the enqueuer's commit takes
+    // milliseconds: an event accepted within them of a SIGKILL is lost to
+    // webhooks, as docs/webhooks.md says).
+    receiver.wait_for(31, PATIENCE).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    brokers[1].kill9();
+    brokers[2].kill9();
+    receiver.answer_by_default(status(200));
+    let before = receiver.got().len();
+    let fresh = start(&env);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = receiver.got();
+        let done = late.iter().all(|id| {
+            got[before..]
+                .iter()
+                .any(|r| r.header("x-tensorcost-event-id") == *id)
+        });
+        if done {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dead instances' deliveries were not taken over: late {late:?}, got {:?}: {}",
+            got[before..]
+                .iter()
+                .map(|r| r.header("x-tensorcost-event-id"))
+                .collect::<Vec<_>>(),
+            fresh.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(brokers);
+}
+
+#[tokio::test]
+async fn the_destination_guard_refuses_private_addresses_and_redirects_are_not_followed() {
+    let receiver = Receiver::start().await;
+    // No allow-list: loopback and metadata addresses are refused.
+    let b = BrokerProcess::start(Path::new(BIN), BrokerOptions::new(SECRET)).unwrap();
+    let api = Api::of(&b);
+    let t = admin("acme");
+    for url in [
+        receiver.url("/x"),
+        "http://169.254.169.254/latest/meta-data/".to_string(),
+        "http://[::1]:80/".to_string(),
+        "http://localhost:9/".to_string(),
+    ] {
+        let (code, body) = api
+            .call(
+                "POST",
+                "/v1/webhooks",
+                Some(&t),
+                Some(json!({"url": url, "types": ["*"]})),
+            )
+            .await;
+        assert_eq!(code, 400, "{url}: {body}");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains("destination refused"),
+            "{body}"
+        );
+    }
+    drop(b);
+    // With the allow-list: a redirect to another receiver is not followed.
+    let other = Receiver::start().await;
+    receiver.answer_by_default(Answer {
+        status: 302,
+        headers: vec![("location", other.url("/stolen"))],
+        delay: Duration::ZERO,
+    });
+    let b = start(&[("TC_WEBHOOK_RETRY_SCHEDULE", "10s")]);
+    let api = Api::of(&b);
+    let hook = api.create(&t, &receiver.url("/x"), &["*"]).await;
+    api.publish(&t, "cost.updated", json!({})).await;
+    receiver.wait_for(1, PATIENCE).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(other.got().is_empty(), "redirect followed");
+    let list = api.deliveries(&t, hook["id"].as_str().unwrap(), "").await;
+    assert!(
+        list[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("redirects are not followed"),
+        "{list:?}"
+    );
+}
+
+#[tokio::test]
+async fn tenants_never_see_each_others_webhooks_or_events() {
+    let receiver_a = Receiver::start().await;
+    let b = start(&[]);
+    let api = Api::of(&b);
+    let (ta, tb) = (admin("tenant-a"), admin("tenant-b"));
+    let hook = api.create(&ta, &receiver_a.url("/a"), &["*"]).await;
+    let id = hook["id"].as_str().unwrap();
+    for (method, path, body) in [
+        ("GET", format!("/v1/webhooks/{id}"), None),
+        (
+            "PATCH",
+            format!("/v1/webhooks/{id}"),
+            Some(json!({"enabled": false})),
+        ),
+        ("DELETE", format!("/v1/webhooks/{id}"), None),
+        (
+            "POST",
+            format!("/v1/webhooks/{id}/rotate-secret"),
+            Some(json!({})),
+        ),
+        ("POST", format!("/v1/webhooks/{id}/test"), None),
+        ("GET", format!("/v1/webhooks/{id}/deliveries"), None),
+        (
+            "POST",
+            format!("/v1/webhooks/{id}/replay"),
+            Some(json!({"since": "x"})),
+        ),
+    ] {
+        let (code, reply) = api.call(method, &path, Some(&tb), body).await;
+        assert_eq!(code, 404, "{method} {path}: {reply}");
+        assert_eq!(reply["code"], "not_found");
+    }
+    let (_, list) = api.call("GET", "/v1/webhooks", Some(&tb), None).await;
+    assert_eq!(list["webhooks"], json!([]));
+    api.publish(&tb, "cost.updated", json!({"b": true})).await;
+    let a_event = api.publish(&ta, "cost.updated", json!({"a": true})).await;
+    let got = receiver_a.wait_for(1, PATIENCE).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got_ids: Vec<String> = receiver_a
+        .got()
+        .iter()
+        .map(|r| r.header("x-tensorcost-event-id"))
+        .collect();
+    assert_eq!(got_ids, vec![a_event], "only A's event");
+    assert_eq!(got[0].json()["tenant_id"], "tenant-a");
+    // A is untouched by B's attempts.
+    let (code, e) = api
+        .call("GET", &format!("/v1/webhooks/{id}"), Some(&ta), None)
+        .await;
+    assert_eq!((code, &e["enabled"]), (200, &json!(true)));
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors_and_limits_hold() {
+    let b = start(&[("TC_WEBHOOK_MAX_ENDPOINTS", "2")]);
+    let api = Api::of(&b);
+    let t = admin("acme");
+    let reader = token::mint(
+        SECRET,
+        Some("acme"),
+        "integration:read",
+        "r",
+        Duration::from_secs(600),
+    );
+    let cases: Vec<(Option<&str>, Value, u16, &str)> = vec![
+        (
+            None,
+            json!({"url": "http://127.0.0.1/x", "types": ["*"]}),
+            401,
+            "unauthenticated",
+        ),
+        (
+            Some(&reader),
+            json!({"url": "http://127.0.0.1/x", "types": ["*"]}),
+            403,
+            "integration:write",
+        ),
+        (Some(&t), json!({"types": ["*"]}), 400, "url: required"),
+        (
+            Some(&t),
+            json!({"url": "http://127.0.0.1/x"}),
+            400,
+            "types: required",
+        ),
+        (
+            Some(&t),
+            json!({"url": "http://127.0.0.1/x", "types": []}),
+            400,
+            "types: empty",
+        ),
+        (
+            Some(&t),
+            json!({"url": "http://127.0.0.1/x", "types": ["NOPE"]}),
+            400,
+            "types[0]",
+        ),
+        (
+            Some(&t),
+            json!({"url": "gopher://127.0.0.1/x", "types": ["*"]}),
+            400,
+            "scheme",
+        ),
+        (
+            Some(&t),
+            json!({"url": "http://u:hunter2@127.0.0.1/x", "types": ["*"]}),
+            400,
+            "credentials",
+        ),
+        (
+            Some(&t),
+            json!({"url": "http://127.0.0.1/x", "types": ["*"], "extra": 1}),
+            400,
+            "unknown field",
+        ),
+    ];
+    for (token, body, code, needle) in cases {
+        let (got, reply) = api
+            .call("POST", "/v1/webhooks", token, Some(body.clone()))
+            .await;
+        assert_eq!(got, code, "{body}: {reply}");
+        let message = reply.to_string();
+        assert!(message.contains(needle), "{body}: {reply}");
+        assert!(!message.contains("hunter2"), "password echoed: {reply}");
+    }
+    // Reading needs integration:read; reading with it works.
+    let publisher = token::mint(
+        SECRET,
+        Some("acme"),
+        "events:publish",
+        "p",
+        Duration::from_secs(600),
+    );
+    let (code, reply) = api
+        .call("GET", "/v1/webhooks", Some(&publisher), None)
+        .await;
+    assert_eq!(code, 403, "{reply}");
+    let (code, _) = api.call("GET", "/v1/webhooks", Some(&reader), None).await;
+    assert_eq!(code, 200);
+    // The endpoint limit.
+    api.create(&t, "http://127.0.0.1:9/a", &["*"]).await;
+    api.create(&t, "http://127.0.0.1:9/b", &["*"]).await;
+    let (code, reply) = api
+        .call(
+            "POST",
+            "/v1/webhooks",
+            Some(&t),
+            Some(json!({"url": "http://127.0.0.1:9/c", "types": ["*"]})),
+        )
+        .await;
+    assert_eq!(code, 429, "{reply}");
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap()
+            .contains("TC_WEBHOOK_MAX_ENDPOINTS")
+    );
+    // Unknown ids, bad queries.
+    let (code, _) = api
+        .call("GET", "/v1/webhooks/we_0000", Some(&t), None)
+        .await;
+    assert_eq!(code, 404);
+    let (code, _) = api
+        .call("GET", "/v1/webhooks/../../etc", Some(&t), None)
+        .await;
+    assert_eq!(code, 404);
+    let (_, list) = api.call("GET", "/v1/webhooks", Some(&t), None).await;
+    let id = list["webhooks"][0]["id"].as_str().unwrap().to_string();
+    let (code, reply) = api
+        .call(
+            "GET",
+            &format!("/v1/webhooks/{id}/deliveries?status=maybe"),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(code, 400, "{reply}");
+    let (code, reply) = api
+        .call(
+            "GET",
+            &format!("/v1/webhooks/{id}/deliveries?limit=abc"),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(code, 400, "{reply}");
+    let (code, reply) = api
+        .call(
+            "POST",
+            &format!("/v1/webhooks/{id}/rotate-secret"),
+            Some(&t),
+            Some(json!({"overlap": "30d"})),
+        )
+        .await;
+    assert_eq!(code, 400, "{reply}");
+}
+
+#[tokio::test]
+async fn unauthenticated_bodies_are_not_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = start(&[]);
+    let before = b.process.rss_kib();
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        let mut s = tokio::net::TcpStream::connect(&b.http).await.unwrap();
+        // Announce 50 MB; send the head only: refused from the headers.
+        s.write_all(
+            b"POST /v1/webhooks HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 50000000\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        s.write_all(&vec![b' '; 256 * 1024]).await.ok();
+        streams.push(s);
+    }
+    for s in &mut streams {
+        let mut buf = vec![0u8; 1024];
+        let n = tokio::time::timeout(PATIENCE, s.read(&mut buf))
+            .await
+            .expect("an answer before the body")
+            .unwrap_or(0);
+        let head = String::from_utf8_lossy(&buf[..n]);
+        assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    }
+    let grown = b.process.rss_kib().saturating_sub(before);
+    assert!(
+        grown < 16 * 1024,
+        "RSS grew {grown} KiB for 20 unauthenticated 50 MB bodies"
+    );
+}
