@@ -10,9 +10,15 @@ const BIN: &str = env!("CARGO_BIN_EXE_tensorcost-events");
 const SECRET: &str = "cli-test-secret-0123456789abcdef0123";
 
 /// A command with a clean environment: nothing from the developer's shell.
+/// Each `serve` keeps its embedded store in its own directory.
 fn cmd(args: &[&str]) -> Command {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut c = Command::new(BIN);
-    c.args(args).env_clear().env("RUST_LOG", "warn");
+    c.args(args)
+        .env_clear()
+        .env("RUST_LOG", "warn")
+        .env("TC_DATA_DIR", tmp_path(&format!("data-{n}")));
     c
 }
 

@@ -285,7 +285,7 @@ fn verifies(received: &Received, secret: &str) -> bool {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    sigs.iter().any(|s| *s == expected)
+    sigs.contains(&expected)
 }
 
 // ---- tests -----------------------------------------------------------------

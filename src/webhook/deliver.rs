@@ -218,10 +218,7 @@ pub async fn dispatcher(hooks: Webhooks, stop: CancellationToken, tasks: TaskTra
                 };
                 let place = take_place(&hooks, &delivery);
                 let hooks = hooks.clone();
-                tasks.spawn(async move {
-                    run(&hooks, job, delivery).await;
-                    drop(place);
-                });
+                tasks.spawn(async move { run(&hooks, job, delivery, place).await });
             }
         }
     }
@@ -257,8 +254,10 @@ enum Outcome {
     },
 }
 
-/// One claimed job: attempt it, then record what follows.
-async fn run(hooks: &Webhooks, job: Job, delivery: Delivery) {
+/// One claimed job: attempt it, give its place back (the receiver may take
+/// the next one while this one's outcome is written), then record what
+/// follows. The job stays leased until then.
+async fn run(hooks: &Webhooks, job: Job, delivery: Delivery, place: Place) {
     let inner = &hooks.inner;
     let Some(cached) = hooks.cached(&delivery.tenant, &delivery.endpoint) else {
         tracing::debug!(webhook = %delivery.endpoint, "delivery dropped: its endpoint was deleted");
@@ -279,6 +278,7 @@ async fn run(hooks: &Webhooks, job: Job, delivery: Delivery) {
     let started = Instant::now();
     let outcome = send(hooks, &endpoint, &delivery).await;
     let latency = started.elapsed();
+    drop(place);
     follow_up(hooks, &endpoint, Some(&job), delivery, outcome, latency).await;
 }
 

@@ -168,12 +168,9 @@ impl Default for WebhookMetrics {
     fn default() -> Self {
         Self {
             attempts: Family::default(),
-            latency: Histogram::new(
-                [
-                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0,
-                ]
-                .into_iter(),
-            ),
+            latency: Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0,
+            ]),
             pending: Gauge::default(),
             in_flight: Gauge::default(),
             disabled: Gauge::default(),
@@ -306,6 +303,8 @@ impl Webhooks {
             tasks.clone(),
         ));
         tasks.spawn(self.clone().refresher(stop.clone()));
+        // Closed for `wait`; the dispatcher still spawns deliveries on it.
+        tasks.close();
         let tap = Tap {
             tx,
             inner: Arc::clone(&self.inner),

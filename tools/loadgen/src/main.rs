@@ -10,6 +10,7 @@ mod clients;
 mod procs;
 mod report;
 mod scenarios;
+mod webhooks;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,8 +40,8 @@ pub struct Config {
     #[arg(long, value_enum, default_value = "small")]
     pub size: Size,
     /// Scenarios to run, comma separated (6, the soak run, takes 10
-    /// minutes at full size).
-    #[arg(long, default_value = "1,2,3,4,5,6")]
+    /// minutes at full size; 7 is webhooks).
+    #[arg(long, default_value = "1,2,3,4,5,6,7")]
     pub scenarios: String,
     /// Where results.json and results.md go.
     #[arg(long)]
@@ -94,7 +95,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             4 => scenarios::cross_instance(&config).await?,
             5 => scenarios::idle(&config).await?,
             6 => scenarios::soak(&config).await?,
-            other => anyhow::bail!("no scenario {other} (1 to 6)"),
+            7 => webhooks::webhooks(&config).await?,
+            other => anyhow::bail!("no scenario {other} (1 to 7)"),
         };
         report.scenarios.push(scenario);
         report::write(&report, &config.out)?;

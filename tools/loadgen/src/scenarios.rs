@@ -55,7 +55,7 @@ pub struct Scenario {
     pub targets: Vec<Target>,
 }
 
-fn broker_env(extra: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
+pub fn broker_env(extra: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
     let mut env = vec![
         ("TC_SUBSCRIBER_BUFFER", "1000000".to_string()),
         ("TC_RATE_LIMIT_PER_TENANT", "10000000".to_string()),
