@@ -7,6 +7,7 @@ the tests run against the real `tensorcost-events` binary (env TC_BIN, default
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -114,12 +115,14 @@ class Broker:
         return token
 
 
-@pytest.fixture(scope="session")
-def broker(tmp_path_factory):
+@contextlib.contextmanager
+def start_broker(workdir: Path, extra_env: dict[str, str] | None = None):
+    """Runs `serve` on free ports with its state under `workdir` (TC_DATA_DIR
+    `workdir/data` unless `extra_env` sets it) and yields a Broker once the
+    ready file names its addresses; stops it on exit."""
     binary = binary_path()
     if not binary.is_file() or not os.access(binary, os.X_OK):
         pytest.fail(f"broker binary not found or not executable: {binary} (set TC_BIN)", pytrace=False)
-    workdir = tmp_path_factory.mktemp("broker")
     ready = workdir / "ready.json"
     log_path = workdir / "broker.log"
     log = open(log_path, "wb")
@@ -134,7 +137,7 @@ def broker(tmp_path_factory):
             "--ready-file",
             str(ready),
         ],
-        env={**_env(), "TC_DATA_DIR": str(workdir / "data")},
+        env={**_env(), "TC_DATA_DIR": str(workdir / "data"), **(extra_env or {})},
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -173,6 +176,12 @@ def broker(tmp_path_factory):
                 proc.kill()
                 proc.wait(timeout=10)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory):
+    with start_broker(tmp_path_factory.mktemp("broker")) as b:
+        yield b
 
 
 @pytest.fixture(scope="session")
