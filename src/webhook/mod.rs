@@ -473,7 +473,12 @@ impl Webhooks {
             disabled_reason: None,
         };
         self.save(&endpoint).await?;
-        tracing::info!(tenant, webhook = %endpoint.id, url = %endpoint.url, "webhook created");
+        // The host only: a URL's path or query may carry a receiver's token.
+        let host = reqwest::Url::parse(&endpoint.url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default();
+        tracing::info!(tenant, webhook = %endpoint.id, %host, "webhook created");
         let mut view = endpoint.view();
         view.secret = Some(secret);
         Ok(view)
