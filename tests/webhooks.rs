@@ -365,7 +365,10 @@ async fn retries_on_the_schedule_honours_retry_after_and_410_disables() {
     let got = receiver.wait_for(3, PATIENCE).await;
     for (i, r) in got.iter().enumerate() {
         assert_eq!(r.header("x-tensorcost-event-id"), event);
-        assert_eq!(r.header("x-tensorcost-attempt"), (i + 1).to_string());
+        assert_eq!(
+            r.header("x-tensorcost-delivery-attempt"),
+            (i + 1).to_string()
+        );
     }
     let list = api.deliveries(&t, &id, "").await;
     assert_eq!(list.len(), 3, "{list:?}");

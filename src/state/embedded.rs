@@ -2,10 +2,13 @@
 //! `TC_DATA_DIR`), for a broker without Redis.
 //!
 //! Writes go to one writer thread, which applies every write waiting at
-//! that moment in one transaction and commits it durably (redb's default,
-//! fsync before the commit returns): concurrent writers share a commit, and
-//! each caller's future resolves once its write is on disk. Reads use
-//! redb's snapshots beside the writer.
+//! that moment in one transaction and commits it: concurrent writers share
+//! a commit. Records (webhook endpoints and their secrets) are committed
+//! durably (fsync) before their caller's future resolves. Queue and log
+//! writes are committed without fsync and made durable at the next durable
+//! commit, at most [`FLUSH`] later: a crash or `kill -9` loses at most the
+//! last [`FLUSH`] of them (a delivery is then made again, or its event not
+//! handed to webhooks). Reads use redb's snapshots beside the writer.
 //!
 //! Queues are indexed in memory (queue → due time → job id; about 100
 //! bytes a job, bodies stay on disk), rebuilt from the file at start. This
@@ -14,7 +17,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -28,6 +31,15 @@ const JOBS: TableDefinition<&str, &str> = TableDefinition::new("jobs");
 
 /// Writes waiting for the writer thread at most; callers wait beyond it.
 const WRITE_QUEUE: usize = 4096;
+
+/// How long the writer waits for more writes when nobody waits for the
+/// ones it has (jobs done, attempts logged): under load, one commit then
+/// carries many of them.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Queue and log writes are durable (fsync) at most this long after their
+/// commit: the writer's flush interval.
+pub const FLUSH: std::time::Duration = std::time::Duration::from_millis(50);
 
 enum Op {
     Record {
@@ -50,15 +62,37 @@ enum Op {
         delete: Vec<String>,
         reply: oneshot::Sender<Result<bool>>,
     },
+    /// A durable commit of everything before it.
+    Flush {
+        reply: oneshot::Sender<Result<bool>>,
+    },
 }
 
 impl Op {
+    /// Whether its caller waits for it to be on disk.
+    fn durable(&self) -> bool {
+        matches!(self, Op::Record { .. } | Op::Flush { .. })
+    }
+
+    /// Whether a caller waits for its answer.
+    fn awaited(&self) -> bool {
+        let reply = match self {
+            Op::Record { reply, .. }
+            | Op::LogPush { reply, .. }
+            | Op::LogClear { reply, .. }
+            | Op::Jobs { reply, .. }
+            | Op::Flush { reply } => reply,
+        };
+        !reply.is_closed()
+    }
+
     fn reply(self, result: Result<bool>) {
         let reply = match self {
             Op::Record { reply, .. }
             | Op::LogPush { reply, .. }
             | Op::LogClear { reply, .. }
-            | Op::Jobs { reply, .. } => reply,
+            | Op::Jobs { reply, .. }
+            | Op::Flush { reply } => reply,
         };
         let _ = reply.send(result);
     }
@@ -161,10 +195,30 @@ impl Embedded {
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let writer_db = Arc::clone(&db);
+        let dirty = Arc::new(AtomicBool::new(false));
+        let writer_dirty = Arc::clone(&dirty);
         std::thread::Builder::new()
             .name("tc-state-writer".into())
-            .spawn(move || writer(&writer_db, rx))
+            .spawn(move || writer(&writer_db, rx, &writer_dirty))
             .map_err(|e| err("cannot start the state writer", e))?;
+        // Asks for a durable commit every FLUSH while there is something
+        // not yet durable; ends with the writer.
+        let flush_tx = tx.downgrade();
+        std::thread::Builder::new()
+            .name("tc-state-flush".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(FLUSH);
+                    let Some(tx) = flush_tx.upgrade() else { return };
+                    if dirty.load(Ordering::Acquire) {
+                        let (reply, _) = oneshot::channel();
+                        if tx.blocking_send(Op::Flush { reply }).is_err() {
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| err("cannot start the state flusher", e))?;
         Ok(Self {
             path,
             db,
@@ -340,12 +394,21 @@ impl Embedded {
         let claimed: Vec<(String, String)> = {
             let mut index = lock(&self.index);
             let mut picked = Vec::new();
+            let limited: HashMap<&str, usize> = capacity
+                .limited
+                .iter()
+                .map(|(q, n)| (q.as_str(), *n))
+                .collect();
             let queues: Vec<String> = index.queues.keys().cloned().collect();
             for queue in queues {
                 if picked.len() >= max {
                     break;
                 }
-                let room = capacity.of(&queue).min(max - picked.len());
+                let cap = limited
+                    .get(queue.as_str())
+                    .copied()
+                    .unwrap_or(capacity.default);
+                let room = cap.min(max - picked.len());
                 let due: Vec<(u64, String)> = index.queues[&queue]
                     .iter()
                     .take_while(|(d, _)| *d <= now_ms)
@@ -395,6 +458,40 @@ impl Embedded {
         .map(|_| ())
     }
 
+    /// A job done and its log entry, as one write not waited for: the
+    /// caller goes on at once (a crash within [`FLUSH`] loses it, and the
+    /// job is done again).
+    pub async fn finish_logged(
+        &self,
+        id: &str,
+        log: &str,
+        key: &str,
+        value: String,
+        keep: usize,
+    ) -> Result<()> {
+        lock(&self.index).remove(id);
+        let (reply, _) = oneshot::channel();
+        let done = Op::Jobs {
+            put: Vec::new(),
+            delete: vec![id.to_string()],
+            reply,
+        };
+        let (reply, _) = oneshot::channel();
+        let logged = Op::LogPush {
+            key: log_key(log, key),
+            value,
+            keep: keep.max(1),
+            reply,
+        };
+        for op in [done, logged] {
+            self.tx
+                .send(op)
+                .await
+                .map_err(|_| StateError("the state writer has stopped".into()))?;
+        }
+        Ok(())
+    }
+
     pub async fn drop_queue(&self, queue: &str) -> Result<()> {
         let ids: Vec<String> = {
             let mut index = lock(&self.index);
@@ -435,16 +532,9 @@ impl Embedded {
         v
     }
 
-    /// Every write has been awaited by its caller, so there is nothing left
-    /// to commit; this waits for a write in flight to finish.
+    /// Commits everything written so far durably.
     pub async fn close(&self) {
-        let _ = self
-            .write(|reply| Op::Jobs {
-                put: Vec::new(),
-                delete: Vec::new(),
-                reply,
-            })
-            .await;
+        let _ = self.write(|reply| Op::Flush { reply }).await;
     }
 }
 
@@ -452,22 +542,31 @@ fn log_key(log: &str, key: &str) -> String {
     format!("{log}\0{key}")
 }
 
-/// The writer thread: every write waiting, one transaction, one commit.
-fn writer(db: &Database, mut rx: mpsc::Receiver<Op>) {
+/// The writer thread: every write waiting, one transaction, one commit;
+/// durable when a write in it asks for it (records, flushes), else
+/// durable at the next flush (`dirty` tells the flusher).
+fn writer(db: &Database, mut rx: mpsc::Receiver<Op>, dirty: &AtomicBool) {
     // Per log key: (oldest seq, next seq), learned on first use.
     let mut logs: HashMap<String, (u64, u64)> = HashMap::new();
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
+        let mut lingered = false;
         while batch.len() < WRITE_QUEUE {
             match rx.try_recv() {
                 Ok(op) => batch.push(op),
+                Err(_) if !lingered && !batch.iter().any(Op::awaited) => {
+                    lingered = true;
+                    std::thread::sleep(LINGER);
+                }
                 Err(_) => break,
             }
         }
+        let durable = batch.iter().any(Op::durable);
         let mut log_seen = logs.clone();
-        match apply(db, &batch, &mut log_seen) {
+        match apply(db, &batch, &mut log_seen, durable) {
             Ok(results) => {
                 logs = log_seen;
+                dirty.store(!durable, Ordering::Release);
                 for (op, existed) in batch.into_iter().zip(results) {
                     op.reply(Ok(existed));
                 }
@@ -482,8 +581,17 @@ fn writer(db: &Database, mut rx: mpsc::Receiver<Op>) {
     }
 }
 
-fn apply(db: &Database, batch: &[Op], logs: &mut HashMap<String, (u64, u64)>) -> Result<Vec<bool>> {
-    let txn = db.begin_write().map_err(|e| err("begin", e))?;
+fn apply(
+    db: &Database,
+    batch: &[Op],
+    logs: &mut HashMap<String, (u64, u64)>,
+    durable: bool,
+) -> Result<Vec<bool>> {
+    let mut txn = db.begin_write().map_err(|e| err("begin", e))?;
+    if !durable {
+        txn.set_durability(redb::Durability::None)
+            .map_err(|e| err("durability", e))?;
+    }
     let mut results = Vec::with_capacity(batch.len());
     {
         let mut records = txn.open_table(RECORDS).map_err(|e| err("records", e))?;
@@ -535,6 +643,7 @@ fn apply(db: &Database, batch: &[Op], logs: &mut HashMap<String, (u64, u64)>) ->
                     logs.insert(key.clone(), (next, next));
                     true
                 }
+                Op::Flush { .. } => true,
                 Op::Jobs { put, delete, .. } => {
                     for job in put {
                         let text = serde_json::to_string(job).map_err(|e| err("job", e))?;

@@ -14,8 +14,10 @@
 //!   neither finished nor rescheduled before its lease ends is due again,
 //!   which is how another instance takes over a crashed one's work.
 //!
-//! Every write has been committed when its future resolves; the embedded
-//! store groups concurrent writes into one transaction.
+//! Every write has been committed when its future resolves (except
+//! [`State::finish_logged`] on the embedded store); the embedded store
+//! groups concurrent writes into one transaction, and makes queue and log
+//! writes durable within its flush interval ([`embedded::FLUSH`]).
 
 pub mod embedded;
 pub mod redis;
@@ -64,7 +66,26 @@ pub struct Job {
     pub queue: String,
     /// When it is due, Unix milliseconds.
     pub due_ms: u64,
+    /// Stored as JSON, not as an escaped string.
+    #[serde(with = "raw_json")]
     pub body: String,
+}
+
+/// A `String` field holding JSON text, written into the enclosing JSON as
+/// is (not escaped as a string) and read back as text: a payload kept
+/// inside a job is neither escaped nor unescaped on its way through.
+pub mod raw_json {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_json::value::RawValue;
+
+    pub fn serialize<S: Serializer>(text: &str, s: S) -> Result<S::Ok, S::Error> {
+        let raw: &RawValue = serde_json::from_str(text).map_err(serde::ser::Error::custom)?;
+        raw.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        Box::<RawValue>::deserialize(d).map(|raw| raw.get().to_string())
+    }
 }
 
 /// A backend failed; the message names what and never holds a secret.
@@ -80,15 +101,6 @@ pub type Result<T> = std::result::Result<T, StateError>;
 pub struct Capacity {
     pub default: usize,
     pub limited: Vec<(String, usize)>,
-}
-
-impl Capacity {
-    pub fn of(&self, queue: &str) -> usize {
-        self.limited
-            .iter()
-            .find(|(q, _)| q == queue)
-            .map_or(self.default, |(_, n)| *n)
-    }
 }
 
 /// The state store. Cheap to clone.
@@ -218,6 +230,28 @@ impl State {
         match self {
             State::Embedded(e) => e.finish(queue, id).await,
             State::Redis(r) => r.finish(queue, id).await,
+        }
+    }
+
+    /// A job done, and `value` appended to log (`log`, `key`). The embedded
+    /// store does not wait for the commit (lost only with a crash within
+    /// its flush interval, and the job is then done again).
+    pub async fn finish_logged(
+        &self,
+        queue: &str,
+        id: &str,
+        log: &str,
+        key: &str,
+        value: String,
+        keep: usize,
+    ) -> Result<()> {
+        match self {
+            State::Embedded(e) => e.finish_logged(id, log, key, value, keep).await,
+            State::Redis(r) => {
+                let (done, logged) =
+                    tokio::join!(r.finish(queue, id), r.push_log(log, key, value, keep));
+                done.and(logged)
+            }
         }
     }
 
@@ -360,7 +394,10 @@ pub(crate) mod contract {
             vec!["a2"]
         );
         assert_eq!(got[0].body, "{\"id\":\"a2\"}");
-        state.finish("qa", "a1").await.unwrap();
+        state
+            .finish_logged("qa", "a1", "done", "qa", "a1 delivered".into(), 10)
+            .await
+            .unwrap();
         // A rescheduled job keeps its id and takes its new body and time.
         let mut again = job("b1", "qb", 5_000);
         again.body = "{\"attempt\":2}".into();
@@ -396,6 +433,11 @@ pub(crate) mod contract {
         );
         let got = state.claim(20_000, 1_000, &cap(10), 10).await.unwrap();
         assert_eq!(got.len(), 2);
+        assert_eq!(
+            state.read_log("done", "qa", 10).await.unwrap(),
+            vec!["a1 delivered"],
+            "finish_logged wrote its log entry"
+        );
         let v = state.version("w").await.unwrap();
         assert!(state.bump("w").await.unwrap() > v);
     }

@@ -2,7 +2,7 @@
 //! caps, one attempt (sign, POST, classify the answer), and what follows
 //! it: done, retried on the schedule, given up, or the endpoint disabled.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,6 +20,15 @@ use crate::state::{Capacity, Job};
 const POLL: Duration = Duration::from_millis(250);
 /// Longest error text kept from a receiver's answer.
 const MAX_ERROR: usize = 300;
+/// Jobs claimed ahead for an endpoint whose receiver answers quickly, so
+/// that its deliveries follow each other without a claim between them.
+const PREFETCH: usize = 128;
+/// Bytes of jobs claimed ahead, over all endpoints; past it endpoints claim
+/// only for their free places.
+const PREFETCH_BYTES: usize = 16 << 20;
+/// A receiver that answered a delivery with a 2xx within this long is fast:
+/// its endpoint claims ahead.
+const FAST: Duration = Duration::from_millis(100);
 
 /// A job's body: one event for one endpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -30,6 +39,7 @@ pub struct Delivery {
     pub event_type: String,
     pub trace_id: String,
     /// The envelope as JSON: the request body, byte for byte what is signed.
+    #[serde(with = "crate::state::raw_json")]
     pub payload: String,
     /// This attempt's number, from 1.
     pub attempt: u32,
@@ -86,12 +96,38 @@ pub struct Dead {
     pub at: String,
 }
 
-/// Deliveries in flight here: per endpoint, per tenant, in all.
-#[derive(Debug, Default)]
+/// Deliveries in flight here (per endpoint, per tenant, in all), and the
+/// jobs claimed for each endpoint that wait for one of its workers.
+#[derive(Default)]
 pub struct InFlight {
     endpoints: HashMap<String, usize>,
     tenants: HashMap<String, usize>,
     total: usize,
+    lanes: HashMap<String, Lane>,
+    /// Bytes of jobs in every lane.
+    lane_bytes: usize,
+}
+
+/// One endpoint's claimed jobs, in claim order (oldest due first).
+#[derive(Default)]
+struct Lane {
+    tenant: String,
+    jobs: VecDeque<Claimed>,
+    /// Its last delivery succeeded within [`FAST`]: claim ahead.
+    fast: bool,
+}
+
+struct Claimed {
+    job: Job,
+    delivery: Delivery,
+    /// When it was claimed: its lease runs from here.
+    at: Instant,
+}
+
+impl Claimed {
+    fn bytes(&self) -> usize {
+        self.job.body.len() + 128
+    }
 }
 
 /// Releases a place in flight when a delivery ends, and wakes the
@@ -129,9 +165,11 @@ impl Drop for Place {
     }
 }
 
-/// What a claim may take: each endpoint its free places, within its
-/// tenant's free places and the free places in all.
-fn capacity(hooks: &Webhooks) -> (Capacity, usize) {
+/// What a claim may take: an endpoint whose receiver is fast enough to
+/// claim ahead, up to [`PREFETCH`] jobs waiting (refilled once half of it
+/// is gone); any other endpoint its free places, within its tenant's free
+/// places. Returns the capacity and the most jobs in all.
+fn plan(hooks: &Webhooks) -> (Capacity, usize) {
     let settings = &hooks.inner.settings;
     let tenants = hooks.tenant_endpoints();
     let f = hooks
@@ -139,41 +177,47 @@ fn capacity(hooks: &Webhooks) -> (Capacity, usize) {
         .in_flight
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let free_total = settings.webhook_max_in_flight.saturating_sub(f.total);
+    let may_prefetch = f.lane_bytes < PREFETCH_BYTES;
+    let mut free_total = settings.webhook_max_in_flight.saturating_sub(f.total);
+    let mut max = 0;
     let mut limited = Vec::new();
     for (tenant, endpoints) in tenants {
         let mut tenant_free = settings
             .webhook_tenant_concurrency
             .saturating_sub(f.tenants.get(&tenant).copied().unwrap_or(0));
         for id in endpoints {
-            let own = settings
-                .webhook_concurrency
-                .saturating_sub(f.endpoints.get(&id).copied().unwrap_or(0));
-            let give = own.min(tenant_free);
-            tenant_free -= give;
-            if give < settings.webhook_concurrency {
-                limited.push((id, give));
-            }
+            let lane = f.lanes.get(&id);
+            let waiting = lane.map_or(0, |l| l.jobs.len());
+            let room = if may_prefetch && lane.is_some_and(|l| l.fast) {
+                if waiting <= PREFETCH / 2 {
+                    PREFETCH - waiting
+                } else {
+                    0
+                }
+            } else {
+                let busy = f.endpoints.get(&id).copied().unwrap_or(0) + waiting;
+                let own = settings.webhook_concurrency.saturating_sub(busy);
+                let give = own.min(tenant_free).min(free_total);
+                tenant_free -= give;
+                free_total -= give;
+                give
+            };
+            max += room;
+            limited.push((id, room));
         }
     }
-    (
-        Capacity {
-            // Queues of endpoints not in the cache (deleted ones) are
-            // claimed like any and dropped.
-            default: settings.webhook_concurrency,
-            limited,
-        },
-        free_total,
-    )
+    // Queues of endpoints not in the cache (deleted ones) are claimed like
+    // any and dropped.
+    let default = settings.webhook_concurrency.min(free_total);
+    limited.retain(|(_, room)| *room != default);
+    (Capacity { default, limited }, max + default)
 }
 
-/// Claims due jobs and starts their deliveries, until `stop`; then waits
-/// for deliveries in flight.
+/// Claims due jobs into the endpoints' lanes and starts workers for them,
+/// until `stop`; the workers stop after their delivery in progress.
 pub async fn dispatcher(hooks: Webhooks, stop: CancellationToken, tasks: TaskTracker) {
     let inner = Arc::clone(&hooks.inner);
-    // Long enough for an attempt and its follow-up; a crashed instance's
-    // jobs are due again when it ends.
-    let lease = inner.settings.webhook_timeout * 2 + Duration::from_secs(5);
+    let lease = lease(&inner.settings);
     let mut failing_since: Option<Instant> = None;
     loop {
         tokio::select! {
@@ -182,13 +226,13 @@ pub async fn dispatcher(hooks: Webhooks, stop: CancellationToken, tasks: TaskTra
             () = stop.cancelled() => return,
         }
         loop {
-            let (cap, free) = capacity(&hooks);
-            if free == 0 {
+            let (cap, max) = plan(&hooks);
+            if max == 0 {
                 break;
             }
             let jobs = match inner
                 .state
-                .claim(clock::unix_millis(), lease.as_millis() as u64, &cap, free)
+                .claim(clock::unix_millis(), lease.as_millis() as u64, &cap, max)
                 .await
             {
                 Ok(jobs) => {
@@ -210,34 +254,169 @@ pub async fn dispatcher(hooks: Webhooks, stop: CancellationToken, tasks: TaskTra
                 break;
             }
             tracing::debug!(claimed = jobs.len(), "webhook deliveries claimed");
+            let at = Instant::now();
+            let mut claimed = Vec::with_capacity(jobs.len());
             for job in jobs {
-                let Ok(delivery) = serde_json::from_str::<Delivery>(&job.body) else {
-                    tracing::warn!(job = %job.id, "dropped an unreadable webhook job");
-                    let _ = inner.state.finish(&job.queue, &job.id).await;
-                    continue;
-                };
-                let place = take_place(&hooks, &delivery);
-                let hooks = hooks.clone();
-                tasks.spawn(async move { run(&hooks, job, delivery, place).await });
+                match serde_json::from_str::<Delivery>(&job.body) {
+                    Ok(delivery) => claimed.push(Claimed { job, delivery, at }),
+                    Err(_) => {
+                        tracing::warn!(job = %job.id, "dropped an unreadable webhook job");
+                        let _ = inner.state.finish(&job.queue, &job.id).await;
+                    }
+                }
+            }
+            let mut f = inner
+                .in_flight
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for c in claimed {
+                f.lane_bytes += c.bytes();
+                let lane = f.lanes.entry(c.delivery.endpoint.clone()).or_default();
+                if lane.tenant.is_empty() {
+                    lane.tenant = c.delivery.tenant.clone();
+                }
+                lane.jobs.push_back(c);
             }
         }
+        start_workers(&hooks, &stop, &tasks);
     }
 }
 
-fn take_place(hooks: &Webhooks, d: &Delivery) -> Place {
-    let mut f = hooks
-        .inner
-        .in_flight
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    *f.endpoints.entry(d.endpoint.clone()).or_default() += 1;
-    *f.tenants.entry(d.tenant.clone()).or_default() += 1;
-    f.total += 1;
-    hooks.inner.metrics.in_flight.set(f.total as i64);
-    Place {
-        hooks: hooks.clone(),
-        endpoint: d.endpoint.clone(),
-        tenant: d.tenant.clone(),
+/// How long a claimed job is kept from others: long enough for an attempt
+/// and its follow-up; a crashed instance's jobs are due again when it ends.
+fn lease(settings: &super::WebhookSettings) -> Duration {
+    settings.webhook_timeout * 2 + Duration::from_secs(5)
+}
+
+/// A worker for each lane with jobs waiting, while its endpoint, its tenant
+/// and the instance have free places.
+fn start_workers(hooks: &Webhooks, stop: &CancellationToken, tasks: &TaskTracker) {
+    let settings = &hooks.inner.settings;
+    let known: std::collections::HashSet<String> = hooks
+        .tenant_endpoints()
+        .into_iter()
+        .flat_map(|(_, ids)| ids)
+        .collect();
+    let mut started = Vec::new();
+    {
+        let mut f = hooks
+            .inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let f = &mut *f;
+        // An empty lane is kept while its endpoint exists and is fast (it
+        // claims ahead when jobs come).
+        f.lanes
+            .retain(|id, lane| !lane.jobs.is_empty() || (lane.fast && known.contains(id)));
+        for (endpoint, lane) in &f.lanes {
+            let mut busy = f.endpoints.get(endpoint).copied().unwrap_or(0);
+            let mut tenant = f.tenants.get(&lane.tenant).copied().unwrap_or(0);
+            let mut waiting = lane.jobs.len();
+            while waiting > 0
+                && busy < settings.webhook_concurrency
+                && tenant < settings.webhook_tenant_concurrency
+                && f.total < settings.webhook_max_in_flight
+            {
+                busy += 1;
+                tenant += 1;
+                waiting -= 1;
+                f.total += 1;
+                started.push((endpoint.clone(), lane.tenant.clone()));
+            }
+            if busy > 0 {
+                f.endpoints.insert(endpoint.clone(), busy);
+            }
+            if tenant > 0 {
+                f.tenants.insert(lane.tenant.clone(), tenant);
+            }
+        }
+        hooks.inner.metrics.in_flight.set(f.total as i64);
+    }
+    for (endpoint, tenant) in started {
+        let place = Place {
+            hooks: hooks.clone(),
+            endpoint,
+            tenant,
+        };
+        let hooks = hooks.clone();
+        let stop = stop.clone();
+        tasks.spawn(async move { worker(&hooks, place, &stop).await });
+    }
+}
+
+/// Delivers its endpoint's claimed jobs one after another, holding one
+/// place, until the lane is empty or the service stops.
+async fn worker(hooks: &Webhooks, place: Place, stop: &CancellationToken) {
+    let inner = &hooks.inner;
+    // A job claimed this long ago may not finish its attempt within its
+    // lease: it is left to whoever claims it when the lease ends.
+    let stale = lease(&inner.settings)
+        .saturating_sub(inner.settings.webhook_timeout + Duration::from_secs(1));
+    while !stop.is_cancelled() {
+        let next = {
+            let mut f = inner
+                .in_flight
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let f = &mut *f;
+            let Some(lane) = f.lanes.get_mut(&place.endpoint) else {
+                break;
+            };
+            let next = lane.jobs.pop_front();
+            if lane.fast && lane.jobs.len() == PREFETCH / 2 {
+                // Refill while the rest is delivered.
+                inner.wake.notify_one();
+            }
+            if let Some(c) = &next {
+                f.lane_bytes -= c.bytes();
+            }
+            next
+        };
+        let Some(c) = next else { break };
+        if c.at.elapsed() > stale {
+            tracing::debug!(job = %c.job.id, "claimed job left to its lease's end");
+            continue;
+        }
+        let fast = run(hooks, c.job, c.delivery).await;
+        let mut f = inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let lane = f.lanes.entry(place.endpoint.clone()).or_default();
+        lane.fast = fast;
+        if lane.tenant.is_empty() {
+            lane.tenant = place.tenant.clone();
+        }
+    }
+    drop(place);
+}
+
+/// Gives every job waiting in a lane back to its queue, due now (at a
+/// stop: the next instance or start delivers them without waiting for
+/// their leases).
+pub async fn release_lanes(hooks: &Webhooks) {
+    let jobs: Vec<Job> = {
+        let mut f = hooks
+            .inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f.lane_bytes = 0;
+        let now = clock::unix_millis();
+        f.lanes
+            .drain()
+            .flat_map(|(_, lane)| lane.jobs)
+            .map(|c| Job {
+                due_ms: now,
+                ..c.job
+            })
+            .collect()
+    };
+    if let Err(e) = hooks.inner.state.enqueue(jobs).await {
+        tracing::warn!(
+            "claimed webhook deliveries not given back; they are due when their leases end: {e}"
+        );
     }
 }
 
@@ -254,18 +433,17 @@ enum Outcome {
     },
 }
 
-/// One claimed job: attempt it, give its place back (the receiver may take
-/// the next one while this one's outcome is written), then record what
-/// follows. The job stays leased until then.
-async fn run(hooks: &Webhooks, job: Job, delivery: Delivery, place: Place) {
+/// One claimed job: attempt it and record what follows. The job stays
+/// leased until then. Whether the receiver answered 2xx within [`FAST`].
+async fn run(hooks: &Webhooks, job: Job, delivery: Delivery) -> bool {
     let inner = &hooks.inner;
     let Some(cached) = hooks.cached(&delivery.tenant, &delivery.endpoint) else {
         tracing::debug!(webhook = %delivery.endpoint, "delivery dropped: its endpoint was deleted");
         // The endpoint was deleted.
         let _ = inner.state.finish(&job.queue, &job.id).await;
-        return;
+        return false;
     };
-    let endpoint = cached.endpoint.clone();
+    let endpoint = &cached.endpoint;
     if !endpoint.enabled {
         let reason = endpoint
             .disabled_reason
@@ -273,33 +451,44 @@ async fn run(hooks: &Webhooks, job: Job, delivery: Delivery, place: Place) {
             .unwrap_or_else(|| "endpoint disabled".into());
         give_up(hooks, delivery, &format!("not attempted: {reason}")).await;
         let _ = inner.state.finish(&job.queue, &job.id).await;
-        return;
+        return false;
     }
     let started = Instant::now();
-    let outcome = send(hooks, &endpoint, &delivery).await;
+    let outcome = send(hooks, endpoint, &cached.target, &delivery).await;
     let latency = started.elapsed();
-    drop(place);
-    follow_up(hooks, &endpoint, Some(&job), delivery, outcome, latency).await;
+    let fast = matches!(outcome, Outcome::Succeeded(_)) && latency < FAST;
+    follow_up(hooks, endpoint, Some(&job), delivery, outcome, latency).await;
+    fast
 }
 
 /// `POST /v1/webhooks/{id}/test`: one attempt now, no retry.
 pub async fn attempt_once(hooks: &Webhooks, endpoint: &Endpoint, delivery: Delivery) -> Attempt {
     let started = Instant::now();
-    let outcome = send(hooks, endpoint, &delivery).await;
+    let target = hooks.inner.guard.check_url(&endpoint.url);
+    let outcome = send(hooks, endpoint, &target, &delivery).await;
     follow_up(hooks, endpoint, None, delivery, outcome, started.elapsed()).await
 }
 
-/// Signs and POSTs the payload.
-async fn send(hooks: &Webhooks, endpoint: &Endpoint, d: &Delivery) -> Outcome {
+/// Signs and POSTs the payload to `target` (the endpoint's URL as the
+/// guard checked it).
+async fn send(
+    hooks: &Webhooks,
+    endpoint: &Endpoint,
+    target: &Result<url::Url, super::guard::Refused>,
+    d: &Delivery,
+) -> Outcome {
     let inner = &hooks.inner;
-    if let Err(refused) = inner.guard.check_url(&endpoint.url) {
-        return Outcome::Failed {
-            status: None,
-            error: refused.to_string(),
-            retry_after: None,
-            refused: true,
-        };
-    }
+    let url = match target {
+        Ok(url) => url.clone(),
+        Err(refused) => {
+            return Outcome::Failed {
+                status: None,
+                error: refused.to_string(),
+                retry_after: None,
+                refused: true,
+            };
+        }
+    };
     let now_ms = clock::unix_millis();
     let signature = sign::header_value(
         endpoint.signing_secrets(now_ms),
@@ -308,12 +497,12 @@ async fn send(hooks: &Webhooks, endpoint: &Endpoint, d: &Delivery) -> Outcome {
     );
     let request = inner
         .client
-        .post(&endpoint.url)
+        .post(url)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .header(sign::HEADER, signature)
         .header("x-tensorcost-event-id", &d.event_id)
         .header("x-tensorcost-event-type", &d.event_type)
-        .header("x-tensorcost-attempt", d.attempt.to_string())
+        .header("x-tensorcost-delivery-attempt", d.attempt.to_string())
         .body(d.payload.clone());
     match request.send().await {
         Ok(response) => {
@@ -418,6 +607,8 @@ async fn follow_up(
         next_attempt_at: None,
     };
     let trace = delivery.trace_id.clone();
+    // A job delivered: finished together with its attempt's log entry.
+    let mut done = None;
     match outcome {
         Outcome::Succeeded(code) => {
             inner
@@ -429,11 +620,7 @@ async fn follow_up(
                 .inc();
             attempt.status = "succeeded".into();
             attempt.status_code = Some(code);
-            if let Some(job) = job
-                && let Err(e) = inner.state.finish(&job.queue, &job.id).await
-            {
-                tracing::warn!(webhook = %endpoint.id, "delivered, but not marked done (it may be delivered again): {e}");
-            }
+            done = job;
             if endpoint.failing_since_ms.is_some() {
                 update_endpoint(hooks, endpoint, |e| e.failing_since_ms = None).await;
             }
@@ -529,9 +716,18 @@ async fn follow_up(
         "webhook attempt"
     );
     let value = serde_json::to_string(&attempt).unwrap_or_default();
-    if let Err(e) = inner
+    let keep = settings.webhook_log_keep;
+    if let Some(job) = done {
+        if let Err(e) = inner
+            .state
+            .finish_logged(&job.queue, &job.id, ATTEMPTS, &endpoint.id, value, keep)
+            .await
+        {
+            tracing::warn!(webhook = %endpoint.id, "delivered, but not marked done (it may be delivered again): {e}");
+        }
+    } else if let Err(e) = inner
         .state
-        .push_log(ATTEMPTS, &endpoint.id, value, settings.webhook_log_keep)
+        .push_log(ATTEMPTS, &endpoint.id, value, keep)
         .await
     {
         tracing::debug!(webhook = %endpoint.id, "attempt not logged: {e}");

@@ -185,6 +185,8 @@ struct Cached {
     endpoint: Endpoint,
     /// None when its stored types no longer parse: matches nothing.
     filter: Option<TypeFilter>,
+    /// Its URL parsed and checked by the guard once, not per attempt.
+    target: Result<url::Url, guard::Refused>,
 }
 
 impl Cached {
@@ -217,16 +219,19 @@ pub struct Webhooks {
 
 /// Running tasks of the service.
 pub struct Running {
+    hooks: Webhooks,
     stop: CancellationToken,
     tasks: TaskTracker,
 }
 
 impl Running {
     /// Writes what the enqueuer holds, lets deliveries in flight finish
-    /// (at most the webhook timeout), and returns.
+    /// (at most the webhook timeout), gives jobs claimed ahead back to
+    /// their queues, and returns.
     pub async fn stop(self) {
         self.stop.cancel();
         self.tasks.wait().await;
+        deliver::release_lanes(&self.hooks).await;
     }
 }
 
@@ -310,7 +315,14 @@ impl Webhooks {
             inner: Arc::clone(&self.inner),
             last_warning: AtomicU64::new(0),
         };
-        Ok((Running { stop, tasks }, Box::new(tap)))
+        Ok((
+            Running {
+                hooks: self.clone(),
+                stop,
+                tasks,
+            },
+            Box::new(tap),
+        ))
     }
 
     /// Re-reads every endpoint when the table changed (or `force`).
@@ -330,10 +342,11 @@ impl Webhooks {
                         disabled += 1;
                     }
                     let filter = TypeFilter::parse(&endpoint.types).ok();
-                    cache
-                        .entry(tenant)
-                        .or_default()
-                        .push(Arc::new(Cached { endpoint, filter }));
+                    cache.entry(tenant).or_default().push(Arc::new(Cached {
+                        target: inner.guard.check_url(&endpoint.url),
+                        endpoint,
+                        filter,
+                    }));
                 }
                 Err(e) => {
                     tracing::warn!(tenant, webhook = id, "skipped an unreadable endpoint: {e}")
@@ -792,15 +805,9 @@ impl Webhooks {
             if n == 0 {
                 return;
             }
-            let jobs = self.jobs_for(&batch).await;
+            let (jobs, requested) = self.jobs_for(&batch).await;
             batch.clear();
             let mut wait = Duration::from_millis(100);
-            let mut requested = Vec::with_capacity(jobs.len());
-            for job in &jobs {
-                if let Ok(d) = serde_json::from_str::<Delivery>(&job.body) {
-                    requested.push(d);
-                }
-            }
             // Retried until written: the channel behind holds the rest.
             while let Err(e) = self.inner.state.enqueue(jobs.clone()).await {
                 tracing::warn!("webhook deliveries not yet written, retrying in {wait:?}: {e}");
@@ -827,9 +834,10 @@ impl Webhooks {
 
     /// One job per (event, endpoint that wants it); an endpoint at its
     /// pending limit gets its delivery given up at once instead.
-    async fn jobs_for(&self, events: &[SharedEvent]) -> Vec<Job> {
+    async fn jobs_for(&self, events: &[SharedEvent]) -> (Vec<Job>, Vec<Delivery>) {
         let now = clock::unix_millis();
         let mut jobs = Vec::new();
+        let mut deliveries = Vec::new();
         let mut counts: HashMap<String, usize> = HashMap::new();
         for event in events {
             let endpoints: Vec<Arc<Cached>> = lock_read(&self.inner.cache)
@@ -863,9 +871,10 @@ impl Webhooks {
                 }
                 counts.insert(cached.endpoint.id.clone(), pending + 1);
                 jobs.push(delivery.job(now));
+                deliveries.push(delivery);
             }
         }
-        jobs
+        (jobs, deliveries)
     }
 }
 

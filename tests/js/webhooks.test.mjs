@@ -202,7 +202,7 @@ describe('verifying deliveries', () => {
     assert.match(d.headers['content-type'], /^application\/json/);
     assert.match(d.headers['user-agent'], /^tensorcost-events\/\d+\.\d+\.\d+/);
     assert.equal(d.headers['x-tensorcost-event-id'], eventId);
-    assert.equal(d.headers['x-tensorcost-attempt'], '1');
+    assert.equal(d.headers['x-tensorcost-delivery-attempt'], '1');
 
     const envelope = JSON.parse(d.rawBody);
     assert.deepEqual(Object.keys(envelope).sort(), ENVELOPE_KEYS);
@@ -301,7 +301,7 @@ describe('retries', () => {
     await waitFor(() => receiver.requests.length >= 3, {
       timeoutMs: 12_000,
       what: 'three attempts',
-      state: () => receiver.requests.map((r) => r.headers['x-tensorcost-attempt']),
+      state: () => receiver.requests.map((r) => r.headers['x-tensorcost-delivery-attempt']),
     });
     // No fourth attempt after the 200 (the schedule would allow one in ~1 s).
     await new Promise((r) => setTimeout(r, 1500));
@@ -314,7 +314,7 @@ describe('retries', () => {
       assert.equal(verify(r.rawBody, r.headers['x-tensorcost-signature'], created.secret), true);
     }
     assert.deepEqual(
-      receiver.requests.map((r) => r.headers['x-tensorcost-attempt']),
+      receiver.requests.map((r) => r.headers['x-tensorcost-delivery-attempt']),
       ['1', '2', '3'],
     );
     // Each retry waits about 1 s (±10% jitter, plus scheduling slack).

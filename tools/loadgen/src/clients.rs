@@ -74,6 +74,19 @@ impl Recorder {
             .add(local);
     }
 
+    /// Records one delivery's latency in µs (receivers that see one event
+    /// per request: no histogram of their own to allocate).
+    pub fn record(&self, micros: Option<u64>) {
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        if let Some(us) = micros {
+            let _ = self
+                .hist
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .record(us);
+        }
+    }
+
     /// (p50, p99, p99.9) in milliseconds.
     pub fn percentiles(&self) -> (f64, f64, f64) {
         let h = self.hist.lock().unwrap_or_else(|p| p.into_inner());

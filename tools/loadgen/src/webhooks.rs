@@ -25,16 +25,14 @@ struct Receiver {
     fast: Arc<Recorder>,
     isolated: Arc<Recorder>,
     slow_seen: Arc<AtomicU64>,
-    ceiling_seen: Arc<AtomicU64>,
+    /// wrk's requests: recorded as the broker's are, so that both cost the
+    /// receiver the same.
+    ceiling: Arc<Recorder>,
 }
 
 fn record(recorder: &Recorder, body: &Bytes) {
-    let sent = clients::sent_at(&String::from_utf8_lossy(body));
-    let mut h = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
-    if let Some(t) = sent {
-        let _ = h.record(clients::unix_nanos().saturating_sub(t) / 1000);
-    }
-    recorder.merge(&h, 1);
+    let sent = std::str::from_utf8(body).ok().and_then(clients::sent_at);
+    recorder.record(sent.map(|t| clients::unix_nanos().saturating_sub(t) / 1000));
 }
 
 async fn start_receiver() -> anyhow::Result<(String, Receiver)> {
@@ -42,7 +40,7 @@ async fn start_receiver() -> anyhow::Result<(String, Receiver)> {
         fast: Recorder::new(),
         isolated: Recorder::new(),
         slow_seen: Arc::new(AtomicU64::new(0)),
-        ceiling_seen: Arc::new(AtomicU64::new(0)),
+        ceiling: Recorder::new(),
     };
     let app = axum::Router::new()
         .route(
@@ -64,9 +62,7 @@ async fn start_receiver() -> anyhow::Result<(String, Receiver)> {
         )
         .route(
             "/ceiling",
-            post(|State(s): State<Receiver>, _body: Bytes| async move {
-                s.ceiling_seen.fetch_add(1, Ordering::Relaxed);
-            }),
+            post(|State(s): State<Receiver>, body: Bytes| async move { record(&s.ceiling, &body) }),
         )
         .with_state(state.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
