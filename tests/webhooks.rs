@@ -603,6 +603,79 @@ async fn pending_deliveries_survive_kill9_with_redis() {
     .await;
 }
 
+/// An endpoint whose receiver answers quickly claims deliveries ahead; when
+/// the receiver slows down and the instance is stopped (SIGTERM), what it
+/// claimed and had not attempted goes back to the queue at once, not when
+/// the leases end (35 s with the default timeout).
+#[tokio::test]
+async fn a_stopped_instance_gives_back_the_deliveries_it_claimed_ahead() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let env = [("TC_REDIS_URL", url.as_str())];
+    let mut b = start(&env);
+    let receiver = Receiver::start().await;
+    let api = Api::of(&b);
+    let t = admin("acme");
+    let hook = api.create(&t, &receiver.url("/a"), &["cost.*"]).await;
+    let hook_id = hook["id"].as_str().unwrap().to_string();
+    // A quick answer: the endpoint claims ahead from now on.
+    api.publish(&t, "cost.updated", json!({"warm": true})).await;
+    receiver.wait_for(1, PATIENCE).await;
+    receiver.answer_by_default(Answer {
+        status: 200,
+        headers: Vec::new(),
+        delay: Duration::from_secs(2),
+    });
+    let mut ids = Vec::new();
+    let claimed_by = Instant::now();
+    for i in 0..40 {
+        ids.push(api.publish(&t, "cost.updated", json!({"i": i})).await);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Leased: scored at the lease's end (about 35 s ahead), not due.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let queue = format!("tc:{{tc-state}}:q:{hook_id}");
+    let leased: usize = redis
+        .cli(&["ZCOUNT", &queue, &format!("({}", now_ms + 20_000), "+inf"])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        leased > 8,
+        "more jobs leased than the 4 in flight (claimed ahead): {leased}"
+    );
+    // The receiver (on this runtime) must answer while the broker stops.
+    tokio::task::spawn_blocking(move || b.process.terminate(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    receiver.answer_by_default(status(200));
+    let _b2 = start(&env);
+    // Well before the leases taken while publishing end (35 s).
+    let deadline = claimed_by + Duration::from_secs(25);
+    loop {
+        let got = receiver.got();
+        let missing: Vec<&String> = ids
+            .iter()
+            .filter(|id| {
+                !got.iter()
+                    .any(|r| r.header("x-tensorcost-event-id") == **id)
+            })
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} deliveries claimed by the stopped instance were not given back: {missing:?}",
+            missing.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn three_instances_deliver_each_event_once_and_take_over_a_dead_ones_work() {
     let redis = RedisServer::start();
