@@ -676,6 +676,58 @@ async fn a_stopped_instance_gives_back_the_deliveries_it_claimed_ahead() {
     }
 }
 
+/// Jobs claimed ahead that wait so long that their attempt could outlast
+/// the lease are left alone: another instance claims them when the lease
+/// ends, and no event is delivered twice.
+#[tokio::test]
+async fn jobs_claimed_ahead_past_their_lease_are_left_to_another_instance() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    // Lease 2 × 3 s + 5 s = 11 s; a claimed job is left alone after 7 s.
+    let env = [("TC_REDIS_URL", url.as_str()), ("TC_WEBHOOK_TIMEOUT", "3s")];
+    let a = start(&env);
+    let receiver = Receiver::start().await;
+    let api = Api::of(&a);
+    let t = admin("acme");
+    api.create(&t, &receiver.url("/a"), &["cost.*"]).await;
+    let _b = start(&env);
+    // Both instances know the endpoint; a quick answer makes it fast here.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    api.publish(&t, "cost.updated", json!({"warm": true})).await;
+    receiver.wait_for(1, PATIENCE).await;
+    // Then 1 s per answer: 4 at a time per instance, the rest waits.
+    receiver.answer_by_default(Answer {
+        status: 200,
+        headers: Vec::new(),
+        delay: Duration::from_secs(1),
+    });
+    let mut ids = Vec::new();
+    // More than one instance delivers before the leases end (about 44).
+    for i in 0..80 {
+        ids.push(api.publish(&t, "cost.updated", json!({"i": i})).await);
+    }
+    receiver.wait_for(81, Duration::from_secs(60)).await;
+    // Late duplicates would come after the last first delivery.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let got: Vec<String> = receiver.got()[1..]
+        .iter()
+        .map(|r| r.header("x-tensorcost-event-id"))
+        .collect();
+    assert!(got.len() >= ids.len(), "{} of {}", got.len(), ids.len());
+    let mut seen = got.clone();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(
+        seen.len(),
+        got.len(),
+        "an event was delivered twice: {} deliveries of {} events",
+        got.len(),
+        seen.len()
+    );
+    ids.sort();
+    assert_eq!(seen, ids);
+}
+
 #[tokio::test]
 async fn three_instances_deliver_each_event_once_and_take_over_a_dead_ones_work() {
     let redis = RedisServer::start();

@@ -41,60 +41,53 @@ const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 /// commit: the writer's flush interval.
 pub const FLUSH: std::time::Duration = std::time::Duration::from_millis(50);
 
-enum Op {
+/// One write for the writer thread.
+enum Write {
     Record {
         key: (String, String, String),
         value: Option<String>,
-        reply: oneshot::Sender<Result<bool>>,
     },
     LogPush {
         key: String,
         value: String,
         keep: usize,
-        reply: oneshot::Sender<Result<bool>>,
     },
     LogClear {
         key: String,
-        reply: oneshot::Sender<Result<bool>>,
     },
     Jobs {
         put: Vec<Job>,
         delete: Vec<String>,
-        reply: oneshot::Sender<Result<bool>>,
     },
     /// A durable commit of everything before it.
-    Flush {
-        reply: oneshot::Sender<Result<bool>>,
-    },
+    Flush,
+}
+
+/// A write and, when its caller waits for it, where its answer goes.
+struct Op {
+    write: Write,
+    reply: Option<oneshot::Sender<Result<bool>>>,
 }
 
 impl Op {
-    /// Whether its caller waits for it to be on disk.
+    /// A write nobody waits for.
+    fn detached(write: Write) -> Self {
+        Op { write, reply: None }
+    }
+
+    /// Whether it must be on disk when its commit returns.
     fn durable(&self) -> bool {
-        matches!(self, Op::Record { .. } | Op::Flush { .. })
+        matches!(self.write, Write::Record { .. } | Write::Flush)
     }
 
-    /// Whether a caller waits for its answer.
     fn awaited(&self) -> bool {
-        let reply = match self {
-            Op::Record { reply, .. }
-            | Op::LogPush { reply, .. }
-            | Op::LogClear { reply, .. }
-            | Op::Jobs { reply, .. }
-            | Op::Flush { reply } => reply,
-        };
-        !reply.is_closed()
+        self.reply.is_some()
     }
 
-    fn reply(self, result: Result<bool>) {
-        let reply = match self {
-            Op::Record { reply, .. }
-            | Op::LogPush { reply, .. }
-            | Op::LogClear { reply, .. }
-            | Op::Jobs { reply, .. }
-            | Op::Flush { reply } => reply,
-        };
-        let _ = reply.send(result);
+    fn answer(self, result: Result<bool>) {
+        if let Some(reply) = self.reply {
+            let _ = reply.send(result);
+        }
     }
 }
 
@@ -210,11 +203,10 @@ impl Embedded {
                 loop {
                     std::thread::sleep(FLUSH);
                     let Some(tx) = flush_tx.upgrade() else { return };
-                    if dirty.load(Ordering::Acquire) {
-                        let (reply, _) = oneshot::channel();
-                        if tx.blocking_send(Op::Flush { reply }).is_err() {
-                            return;
-                        }
+                    if dirty.load(Ordering::Acquire)
+                        && tx.blocking_send(Op::detached(Write::Flush)).is_err()
+                    {
+                        return;
                     }
                 }
             })
@@ -233,10 +225,13 @@ impl Embedded {
         &self.path
     }
 
-    async fn write(&self, make: impl FnOnce(oneshot::Sender<Result<bool>>) -> Op) -> Result<bool> {
+    async fn write(&self, write: Write) -> Result<bool> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(make(reply))
+            .send(Op {
+                write,
+                reply: Some(reply),
+            })
             .await
             .map_err(|_| StateError("the state writer has stopped".into()))?;
         answer
@@ -268,10 +263,9 @@ impl Embedded {
 
     pub async fn put(&self, table: &str, tenant: &str, id: &str, value: String) -> Result<()> {
         let key = (table.to_string(), tenant.to_string(), id.to_string());
-        self.write(|reply| Op::Record {
+        self.write(Write::Record {
             key,
             value: Some(value),
-            reply,
         })
         .await
         .map(|_| ())
@@ -279,12 +273,7 @@ impl Embedded {
 
     pub async fn delete(&self, table: &str, tenant: &str, id: &str) -> Result<bool> {
         let key = (table.to_string(), tenant.to_string(), id.to_string());
-        self.write(|reply| Op::Record {
-            key,
-            value: None,
-            reply,
-        })
-        .await
+        self.write(Write::Record { key, value: None }).await
     }
 
     pub async fn list(&self, table: &str, tenant: &str) -> Result<Vec<(String, String)>> {
@@ -328,11 +317,10 @@ impl Embedded {
 
     pub async fn push_log(&self, log: &str, key: &str, value: String, keep: usize) -> Result<()> {
         let key = log_key(log, key);
-        self.write(|reply| Op::LogPush {
+        self.write(Write::LogPush {
             key,
             value,
             keep: keep.max(1),
-            reply,
         })
         .await
         .map(|_| ())
@@ -358,9 +346,7 @@ impl Embedded {
 
     pub async fn delete_log(&self, log: &str, key: &str) -> Result<()> {
         let key = log_key(log, key);
-        self.write(|reply| Op::LogClear { key, reply })
-            .await
-            .map(|_| ())
+        self.write(Write::LogClear { key }).await.map(|_| ())
     }
 
     pub async fn enqueue(&self, jobs: Vec<Job>) -> Result<()> {
@@ -371,10 +357,9 @@ impl Embedded {
                 ..j.clone()
             })
             .collect();
-        self.write(|reply| Op::Jobs {
+        self.write(Write::Jobs {
             put: jobs,
             delete: Vec::new(),
-            reply,
         })
         .await?;
         let mut index = lock(&self.index);
@@ -449,10 +434,9 @@ impl Embedded {
 
     pub async fn finish(&self, _queue: &str, id: &str) -> Result<()> {
         lock(&self.index).remove(id);
-        self.write(|reply| Op::Jobs {
+        self.write(Write::Jobs {
             put: Vec::new(),
             delete: vec![id.to_string()],
-            reply,
         })
         .await
         .map(|_| ())
@@ -470,19 +454,15 @@ impl Embedded {
         keep: usize,
     ) -> Result<()> {
         lock(&self.index).remove(id);
-        let (reply, _) = oneshot::channel();
-        let done = Op::Jobs {
+        let done = Op::detached(Write::Jobs {
             put: Vec::new(),
             delete: vec![id.to_string()],
-            reply,
-        };
-        let (reply, _) = oneshot::channel();
-        let logged = Op::LogPush {
+        });
+        let logged = Op::detached(Write::LogPush {
             key: log_key(log, key),
             value,
             keep: keep.max(1),
-            reply,
-        };
+        });
         for op in [done, logged] {
             self.tx
                 .send(op)
@@ -505,10 +485,9 @@ impl Embedded {
             }
             ids
         };
-        self.write(|reply| Op::Jobs {
+        self.write(Write::Jobs {
             put: Vec::new(),
             delete: ids,
-            reply,
         })
         .await
         .map(|_| ())
@@ -534,7 +513,7 @@ impl Embedded {
 
     /// Commits everything written so far durably.
     pub async fn close(&self) {
-        let _ = self.write(|reply| Op::Flush { reply }).await;
+        let _ = self.write(Write::Flush).await;
     }
 }
 
@@ -568,13 +547,13 @@ fn writer(db: &Database, mut rx: mpsc::Receiver<Op>, dirty: &AtomicBool) {
                 logs = log_seen;
                 dirty.store(!durable, Ordering::Release);
                 for (op, existed) in batch.into_iter().zip(results) {
-                    op.reply(Ok(existed));
+                    op.answer(Ok(existed));
                 }
             }
             Err(e) => {
                 tracing::error!("state store write failed: {e}");
                 for op in batch {
-                    op.reply(Err(e.clone()));
+                    op.answer(Err(e.clone()));
                 }
             }
         }
@@ -598,8 +577,8 @@ fn apply(
         let mut log_table = txn.open_table(LOGS).map_err(|e| err("logs", e))?;
         let mut jobs = txn.open_table(JOBS).map_err(|e| err("jobs", e))?;
         for op in batch {
-            let existed = match op {
-                Op::Record { key, value, .. } => {
+            let existed = match &op.write {
+                Write::Record { key, value, .. } => {
                     let k = (key.0.as_str(), key.1.as_str(), key.2.as_str());
                     match value {
                         Some(v) => records
@@ -609,7 +588,7 @@ fn apply(
                         None => records.remove(k).map_err(|e| err("records", e))?.is_some(),
                     }
                 }
-                Op::LogPush {
+                Write::LogPush {
                     key, value, keep, ..
                 } => {
                     let (oldest, next) = match logs.get(key) {
@@ -630,7 +609,7 @@ fn apply(
                     logs.insert(key.clone(), (oldest, next));
                     true
                 }
-                Op::LogClear { key, .. } => {
+                Write::LogClear { key, .. } => {
                     let (oldest, next) = match logs.get(key) {
                         Some(span) => *span,
                         None => log_span(&log_table, key)?,
@@ -643,8 +622,8 @@ fn apply(
                     logs.insert(key.clone(), (next, next));
                     true
                 }
-                Op::Flush { .. } => true,
-                Op::Jobs { put, delete, .. } => {
+                Write::Flush => true,
+                Write::Jobs { put, delete, .. } => {
                     for job in put {
                         let text = serde_json::to_string(job).map_err(|e| err("job", e))?;
                         jobs.insert(job.id.as_str(), text.as_str())

@@ -108,6 +108,17 @@ pub struct InFlight {
     lane_bytes: usize,
 }
 
+impl InFlight {
+    fn lane(&mut self, endpoint: &str, tenant: &str) -> &mut Lane {
+        self.lanes
+            .entry(endpoint.to_string())
+            .or_insert_with(|| Lane {
+                tenant: tenant.to_string(),
+                ..Lane::default()
+            })
+    }
+}
+
 /// One endpoint's claimed jobs, in claim order (oldest due first).
 #[derive(Default)]
 struct Lane {
@@ -271,11 +282,9 @@ pub async fn dispatcher(hooks: Webhooks, stop: CancellationToken, tasks: TaskTra
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             for c in claimed {
                 f.lane_bytes += c.bytes();
-                let lane = f.lanes.entry(c.delivery.endpoint.clone()).or_default();
-                if lane.tenant.is_empty() {
-                    lane.tenant = c.delivery.tenant.clone();
-                }
-                lane.jobs.push_back(c);
+                f.lane(&c.delivery.endpoint, &c.delivery.tenant)
+                    .jobs
+                    .push_back(c);
             }
         }
         start_workers(&hooks, &stop, &tasks);
@@ -383,11 +392,7 @@ async fn worker(hooks: &Webhooks, place: Place, stop: &CancellationToken) {
             .in_flight
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let lane = f.lanes.entry(place.endpoint.clone()).or_default();
-        lane.fast = fast;
-        if lane.tenant.is_empty() {
-            lane.tenant = place.tenant.clone();
-        }
+        f.lane(&place.endpoint, &place.tenant).fast = fast;
     }
     drop(place);
 }
