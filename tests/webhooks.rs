@@ -1082,3 +1082,191 @@ async fn unauthenticated_bodies_are_not_read() {
         "RSS grew {grown} KiB for 20 unauthenticated 50 MB bodies"
     );
 }
+
+// ---- the client: TLS, private CAs, kept connections --------------------
+
+/// A receiver over TLS, with a certificate for `localhost` issued by a CA
+/// made here; counts the TLS connections it accepts.
+struct TlsReceiver {
+    receiver: Receiver,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+    ca_pem: String,
+}
+
+impl TlsReceiver {
+    async fn start() -> Self {
+        use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "tensorcost test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(ReceiverState::default()));
+        let app = axum::Router::new()
+            .fallback(receive)
+            .with_state(Arc::clone(&state));
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&connections);
+        // Serves until the test's runtime ends.
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, app, counted) =
+                    (acceptor.clone(), app.clone(), Arc::clone(&counted));
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(
+                            hyper_util::rt::TokioIo::new(tls),
+                            hyper_util::service::TowerToHyperService::new(app),
+                        )
+                        .await;
+                });
+            }
+        });
+        Self {
+            receiver: Receiver { addr, state },
+            connections,
+            ca_pem: ca_cert.pem(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.receiver.addr.port())
+    }
+}
+
+#[tokio::test]
+async fn delivers_over_https_to_a_receiver_behind_a_private_ca_on_kept_connections() {
+    let tls = TlsReceiver::start().await;
+    let dir = tensorcost_testkit::process::Scratch::new("ca").unwrap();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, &tls.ca_pem).unwrap();
+    let t = admin("acme");
+
+    // Without the CA the certificate is refused, and the attempt says so.
+    let b = start(&[("TC_WEBHOOK_ALLOW_HOSTS", "localhost")]);
+    let api = Api::of(&b);
+    let hook = api.create(&t, &tls.url("/hook"), &["*"]).await;
+    let id = hook["id"].as_str().unwrap().to_string();
+    api.publish(&t, "cost.updated", json!({})).await;
+    let deadline = Instant::now() + PATIENCE;
+    let failed = loop {
+        let list = api.deliveries(&t, &id, "").await;
+        if let Some(first) = list.first() {
+            break first.clone();
+        }
+        assert!(Instant::now() < deadline, "no attempt listed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("certificate"), "{error}");
+    assert!(tls.receiver.got().is_empty());
+    drop(b);
+
+    // A CA file that is not there: the broker says which setting is wrong.
+    let missing = BrokerProcess::start(
+        Path::new(BIN),
+        BrokerOptions::new(SECRET).env("TC_WEBHOOK_CA_FILE", "/nonexistent/ca.pem"),
+    );
+    let Err(e) = missing else {
+        panic!("started with a CA file that does not exist")
+    };
+    assert!(format!("{e:#}").contains("TC_WEBHOOK_CA_FILE"), "{e:#}");
+
+    // With it: every delivery arrives, verified, over at most as many
+    // connections as deliveries in flight (4), each kept for the next.
+    let b = start(&[
+        ("TC_WEBHOOK_ALLOW_HOSTS", "localhost"),
+        ("TC_WEBHOOK_CA_FILE", ca_file.to_str().unwrap()),
+    ]);
+    let api = Api::of(&b);
+    let hook = api.create(&t, &tls.url("/hook"), &["*"]).await;
+    let secret = hook["secret"].as_str().unwrap();
+    // A burst, then one at a time: each worker's connection waits idle
+    // for the next.
+    let burst = 20;
+    for i in 0..burst {
+        api.publish(&t, "cost.updated", json!({ "i": i })).await;
+    }
+    tls.receiver.wait_for(burst, PATIENCE).await;
+    let n = burst + 10;
+    for i in burst..n {
+        api.publish(&t, "cost.updated", json!({ "i": i })).await;
+        tls.receiver.wait_for(i + 1, PATIENCE).await;
+    }
+    let got = tls.receiver.got();
+    assert_eq!(got.len(), n);
+    for r in &got {
+        assert!(verifies(r, secret));
+        assert_eq!(r.header("x-tensorcost-delivery-attempt"), "1");
+        assert_eq!(
+            r.header("host"),
+            format!("localhost:{}", tls.receiver.addr.port())
+        );
+    }
+    let connections = tls.connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=4).contains(&connections),
+        "{connections} TLS connections for {n} deliveries"
+    );
+}
+
+#[tokio::test]
+async fn a_receiver_that_closes_every_connection_still_gets_each_delivery_once() {
+    let receiver = Receiver::start().await;
+    receiver.answer_by_default(Answer {
+        status: 200,
+        headers: vec![("connection", "close".to_string())],
+        delay: Duration::ZERO,
+    });
+    let b = start(&[]);
+    let api = Api::of(&b);
+    let t = admin("acme");
+    api.create(&t, &receiver.url("/hook"), &["*"]).await;
+    let n = 20;
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.push(api.publish(&t, "cost.updated", json!({ "i": i })).await);
+    }
+    receiver.wait_for(n, PATIENCE).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = receiver.got();
+    let mut seen: Vec<String> = got
+        .iter()
+        .map(|r| r.header("x-tensorcost-event-id"))
+        .collect();
+    seen.sort();
+    ids.sort();
+    assert_eq!(seen, ids, "each event once");
+    assert!(
+        got.iter()
+            .all(|r| r.header("x-tensorcost-delivery-attempt") == "1"),
+        "no attempt failed"
+    );
+}

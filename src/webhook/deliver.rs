@@ -6,10 +6,14 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
+use hyper::StatusCode;
+use hyper::header::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::client::{Conn, SendError, Target};
 use super::endpoint::Endpoint;
 use super::{ATTEMPTS, DEAD, OutcomeLabel, Webhooks, format_ms, sign};
 use crate::clock;
@@ -362,6 +366,8 @@ async fn worker(hooks: &Webhooks, place: Place, stop: &CancellationToken) {
     // lease: it is left to whoever claims it when the lease ends.
     let stale = lease(&inner.settings)
         .saturating_sub(inner.settings.webhook_timeout + Duration::from_secs(1));
+    // One connection to the receiver, used for each job in turn.
+    let mut conn = inner.client.take(&place.endpoint);
     while !stop.is_cancelled() {
         let next = {
             let mut f = inner
@@ -387,12 +393,15 @@ async fn worker(hooks: &Webhooks, place: Place, stop: &CancellationToken) {
             tracing::debug!(job = %c.job.id, "claimed job left to its lease's end");
             continue;
         }
-        let fast = run(hooks, c.job, c.delivery).await;
+        let fast = run(hooks, c.job, c.delivery, &mut conn).await;
         let mut f = inner
             .in_flight
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         f.lane(&place.endpoint, &place.tenant).fast = fast;
+    }
+    if let Some(conn) = conn {
+        inner.client.give_back(&place.endpoint, conn);
     }
     drop(place);
 }
@@ -440,7 +449,7 @@ enum Outcome {
 
 /// One claimed job: attempt it and record what follows. The job stays
 /// leased until then. Whether the receiver answered 2xx within [`FAST`].
-async fn run(hooks: &Webhooks, job: Job, delivery: Delivery) -> bool {
+async fn run(hooks: &Webhooks, job: Job, delivery: Delivery, conn: &mut Option<Conn>) -> bool {
     let inner = &hooks.inner;
     let Some(cached) = hooks.cached(&delivery.tenant, &delivery.endpoint) else {
         tracing::debug!(webhook = %delivery.endpoint, "delivery dropped: its endpoint was deleted");
@@ -459,7 +468,7 @@ async fn run(hooks: &Webhooks, job: Job, delivery: Delivery) -> bool {
         return false;
     }
     let started = Instant::now();
-    let outcome = send(hooks, endpoint, &cached.target, &delivery).await;
+    let outcome = send(hooks, endpoint, &cached.target, &delivery, conn).await;
     let latency = started.elapsed();
     let fast = matches!(outcome, Outcome::Succeeded(_)) && latency < FAST;
     follow_up(hooks, endpoint, Some(&job), delivery, outcome, latency).await;
@@ -469,22 +478,27 @@ async fn run(hooks: &Webhooks, job: Job, delivery: Delivery) -> bool {
 /// `POST /v1/webhooks/{id}/test`: one attempt now, no retry.
 pub async fn attempt_once(hooks: &Webhooks, endpoint: &Endpoint, delivery: Delivery) -> Attempt {
     let started = Instant::now();
-    let target = hooks.inner.guard.check_url(&endpoint.url);
-    let outcome = send(hooks, endpoint, &target, &delivery).await;
+    let target = hooks.inner.guard.target(&endpoint.url);
+    let mut conn = hooks.inner.client.take(&endpoint.id);
+    let outcome = send(hooks, endpoint, &target, &delivery, &mut conn).await;
+    if let Some(conn) = conn {
+        hooks.inner.client.give_back(&endpoint.id, conn);
+    }
     follow_up(hooks, endpoint, None, delivery, outcome, started.elapsed()).await
 }
 
 /// Signs and POSTs the payload to `target` (the endpoint's URL as the
-/// guard checked it).
+/// guard checked it), on `conn` when it holds a usable connection.
 async fn send(
     hooks: &Webhooks,
     endpoint: &Endpoint,
-    target: &Result<url::Url, super::guard::Refused>,
+    target: &Result<Target, super::guard::Refused>,
     d: &Delivery,
+    conn: &mut Option<Conn>,
 ) -> Outcome {
     let inner = &hooks.inner;
-    let url = match target {
-        Ok(url) => url.clone(),
+    let target = match target {
+        Ok(target) => target,
         Err(refused) => {
             return Outcome::Failed {
                 status: None,
@@ -500,79 +514,79 @@ async fn send(
         now_ms / 1000,
         d.payload.as_bytes(),
     );
-    let request = inner
-        .client
-        .post(url)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .header(sign::HEADER, signature)
-        .header("x-tensorcost-event-id", &d.event_id)
-        .header("x-tensorcost-event-type", &d.event_type)
-        .header("x-tensorcost-delivery-attempt", d.attempt.to_string())
-        .body(d.payload.clone());
-    match request.send().await {
-        Ok(response) => {
-            let status = response.status();
-            if status.is_success() {
-                return Outcome::Succeeded(status.as_u16());
-            }
-            if status == reqwest::StatusCode::GONE {
-                return Outcome::Gone;
-            }
-            let retry_after = if matches!(status.as_u16(), 429 | 503) {
-                response
-                    .headers()
-                    .get(reqwest::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(parse_retry_after)
-            } else {
-                None
-            };
-            let mut error = format!("HTTP {}", status.as_u16());
-            if status.is_redirection() {
-                error.push_str(": redirects are not followed; register the final URL");
-            }
-            Outcome::Failed {
-                status: Some(status.as_u16()),
-                error,
-                retry_after,
-                refused: false,
-            }
-        }
-        Err(e) => {
-            let refused = chain(&e).contains("destination refused");
-            Outcome::Failed {
+    let value = |text: String| HeaderValue::from_maybe_shared(Bytes::from(text));
+    let headers = match (
+        value(signature),
+        value(d.event_id.clone()),
+        value(d.event_type.clone()),
+    ) {
+        (Ok(sig), Ok(id), Ok(kind)) => [
+            (HeaderName::from_static(sign::HEADER), sig),
+            (HeaderName::from_static("x-tensorcost-event-id"), id),
+            (HeaderName::from_static("x-tensorcost-event-type"), kind),
+            (
+                HeaderName::from_static("x-tensorcost-delivery-attempt"),
+                HeaderValue::from(d.attempt),
+            ),
+        ],
+        _ => {
+            return Outcome::Failed {
                 status: None,
-                error: describe(&e),
+                error: "the event id or type cannot be sent in a header".into(),
                 retry_after: None,
-                refused,
-            }
+                refused: false,
+            };
         }
-    }
-}
-
-/// The whole chain of an error, without the URL (it may hold a token).
-fn chain(e: &reqwest::Error) -> String {
-    let mut out = String::new();
-    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
-    while let Some(s) = source {
-        out.push_str(&s.to_string());
-        out.push_str(": ");
-        source = s.source();
-    }
-    out
-}
-
-fn describe(e: &reqwest::Error) -> String {
-    let what = if e.is_timeout() {
-        "timed out (TC_WEBHOOK_TIMEOUT)"
-    } else if e.is_connect() {
-        "cannot connect"
-    } else {
-        "request failed"
     };
-    let mut text = format!("{what}: {}", chain(e).trim_end_matches(": "));
-    text.truncate(MAX_ERROR);
-    text
+    let body = Bytes::from(d.payload.clone());
+    let posted = tokio::time::timeout(
+        inner.settings.webhook_timeout,
+        inner.client.post(conn, target, &headers, body),
+    )
+    .await;
+    let answer = match posted {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(e)) => {
+            let mut error = e.to_string();
+            error.truncate(MAX_ERROR);
+            return Outcome::Failed {
+                status: None,
+                error,
+                retry_after: None,
+                refused: matches!(e, SendError::Refused(_)),
+            };
+        }
+        Err(_) => {
+            return Outcome::Failed {
+                status: None,
+                error: SendError::Timeout.to_string(),
+                retry_after: None,
+                refused: false,
+            };
+        }
+    };
+    let status = answer.status;
+    if status.is_success() {
+        return Outcome::Succeeded(status.as_u16());
+    }
+    if status == StatusCode::GONE {
+        return Outcome::Gone;
+    }
+    let retry_after = if matches!(status.as_u16(), 429 | 503) {
+        answer.retry_after.as_deref().and_then(parse_retry_after)
+    } else {
+        None
+    };
+    let mut error = format!("HTTP {}", status.as_u16());
+    if status.is_redirection() {
+        error.push_str(": redirects are not followed; register the final URL");
+    }
+    Outcome::Failed {
+        status: Some(status.as_u16()),
+        error,
+        retry_after,
+        refused: false,
+    }
 }
 
 /// `Retry-After`: seconds, or an HTTP date.

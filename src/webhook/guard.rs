@@ -1,18 +1,17 @@
 //! Where webhooks may go. Loopback, private, link-local, unique-local,
 //! shared (CGNAT), multicast, reserved and cloud metadata addresses are
-//! refused, checked on the address actually connected to: names are
-//! resolved by [`GuardedResolver`], which drops refused addresses, so a
-//! name that resolves to a private address at delivery time (DNS
-//! rebinding) is refused too. Literal addresses in a URL are checked by
-//! [`Guard::check_url`], at registration and before every attempt.
+//! refused, checked on the address actually connected to: the client
+//! resolves a name at connect time and keeps only the addresses
+//! [`Guard::allowed_addresses`] lets through, so a name that resolves to a
+//! private address at delivery time (DNS rebinding) is refused too.
+//! Literal addresses in a URL are checked by [`Guard::check_url`] at
+//! registration, and again by the client when it connects.
 //! `TC_WEBHOOK_ALLOW_HOSTS` (host names or CIDRs) opens exceptions.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 
 use ipnet::IpNet;
-use reqwest::Url;
-use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use url::Url;
 
 /// Host names and networks let through although they are not public.
 #[derive(Debug, Clone, Default)]
@@ -115,32 +114,32 @@ impl Guard {
         }
         Ok(parsed)
     }
-}
 
-/// Resolves names for the webhook client and keeps only allowed addresses.
-pub struct GuardedResolver {
-    pub guard: Arc<Guard>,
-}
+    /// A URL checked and parsed into where deliveries go.
+    pub fn target(&self, url: &str) -> Result<super::client::Target, Refused> {
+        super::client::Target::new(&self.check_url(url)?)
+    }
 
-impl Resolve for GuardedResolver {
-    fn resolve(&self, name: Name) -> Resolving {
-        let guard = Arc::clone(&self.guard);
-        let host = name.as_str().to_string();
-        Box::pin(async move {
-            let addrs: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            if guard.host_allowed(&host) {
-                return Ok(Box::new(addrs.into_iter()) as Addrs);
-            }
-            let allowed: Vec<SocketAddr> = addrs
-                .into_iter()
-                .filter(|a| guard.ip_allowed(a.ip()))
-                .collect();
-            if allowed.is_empty() {
-                return Err(Box::new(Refused::Resolved { host }) as _);
-            }
-            Ok(Box::new(allowed.into_iter()) as Addrs)
-        })
+    /// Of the addresses `host` resolved to, those a connection may go to;
+    /// refused when none is left.
+    pub fn allowed_addresses(
+        &self,
+        host: &str,
+        addrs: Vec<SocketAddr>,
+    ) -> Result<Vec<SocketAddr>, Refused> {
+        if self.host_allowed(host) {
+            return Ok(addrs);
+        }
+        let allowed: Vec<SocketAddr> = addrs
+            .into_iter()
+            .filter(|a| self.ip_allowed(a.ip()))
+            .collect();
+        if allowed.is_empty() {
+            return Err(Refused::Resolved {
+                host: host.to_string(),
+            });
+        }
+        Ok(allowed)
     }
 }
 
@@ -247,20 +246,25 @@ mod tests {
         assert!(Guard::parse("a b").is_err());
     }
 
-    #[tokio::test]
-    async fn resolver_drops_refused_addresses() {
-        let r = GuardedResolver {
-            guard: Arc::new(Guard::default()),
-        };
-        let name: Name = "localhost".parse().unwrap();
-        let err = match r.resolve(name).await {
-            Ok(_) => panic!("localhost resolved"),
-            Err(e) => e.to_string(),
-        };
-        assert!(err.contains("resolves only to"), "{err}");
-        let r = GuardedResolver {
-            guard: Arc::new(Guard::parse("localhost").unwrap()),
-        };
-        assert!(r.resolve("localhost".parse().unwrap()).await.is_ok());
+    #[test]
+    fn resolved_addresses_are_filtered() {
+        let local: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        let metadata: SocketAddr = "169.254.169.254:80".parse().unwrap();
+        let public: SocketAddr = "93.184.216.34:80".parse().unwrap();
+        let g = Guard::default();
+        let err = g
+            .allowed_addresses("rebind.example", vec![local, metadata])
+            .unwrap_err();
+        assert!(err.to_string().contains("resolves only to"), "{err}");
+        assert_eq!(
+            g.allowed_addresses("mixed.example", vec![local, public])
+                .unwrap(),
+            vec![public]
+        );
+        let g = Guard::parse("localhost").unwrap();
+        assert_eq!(
+            g.allowed_addresses("localhost", vec![local]).unwrap(),
+            vec![local]
+        );
     }
 }

@@ -18,6 +18,7 @@
 //! `notification.*` events (the delivery trace this module publishes) are
 //! never delivered as webhooks, so deliveries cannot feed themselves.
 
+pub mod client;
 pub mod deliver;
 pub mod endpoint;
 pub mod guard;
@@ -95,6 +96,11 @@ pub struct WebhookSettings {
     /// receivers), comma-separated.
     #[arg(long, env = "TC_WEBHOOK_ALLOW_HOSTS", default_value = "")]
     pub webhook_allow_hosts: String,
+
+    /// PEM file of CA certificates trusted for `https://` receivers beside
+    /// the system's (receivers behind a private CA).
+    #[arg(long, env = "TC_WEBHOOK_CA_FILE")]
+    pub webhook_ca_file: Option<std::path::PathBuf>,
 
     /// Most endpoints one tenant may register.
     #[arg(long, env = "TC_WEBHOOK_MAX_ENDPOINTS", default_value_t = 100, value_parser = positive)]
@@ -186,7 +192,7 @@ struct Cached {
     /// None when its stored types no longer parse: matches nothing.
     filter: Option<TypeFilter>,
     /// Its URL parsed and checked by the guard once, not per attempt.
-    target: Result<url::Url, guard::Refused>,
+    target: Result<client::Target, guard::Refused>,
 }
 
 impl Cached {
@@ -202,7 +208,7 @@ pub(crate) struct Inner {
     broker: Broker,
     settings: WebhookSettings,
     guard: Arc<Guard>,
-    client: reqwest::Client,
+    client: client::Client,
     cache: RwLock<Cache>,
     cache_version: AtomicU64,
     wake: Notify,
@@ -264,17 +270,13 @@ impl Webhooks {
     ) -> anyhow::Result<Self> {
         let guard =
             Arc::new(Guard::parse(&settings.webhook_allow_hosts).map_err(anyhow::Error::msg)?);
-        let client = reqwest::Client::builder()
-            .user_agent(concat!("tensorcost-events/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .timeout(settings.webhook_timeout)
-            .connect_timeout(settings.webhook_timeout.min(Duration::from_secs(10)))
-            .pool_max_idle_per_host(settings.webhook_concurrency)
-            .dns_resolver(Arc::new(guard::GuardedResolver {
-                guard: Arc::clone(&guard),
-            }))
-            .build()?;
+        let client = client::Client::new(
+            Arc::clone(&guard),
+            settings.webhook_ca_file.as_deref(),
+            settings.webhook_timeout.min(Duration::from_secs(10)),
+            settings.webhook_concurrency,
+            settings.webhook_max_in_flight,
+        )?;
         Ok(Self {
             inner: Arc::new(Inner {
                 state,
@@ -343,7 +345,7 @@ impl Webhooks {
                     }
                     let filter = TypeFilter::parse(&endpoint.types).ok();
                     cache.entry(tenant).or_default().push(Arc::new(Cached {
-                        target: inner.guard.check_url(&endpoint.url),
+                        target: inner.guard.target(&endpoint.url),
                         endpoint,
                         filter,
                     }));
@@ -371,6 +373,7 @@ impl Webhooks {
             if let Err(e) = self.refresh_cache(false).await {
                 tracing::debug!("webhook endpoints not refreshed: {e}");
             }
+            self.inner.client.sweep();
             if let Ok(n) = self.inner.state.queued().await {
                 self.inner.metrics.pending.set(n as i64);
             }
@@ -487,7 +490,7 @@ impl Webhooks {
         };
         self.save(&endpoint).await?;
         // The host only: a URL's path or query may carry a receiver's token.
-        let host = reqwest::Url::parse(&endpoint.url)
+        let host = url::Url::parse(&endpoint.url)
             .ok()
             .and_then(|u| u.host_str().map(str::to_string))
             .unwrap_or_default();
