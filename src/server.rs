@@ -178,7 +178,6 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         state.clone(),
         broker.clone(),
         settings.webhooks.clone(),
-        settings.limits.max_event_bytes,
         webhook_metrics.clone(),
     )?;
     let (webhook_tasks, tap) = webhooks.start().await?;

@@ -231,6 +231,19 @@ impl Api {
         reply["results"][0]["id"].as_str().unwrap().to_string()
     }
 
+    /// The attempts listed once there are `n` of them (each is recorded
+    /// just after its answer arrives).
+    async fn deliveries_when(&self, token: &str, id: &str, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let list = self.deliveries(token, id, "").await;
+            if list.len() >= n || Instant::now() > deadline {
+                return list;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn deliveries(&self, token: &str, id: &str, query: &str) -> Vec<Value> {
         let (code, body) = self
             .call(
@@ -370,7 +383,8 @@ async fn retries_on_the_schedule_honours_retry_after_and_410_disables() {
             (i + 1).to_string()
         );
     }
-    let list = api.deliveries(&t, &id, "").await;
+    // Each attempt is recorded once its answer is in.
+    let list = api.deliveries_when(&t, &id, 3).await;
     assert_eq!(list.len(), 3, "{list:?}");
     assert_eq!(list[0]["status"], "succeeded");
     assert_eq!(list[1]["status_code"], 500);

@@ -112,9 +112,52 @@ pub fn accept(
     })
 }
 
+/// An event the broker itself publishes (delivery trace, notices): its
+/// type is one of the broker's own and its data is serialized here, so
+/// neither is checked again. The trace id is kept when it is one, else new.
+pub fn internal(
+    tenant_id: &str,
+    event_type: &str,
+    data: &impl Serialize,
+    trace_id: &str,
+    now: SystemTime,
+) -> Result<Event, serde_json::Error> {
+    Ok(Event {
+        id: new_event_id(),
+        event_type: event_type.to_string(),
+        tenant_id: tenant_id.to_string(),
+        data: serde_json::value::to_raw_value(data)?,
+        timestamp: crate::clock::timestamp_now(now),
+        trace_id: if is_trace_id(trace_id) {
+            trace_id.to_string()
+        } else {
+            new_trace_id()
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn internal_events_keep_a_valid_trace_id_only() {
+        let now = SystemTime::now();
+        let data = serde_json::json!({"a": 1});
+        let kept = internal(
+            "t",
+            "notification.sent",
+            &data,
+            "4bf92f3577b34da6a3ce929d0e0e4736",
+            now,
+        )
+        .unwrap();
+        assert_eq!(kept.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(kept.data.get(), r#"{"a":1}"#);
+        let fresh = internal("t", "system.webhook_disabled", &data, "", now).unwrap();
+        assert!(is_trace_id(&fresh.trace_id));
+        assert_ne!(fresh.id, kept.id);
+    }
 
     #[test]
     fn stamping() {

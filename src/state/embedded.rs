@@ -14,6 +14,14 @@
 //! bytes a job, bodies stay on disk), rebuilt from the file at start. This
 //! process is the file's only user (redb locks it), so a lease is only
 //! kept in memory: after a crash every job is due at its stored time again.
+//!
+//! New jobs are written behind: they wait in memory (with their bodies,
+//! at most [`MAX_UNWRITTEN`] bytes) and go into the file at the next
+//! durable flush, at most [`FLUSH`] later, the same bound as a
+//! non-durable commit. A job finished before that flush never touches
+//! the file: a delivery that succeeds at once costs no job write at all.
+//! Job ids are never enqueued again once finished (a retry re-enqueues an
+//! unfinished job; a replay is a new job).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -41,6 +49,10 @@ const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 /// commit: the writer's flush interval.
 pub const FLUSH: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// Bytes of new jobs waiting in memory for the next flush at most; an
+/// enqueue past it waits for a flush.
+const MAX_UNWRITTEN: usize = 16 << 20;
+
 /// One write for the writer thread.
 enum Write {
     Record {
@@ -55,11 +67,12 @@ enum Write {
     LogClear {
         key: String,
     },
-    Jobs {
-        put: Vec<Job>,
-        delete: Vec<String>,
+    /// Jobs finished or dropped, deleted from the file.
+    DeleteJobs {
+        ids: Vec<String>,
     },
-    /// A durable commit of everything before it.
+    /// A durable commit of everything before it, and of the new jobs
+    /// waiting in memory.
     Flush,
 }
 
@@ -97,6 +110,29 @@ struct Index {
     queues: HashMap<String, BTreeSet<(u64, String)>>,
     /// id → (queue, due) for every job.
     jobs: HashMap<String, (String, u64)>,
+    /// Jobs whose latest version is not in the file yet.
+    unwritten: HashMap<String, Unwritten>,
+    /// Bytes of their bodies.
+    unwritten_bytes: usize,
+    /// Generation of the next unwritten version.
+    generation: u64,
+}
+
+/// A job's latest version, waiting for the next flush.
+struct Unwritten {
+    job: Job,
+    generation: u64,
+    /// An older version is in the file (or being written): finishing it
+    /// must delete it there.
+    stored: bool,
+    /// The writer is writing this version now.
+    writing: bool,
+}
+
+impl Unwritten {
+    fn bytes(&self) -> usize {
+        self.job.body.len() + self.job.id.len() + self.job.queue.len() + 64
+    }
 }
 
 impl Index {
@@ -120,13 +156,49 @@ impl Index {
             }
         }
     }
+
+    /// A new version of `job`, to be written at the next flush.
+    fn hold(&mut self, job: Job) {
+        let stored = match self.unwritten.get(&job.id) {
+            Some(old) => old.stored || old.writing,
+            None => self.jobs.contains_key(&job.id),
+        };
+        self.insert(&Job {
+            body: String::new(),
+            ..job.clone()
+        });
+        self.generation += 1;
+        let entry = Unwritten {
+            job,
+            generation: self.generation,
+            stored,
+            writing: false,
+        };
+        self.unwritten_bytes += entry.bytes();
+        if let Some(old) = self.unwritten.insert(entry.job.id.clone(), entry) {
+            self.unwritten_bytes -= old.bytes();
+        }
+    }
+
+    /// Forgets a job; whether the file may hold a version of it (then it
+    /// must be deleted there).
+    fn finish(&mut self, id: &str) -> bool {
+        self.remove(id);
+        match self.unwritten.remove(id) {
+            Some(old) => {
+                self.unwritten_bytes -= old.bytes();
+                old.stored || old.writing
+            }
+            None => true,
+        }
+    }
 }
 
 pub struct Embedded {
     path: PathBuf,
     db: Arc<Database>,
     tx: mpsc::Sender<Op>,
-    index: Mutex<Index>,
+    index: Arc<Mutex<Index>>,
     versions: Mutex<HashMap<String, u64>>,
     next_version: AtomicU64,
 }
@@ -186,26 +258,29 @@ impl Embedded {
             }
         }
         let db = Arc::new(db);
+        let index = Arc::new(Mutex::new(index));
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let writer_db = Arc::clone(&db);
+        let writer_index = Arc::clone(&index);
         let dirty = Arc::new(AtomicBool::new(false));
         let writer_dirty = Arc::clone(&dirty);
         std::thread::Builder::new()
             .name("tc-state-writer".into())
-            .spawn(move || writer(&writer_db, rx, &writer_dirty))
+            .spawn(move || writer(&writer_db, &writer_index, rx, &writer_dirty))
             .map_err(|e| err("cannot start the state writer", e))?;
         // Asks for a durable commit every FLUSH while there is something
         // not yet durable; ends with the writer.
         let flush_tx = tx.downgrade();
+        let flush_index = Arc::clone(&index);
         std::thread::Builder::new()
             .name("tc-state-flush".into())
             .spawn(move || {
                 loop {
                     std::thread::sleep(FLUSH);
                     let Some(tx) = flush_tx.upgrade() else { return };
-                    if dirty.load(Ordering::Acquire)
-                        && tx.blocking_send(Op::detached(Write::Flush)).is_err()
-                    {
+                    let waiting =
+                        dirty.load(Ordering::Acquire) || !lock(&flush_index).unwritten.is_empty();
+                    if waiting && tx.blocking_send(Op::detached(Write::Flush)).is_err() {
                         return;
                     }
                 }
@@ -215,7 +290,7 @@ impl Embedded {
             path,
             db,
             tx,
-            index: Mutex::new(index),
+            index,
             versions: Mutex::new(HashMap::new()),
             next_version: AtomicU64::new(1),
         })
@@ -349,22 +424,18 @@ impl Embedded {
         self.write(Write::LogClear { key }).await.map(|_| ())
     }
 
+    /// Held in memory and written at the next flush (see the module's
+    /// doc); past [`MAX_UNWRITTEN`] bytes it waits for that flush.
     pub async fn enqueue(&self, jobs: Vec<Job>) -> Result<()> {
-        let index_copy: Vec<Job> = jobs
-            .iter()
-            .map(|j| Job {
-                body: String::new(),
-                ..j.clone()
-            })
-            .collect();
-        self.write(Write::Jobs {
-            put: jobs,
-            delete: Vec::new(),
-        })
-        .await?;
-        let mut index = lock(&self.index);
-        for job in &index_copy {
-            index.insert(job);
+        let full = {
+            let mut index = lock(&self.index);
+            for job in jobs {
+                index.hold(job);
+            }
+            index.unwritten_bytes > MAX_UNWRITTEN
+        };
+        if full {
+            self.write(Write::Flush).await?;
         }
         Ok(())
     }
@@ -376,6 +447,7 @@ impl Embedded {
         capacity: &Capacity,
         max: usize,
     ) -> Result<Vec<Job>> {
+        let mut out = Vec::new();
         let claimed: Vec<(String, String)> = {
             let mut index = lock(&self.index);
             let mut picked = Vec::new();
@@ -401,24 +473,28 @@ impl Embedded {
                     .cloned()
                     .collect();
                 for (_, id) in due {
+                    let due_ms = now_ms.saturating_add(lease_ms);
                     index.insert(&Job {
                         id: id.clone(),
                         queue: queue.clone(),
-                        due_ms: now_ms.saturating_add(lease_ms),
+                        due_ms,
                         body: String::new(),
                     });
-                    picked.push((queue.clone(), id));
+                    // Its body from memory when it is not in the file yet.
+                    match index.unwritten.get(&id) {
+                        Some(u) => out.push(u.job.clone()),
+                        None => picked.push((queue.clone(), id)),
+                    }
                 }
             }
             picked
         };
         if claimed.is_empty() {
-            return Ok(Vec::new());
+            return Ok(out);
         }
         self.read(move |db| {
             let read = db.begin_read().map_err(|e| err("read", e))?;
             let t = read.open_table(JOBS).map_err(|e| err("jobs", e))?;
-            let mut out = Vec::new();
             for (_, id) in claimed {
                 if let Some(v) = t.get(id.as_str()).map_err(|e| err("jobs", e))? {
                     match serde_json::from_str::<Job>(v.value()) {
@@ -433,10 +509,11 @@ impl Embedded {
     }
 
     pub async fn finish(&self, _queue: &str, id: &str) -> Result<()> {
-        lock(&self.index).remove(id);
-        self.write(Write::Jobs {
-            put: Vec::new(),
-            delete: vec![id.to_string()],
+        if !lock(&self.index).finish(id) {
+            return Ok(());
+        }
+        self.write(Write::DeleteJobs {
+            ids: vec![id.to_string()],
         })
         .await
         .map(|_| ())
@@ -453,17 +530,18 @@ impl Embedded {
         value: String,
         keep: usize,
     ) -> Result<()> {
-        lock(&self.index).remove(id);
-        let done = Op::detached(Write::Jobs {
-            put: Vec::new(),
-            delete: vec![id.to_string()],
+        let stored = lock(&self.index).finish(id);
+        let done = stored.then(|| {
+            Op::detached(Write::DeleteJobs {
+                ids: vec![id.to_string()],
+            })
         });
         let logged = Op::detached(Write::LogPush {
             key: log_key(log, key),
             value,
             keep: keep.max(1),
         });
-        for op in [done, logged] {
+        for op in done.into_iter().chain([logged]) {
             self.tx
                 .send(op)
                 .await
@@ -481,16 +559,11 @@ impl Embedded {
                 .map(|s| s.iter().map(|(_, id)| id.clone()).collect())
                 .unwrap_or_default();
             for id in &ids {
-                index.remove(id);
+                index.finish(id);
             }
             ids
         };
-        self.write(Write::Jobs {
-            put: Vec::new(),
-            delete: ids,
-        })
-        .await
-        .map(|_| ())
+        self.write(Write::DeleteJobs { ids }).await.map(|_| ())
     }
 
     pub fn queue_len(&self, queue: &str) -> usize {
@@ -524,7 +597,7 @@ fn log_key(log: &str, key: &str) -> String {
 /// The writer thread: every write waiting, one transaction, one commit;
 /// durable when a write in it asks for it (records, flushes), else
 /// durable at the next flush (`dirty` tells the flusher).
-fn writer(db: &Database, mut rx: mpsc::Receiver<Op>, dirty: &AtomicBool) {
+fn writer(db: &Database, index: &Mutex<Index>, mut rx: mpsc::Receiver<Op>, dirty: &AtomicBool) {
     // Per log key: (oldest seq, next seq), learned on first use.
     let mut logs: HashMap<String, (u64, u64)> = HashMap::new();
     while let Some(first) = rx.blocking_recv() {
@@ -541,8 +614,16 @@ fn writer(db: &Database, mut rx: mpsc::Receiver<Op>, dirty: &AtomicBool) {
             }
         }
         let durable = batch.iter().any(Op::durable);
+        let flush = batch.iter().any(|op| matches!(op.write, Write::Flush));
+        let (versions, rows) = if flush {
+            take_unwritten(index)
+        } else {
+            (Vec::new(), Vec::new())
+        };
         let mut log_seen = logs.clone();
-        match apply(db, &batch, &mut log_seen, durable) {
+        let result = apply(db, &batch, &mut log_seen, durable, rows);
+        written(index, versions, result.is_ok());
+        match result {
             Ok(results) => {
                 logs = log_seen;
                 dirty.store(!durable, Ordering::Release);
@@ -565,6 +646,7 @@ fn apply(
     batch: &[Op],
     logs: &mut HashMap<String, (u64, u64)>,
     durable: bool,
+    new_jobs: Rows,
 ) -> Result<Vec<bool>> {
     let mut txn = db.begin_write().map_err(|e| err("begin", e))?;
     if !durable {
@@ -623,13 +705,8 @@ fn apply(
                     true
                 }
                 Write::Flush => true,
-                Write::Jobs { put, delete, .. } => {
-                    for job in put {
-                        let text = serde_json::to_string(job).map_err(|e| err("job", e))?;
-                        jobs.insert(job.id.as_str(), text.as_str())
-                            .map_err(|e| err("jobs", e))?;
-                    }
-                    for id in delete {
+                Write::DeleteJobs { ids } => {
+                    for id in ids {
                         jobs.remove(id.as_str()).map_err(|e| err("jobs", e))?;
                     }
                     true
@@ -637,9 +714,64 @@ fn apply(
             };
             results.push(existed);
         }
+        // After every delete before it: the new jobs waiting in memory.
+        for (id, text) in new_jobs {
+            jobs.insert(id.as_str(), text.as_str())
+                .map_err(|e| err("jobs", e))?;
+        }
     }
     txn.commit().map_err(|e| err("commit", e))?;
     Ok(results)
+}
+
+/// Job ids and the generations written.
+type Versions = Vec<(String, u64)>;
+/// Job ids and their rows.
+type Rows = Vec<(String, String)>;
+
+/// At a flush: the new jobs waiting in memory, marked as being written,
+/// with their generations and their rows.
+fn take_unwritten(index: &Mutex<Index>) -> (Versions, Rows) {
+    let mut index = lock(index);
+    let mut written = Vec::new();
+    let mut rows = Vec::new();
+    for (id, u) in index.unwritten.iter_mut() {
+        if u.writing {
+            continue;
+        }
+        match serde_json::to_string(&u.job) {
+            Ok(text) => {
+                u.writing = true;
+                written.push((id.clone(), u.generation));
+                rows.push((id.clone(), text));
+            }
+            Err(e) => tracing::warn!(job = %id, "job not written: {e}"),
+        }
+    }
+    (written, rows)
+}
+
+/// After the commit that wrote them: versions still the latest are in the
+/// file now; when it failed, they wait for the next flush.
+fn written(index: &Mutex<Index>, versions: Versions, ok: bool) {
+    let mut index = lock(index);
+    let index = &mut *index;
+    for (id, generation) in versions {
+        let Some(u) = index.unwritten.get_mut(&id) else {
+            continue;
+        };
+        if u.generation != generation {
+            // Enqueued again meanwhile: that version waits.
+            continue;
+        }
+        if ok {
+            if let Some(u) = index.unwritten.remove(&id) {
+                index.unwritten_bytes -= u.bytes();
+            }
+        } else {
+            u.writing = false;
+        }
+    }
 }
 
 /// A log's (oldest seq, next seq) as stored.
@@ -665,6 +797,74 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tc-state-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    fn job(id: &str, body: &str) -> Job {
+        Job {
+            id: id.into(),
+            queue: "q".into(),
+            due_ms: 1,
+            body: body.into(),
+        }
+    }
+
+    /// Opens the store in `dir` again once the previous one let go of it.
+    async fn reopen(dir: &Path) -> Embedded {
+        for _ in 0..50 {
+            if let Ok(s) = Embedded::open(dir.to_path_buf()) {
+                return s;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("not reopened")
+    }
+
+    fn all() -> Capacity {
+        Capacity {
+            default: 100,
+            limited: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn jobs_are_written_behind_and_finished_ones_leave_no_row() {
+        let dir = scratch();
+        {
+            let store = Embedded::open(dir.clone()).unwrap();
+            // Finished before any flush: never in the file.
+            store
+                .enqueue(vec![job("quick", "{\"a\":1}")])
+                .await
+                .unwrap();
+            let claimed = store.claim(10, 1000, &all(), 10).await.unwrap();
+            assert_eq!(claimed.len(), 1);
+            assert_eq!(claimed[0].body, "{\"a\":1}", "body from memory");
+            store.finish("q", "quick").await.unwrap();
+            // Flushed, then retried with a new body, then finished: the
+            // old version is deleted from the file too.
+            store
+                .enqueue(vec![job("retried", "{\"v\":1}")])
+                .await
+                .unwrap();
+            store.close().await;
+            store
+                .enqueue(vec![job("retried", "{\"v\":2}")])
+                .await
+                .unwrap();
+            store.finish("q", "retried").await.unwrap();
+            // Flushed and still pending: kept, latest version.
+            store.enqueue(vec![job("kept", "{\"v\":1}")]).await.unwrap();
+            store.close().await;
+            store.enqueue(vec![job("kept", "{\"v\":2}")]).await.unwrap();
+            store.close().await;
+            assert!(lock(&store.index).unwritten.is_empty());
+            assert_eq!(lock(&store.index).unwritten_bytes, 0);
+        }
+        let store = reopen(&dir).await;
+        let left = store.claim(10, 1000, &all(), 10).await.unwrap();
+        let rows: Vec<(String, String)> = left.into_iter().map(|j| (j.id, j.body)).collect();
+        assert_eq!(rows, vec![("kept".to_string(), "{\"v\":2}".to_string())]);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[tokio::test]

@@ -92,6 +92,29 @@ pub struct Attempt {
     pub next_attempt_at: Option<String>,
 }
 
+/// The data of `notification.requested`.
+#[derive(Serialize)]
+pub struct Requested<'a> {
+    pub webhook_id: &'a str,
+    pub event_id: &'a str,
+    pub event_type: &'a str,
+    pub attempt: u32,
+    pub status: &'a str,
+}
+
+/// The data of `notification.sent` and `notification.failed`.
+#[derive(Serialize)]
+struct Attempted<'a> {
+    webhook_id: &'a str,
+    event_id: &'a str,
+    event_type: &'a str,
+    attempt: u32,
+    status: &'a str,
+    status_code: Option<u16>,
+    error: Option<&'a str>,
+    next_attempt_at: Option<&'a str>,
+}
+
 /// A delivery given up, kept (bounded) so it can be listed and replayed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Dead {
@@ -759,16 +782,16 @@ async fn follow_up(
     hooks.publish(
         &delivery.tenant,
         kind,
-        serde_json::json!({
-            "webhook_id": endpoint.id,
-            "event_id": delivery.event_id,
-            "event_type": delivery.event_type,
-            "attempt": delivery.attempt,
-            "status": status,
-            "status_code": attempt.status_code,
-            "error": attempt.error,
-            "next_attempt_at": attempt.next_attempt_at,
-        }),
+        &Attempted {
+            webhook_id: &endpoint.id,
+            event_id: &delivery.event_id,
+            event_type: &delivery.event_type,
+            attempt: delivery.attempt,
+            status,
+            status_code: attempt.status_code,
+            error: attempt.error.as_deref(),
+            next_attempt_at: attempt.next_attempt_at.as_deref(),
+        },
         &trace,
     );
     attempt
@@ -828,7 +851,7 @@ async fn disable(hooks: &Webhooks, endpoint: &Endpoint, reason: &str) {
     hooks.publish(
         &endpoint.tenant,
         "system.webhook_disabled",
-        serde_json::json!({
+        &serde_json::json!({
             "webhook_id": endpoint.id,
             "url": endpoint.url,
             "reason": reason,

@@ -43,7 +43,7 @@ use crate::broker::{Broker, Persist, TypeFilter};
 use crate::clock;
 use crate::config::parse::{duration, positive};
 use crate::error::{ApiError, Code};
-use crate::event::{self, EventDraft, SharedEvent, Stamp};
+use crate::event::{self, SharedEvent};
 use crate::state::{Job, State};
 use deliver::{Attempt, Dead, Delivery};
 use endpoint::{Endpoint, View};
@@ -213,7 +213,6 @@ pub(crate) struct Inner {
     cache_version: AtomicU64,
     wake: Notify,
     metrics: WebhookMetrics,
-    max_event_bytes: usize,
     in_flight: std::sync::Mutex<deliver::InFlight>,
 }
 
@@ -265,7 +264,6 @@ impl Webhooks {
         state: State,
         broker: Broker,
         settings: WebhookSettings,
-        max_event_bytes: usize,
         metrics: WebhookMetrics,
     ) -> anyhow::Result<Self> {
         let guard =
@@ -288,7 +286,6 @@ impl Webhooks {
                 cache_version: AtomicU64::new(u64::MAX),
                 wake: Notify::new(),
                 metrics,
-                max_event_bytes,
                 in_flight: std::sync::Mutex::new(deliver::InFlight::default()),
             }),
         })
@@ -597,7 +594,7 @@ impl Webhooks {
             .make_event(
                 tenant,
                 "system.webhook_test",
-                serde_json::json!({
+                &serde_json::json!({
                     "webhook_id": endpoint.id,
                     "message": "a test delivery from tensorcost-events",
                 }),
@@ -763,28 +760,14 @@ impl Webhooks {
         &self,
         tenant: &str,
         event_type: &str,
-        data: serde_json::Value,
+        data: &impl Serialize,
         trace_id: &str,
-    ) -> Result<event::Event, event::EventError> {
-        let stamp = Stamp {
-            max_data_bytes: self.inner.max_event_bytes.max(64 * 1024),
-            trace_id: None,
-        };
-        event::accept(
-            EventDraft {
-                event_type: event_type.into(),
-                data: data.to_string(),
-                trace_id: trace_id.into(),
-                ..Default::default()
-            },
-            tenant,
-            &stamp,
-            SystemTime::now(),
-        )
+    ) -> Result<event::Event, serde_json::Error> {
+        event::internal(tenant, event_type, data, trace_id, SystemTime::now())
     }
 
     /// Publishes an event through the normal publish path.
-    fn publish(&self, tenant: &str, event_type: &str, data: serde_json::Value, trace_id: &str) {
+    fn publish(&self, tenant: &str, event_type: &str, data: &impl Serialize, trace_id: &str) {
         match self.make_event(tenant, event_type, data, trace_id) {
             Ok(e) => {
                 self.inner.broker.publish_one(e);
@@ -822,13 +805,13 @@ impl Webhooks {
                 self.publish(
                     &d.tenant,
                     "notification.requested",
-                    serde_json::json!({
-                        "webhook_id": d.endpoint,
-                        "event_id": d.event_id,
-                        "event_type": d.event_type,
-                        "attempt": 0,
-                        "status": "pending",
-                    }),
+                    &deliver::Requested {
+                        webhook_id: &d.endpoint,
+                        event_id: &d.event_id,
+                        event_type: &d.event_type,
+                        attempt: 0,
+                        status: "pending",
+                    },
                     &d.trace_id,
                 );
             }

@@ -23,6 +23,7 @@ const CONCURRENCY: u32 = 4;
 #[derive(Clone)]
 struct Receiver {
     fast: Arc<Recorder>,
+    steady: Arc<Recorder>,
     isolated: Arc<Recorder>,
     slow_seen: Arc<AtomicU64>,
     /// wrk's requests: recorded as the broker's are, so that both cost the
@@ -38,6 +39,7 @@ fn record(recorder: &Recorder, body: &Bytes) {
 async fn start_receiver() -> anyhow::Result<(String, Receiver)> {
     let state = Receiver {
         fast: Recorder::new(),
+        steady: Recorder::new(),
         isolated: Recorder::new(),
         slow_seen: Arc::new(AtomicU64::new(0)),
         ceiling: Recorder::new(),
@@ -46,6 +48,10 @@ async fn start_receiver() -> anyhow::Result<(String, Receiver)> {
         .route(
             "/fast",
             post(|State(s): State<Receiver>, body: Bytes| async move { record(&s.fast, &body) }),
+        )
+        .route(
+            "/steady",
+            post(|State(s): State<Receiver>, body: Bytes| async move { record(&s.steady, &body) }),
         )
         .route(
             "/isolated",
@@ -145,6 +151,10 @@ pub async fn webhooks(config: &Config) -> anyhow::Result<Scenario> {
         Size::Small => (2_000u64, 100u64, Duration::from_secs(3), 2u64),
         Size::Full => (50_000, 200, Duration::from_secs(20), 10),
     };
+    let (steady_rate, steady_secs) = match config.size {
+        Size::Small => (2_000u64, Duration::from_secs(2)),
+        Size::Full => (10_000, Duration::from_secs(10)),
+    };
     let (base, receiver) = start_receiver().await?;
     let env = broker_env(&[
         ("TC_WEBHOOK_ALLOW_HOSTS", "127.0.0.1".to_string()),
@@ -186,7 +196,42 @@ pub async fn webhooks(config: &Config) -> anyhow::Result<Scenario> {
     });
     remove(&broker.http, &token, &fast).await?;
 
-    // 2. The receiver's ceiling under wrk, same body, same concurrency.
+    // 2. CPU per delivery below saturation: a steady rate the broker keeps
+    //    up with; the broker's CPU time from the first publish to the last
+    //    delivery, per delivery.
+    let steady = register(&broker.http, &token, &format!("{base}/steady")).await?;
+    receiver.steady.measuring.store(true, Ordering::Relaxed);
+    let ticks = broker.process.cpu_ticks();
+    let start = Instant::now();
+    let paced = Recorder::new();
+    paced.measuring.store(true, Ordering::Relaxed);
+    let published =
+        clients::grpc_stream_steady(&broker.grpc, &token, steady_rate, &[], &paced, steady_secs)
+            .await?;
+    let all = wait_for(&receiver.steady, published, Duration::from_secs(60)).await;
+    let secs = start.elapsed().as_secs_f64();
+    let cpu_secs = broker.process.cpu_ticks().saturating_sub(ticks) as f64 / 100.0;
+    let delivered = receiver.steady.delivered.load(Ordering::Relaxed);
+    let (p50, p99, p999) = receiver.steady.percentiles();
+    rows.push(Row {
+        system: format!("at a steady {steady_rate} events/s"),
+        published_per_s: published as f64 / steady_secs.as_secs_f64(),
+        delivered_per_s: delivered as f64 / secs,
+        delivered_ratio: delivered as f64 / published.max(1) as f64,
+        p50_ms: p50,
+        p99_ms: p99,
+        p999_ms: p999,
+        cpu_percent: 100.0 * cpu_secs / secs,
+        note: Some(format!(
+            "broker CPU per delivery {:.1} µs{}",
+            cpu_secs * 1e6 / delivered.max(1) as f64,
+            if all { "" } else { "; NOT ALL DELIVERED" }
+        )),
+        ..Default::default()
+    });
+    remove(&broker.http, &token, &steady).await?;
+
+    // 3. The receiver's ceiling under wrk, same body, same concurrency.
     match wrk_ceiling(&base, wrk_secs) {
         Ok(ceiling) => {
             rows.push(Row {
@@ -212,7 +257,7 @@ pub async fn webhooks(config: &Config) -> anyhow::Result<Scenario> {
         }),
     }
 
-    // 3. Isolation: a steady rate to two endpoints of one tenant, one of
+    // 4. Isolation: a steady rate to two endpoints of one tenant, one of
     //    which answers after 10 s.
     register(&broker.http, &token, &format!("{base}/slow")).await?;
     register(&broker.http, &token, &format!("{base}/isolated")).await?;
@@ -247,7 +292,8 @@ pub async fn webhooks(config: &Config) -> anyhow::Result<Scenario> {
         id: 7,
         name: "Webhooks".into(),
         shape: format!(
-            "{n} events published as fast as gRPC streaming goes to one endpoint of a local receiver; wrk at {CONCURRENCY} connections against the same receiver; then {iso_rate} events/s for {} s to two endpoints, one answering after 10 s",
+            "{n} events published as fast as gRPC streaming goes to one endpoint of a local receiver; then {steady_rate} events/s for {} s (CPU per delivery below saturation); wrk at {CONCURRENCY} connections against the same receiver; then {iso_rate} events/s for {} s to two endpoints, one answering after 10 s",
+            steady_secs.as_secs(),
             iso_secs.as_secs()
         ),
         rows,
