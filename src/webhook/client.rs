@@ -300,6 +300,16 @@ impl Client {
             None => (self.connect(target).await?, false),
         };
         loop {
+            // Ready once the previous exchange has ended; an error means
+            // the connection was closed under it.
+            if let Err(e) = drive(&mut c.driver, &mut c.closed, c.sender.ready()).await {
+                if !reused {
+                    return Err(SendError::Request(describe(&e)));
+                }
+                reused = false;
+                c = self.connect(target).await?;
+                continue;
+            }
             let sent = drive(&mut c.driver, &mut c.closed, c.sender.try_send_request(req)).await;
             match sent {
                 Ok(response) => {
