@@ -16,7 +16,8 @@
 //! kept in memory: after a crash every job is due at its stored time again.
 //!
 //! New jobs are written behind: they wait in memory (with their bodies,
-//! at most [`MAX_UNWRITTEN`] bytes) and go into the file at the next
+//! at most [`MAX_UNWRITTEN`] bytes; a flush of that much holds a few times
+//! it while redb writes it) and go into the file at the next
 //! durable flush, at most [`FLUSH`] later, the same bound as a
 //! non-durable commit. A job finished before that flush never touches
 //! the file: a delivery that succeeds at once costs no job write at all.
@@ -51,7 +52,7 @@ pub const FLUSH: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Bytes of new jobs waiting in memory for the next flush at most; an
 /// enqueue past it waits for a flush.
-const MAX_UNWRITTEN: usize = 16 << 20;
+const MAX_UNWRITTEN: usize = 4 << 20;
 
 /// One write for the writer thread.
 enum Write {

@@ -130,6 +130,7 @@ pub struct Conn {
     sender: http1::SendRequest<Full<Bytes>>,
     driver: Driver,
     closed: bool,
+    /// Its last use: unused for [`IDLE`], it is not used again.
     since: Instant,
 }
 
@@ -314,6 +315,8 @@ impl Client {
             match sent {
                 Ok(response) => {
                     let answer = c.read_answer(response).await;
+                    // Idle from now: a connection in use never ages out.
+                    c.since = Instant::now();
                     *conn = Some(c);
                     return Ok(answer);
                 }
