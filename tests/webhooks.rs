@@ -47,6 +47,14 @@ fn status(code: u16) -> Answer {
     }
 }
 
+/// A 200 after `delay`.
+fn slow(delay: Duration) -> Answer {
+    Answer {
+        delay,
+        ..status(200)
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Received {
     headers: HeaderMap,
@@ -274,6 +282,13 @@ fn start(env: &[(&str, &str)]) -> BrokerProcess {
         options = options.env(k, *v);
     }
     BrokerProcess::start(Path::new(BIN), options).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// One delivery answered at once: the endpoint claims ahead from then on.
+async fn warm_up(api: &Api, token: &str, receiver: &Receiver) {
+    api.publish(token, "cost.updated", json!({"warm": true}))
+        .await;
+    receiver.wait_for(1, PATIENCE).await;
 }
 
 /// Checks `t=…,v1=…` against `secret` with a receiver's own HMAC.
@@ -633,13 +648,8 @@ async fn a_stopped_instance_gives_back_the_deliveries_it_claimed_ahead() {
     let hook = api.create(&t, &receiver.url("/a"), &["cost.*"]).await;
     let hook_id = hook["id"].as_str().unwrap().to_string();
     // A quick answer: the endpoint claims ahead from now on.
-    api.publish(&t, "cost.updated", json!({"warm": true})).await;
-    receiver.wait_for(1, PATIENCE).await;
-    receiver.answer_by_default(Answer {
-        status: 200,
-        headers: Vec::new(),
-        delay: Duration::from_secs(2),
-    });
+    warm_up(&api, &t, &receiver).await;
+    receiver.answer_by_default(slow(Duration::from_secs(2)));
     let mut ids = Vec::new();
     let claimed_by = Instant::now();
     for i in 0..40 {
@@ -707,14 +717,9 @@ async fn jobs_claimed_ahead_past_their_lease_are_left_to_another_instance() {
     let _b = start(&env);
     // Both instances know the endpoint; a quick answer makes it fast here.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    api.publish(&t, "cost.updated", json!({"warm": true})).await;
-    receiver.wait_for(1, PATIENCE).await;
+    warm_up(&api, &t, &receiver).await;
     // Then 1 s per answer: 4 at a time per instance, the rest waits.
-    receiver.answer_by_default(Answer {
-        status: 200,
-        headers: Vec::new(),
-        delay: Duration::from_secs(1),
-    });
+    receiver.answer_by_default(slow(Duration::from_secs(1)));
     let mut ids = Vec::new();
     // More than one instance delivers before the leases end (about 44).
     for i in 0..80 {
@@ -766,11 +771,7 @@ async fn three_instances_deliver_each_event_once_and_take_over_a_dead_ones_work(
 
     // Instances die holding deliveries in flight: a new one finishes them.
     brokers[0].kill9();
-    receiver.answer_by_default(Answer {
-        status: 200,
-        headers: Vec::new(),
-        delay: Duration::from_secs(3),
-    });
+    receiver.answer_by_default(slow(Duration::from_secs(3)));
     let api1 = Api::of(&brokers[1]);
     let mut late = Vec::new();
     for i in 0..4 {
@@ -1212,6 +1213,20 @@ async fn delivers_over_https_to_a_receiver_behind_a_private_ca_on_kept_connectio
         panic!("started with a CA file that does not exist")
     };
     assert!(format!("{e:#}").contains("TC_WEBHOOK_CA_FILE"), "{e:#}");
+    // One that holds no certificate: the same.
+    let empty = dir.join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    let Err(e) = BrokerProcess::start(
+        Path::new(BIN),
+        BrokerOptions::new(SECRET).env("TC_WEBHOOK_CA_FILE", empty.to_str().unwrap()),
+    ) else {
+        panic!("started with a CA file that holds no certificate")
+    };
+    let e = format!("{e:#}");
+    assert!(
+        e.contains("TC_WEBHOOK_CA_FILE") && e.contains("no PEM certificate"),
+        "{e}"
+    );
 
     // With it: every delivery arrives, verified, over at most as many
     // connections as deliveries in flight (4), each kept for the next.

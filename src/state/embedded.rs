@@ -165,8 +165,10 @@ impl Index {
             None => self.jobs.contains_key(&job.id),
         };
         self.insert(&Job {
+            id: job.id.clone(),
+            queue: job.queue.clone(),
+            due_ms: job.due_ms,
             body: String::new(),
-            ..job.clone()
         });
         self.generation += 1;
         let entry = Unwritten {

@@ -57,8 +57,13 @@ pub struct Target {
 }
 
 impl Target {
+    /// An endpoint's URL, checked by the guard and parsed.
+    pub fn checked(guard: &Guard, url: &str) -> Result<Self, Refused> {
+        Self::new(&guard.check_url(url)?)
+    }
+
     /// From a URL the guard accepted.
-    pub fn new(url: &url::Url) -> Result<Self, Refused> {
+    fn new(url: &url::Url) -> Result<Self, Refused> {
         let bad = |what: &str| Refused::Url(what.to_string());
         let host = url.host().ok_or_else(|| bad("no host"))?.to_owned();
         let port = url.port_or_known_default().ok_or_else(|| bad("no port"))?;

@@ -501,7 +501,7 @@ async fn run(hooks: &Webhooks, job: Job, delivery: Delivery, conn: &mut Option<C
 /// `POST /v1/webhooks/{id}/test`: one attempt now, no retry.
 pub async fn attempt_once(hooks: &Webhooks, endpoint: &Endpoint, delivery: Delivery) -> Attempt {
     let started = Instant::now();
-    let target = hooks.inner.guard.target(&endpoint.url);
+    let target = Target::checked(&hooks.inner.guard, &endpoint.url);
     let mut conn = hooks.inner.client.take(&endpoint.id);
     let outcome = send(hooks, endpoint, &target, &delivery, &mut conn).await;
     if let Some(conn) = conn {
@@ -571,7 +571,8 @@ async fn send(
         Ok(Ok(answer)) => answer,
         Ok(Err(e)) => {
             let mut error = e.to_string();
-            error.truncate(MAX_ERROR);
+            // On a character boundary: the text may not be ASCII.
+            error.truncate(error.floor_char_boundary(MAX_ERROR));
             return Outcome::Failed {
                 status: None,
                 error,

@@ -115,11 +115,6 @@ impl Guard {
         Ok(parsed)
     }
 
-    /// A URL checked and parsed into where deliveries go.
-    pub fn target(&self, url: &str) -> Result<super::client::Target, Refused> {
-        super::client::Target::new(&self.check_url(url)?)
-    }
-
     /// Of the addresses `host` resolved to, those a connection may go to;
     /// refused when none is left.
     pub fn allowed_addresses(

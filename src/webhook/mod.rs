@@ -342,7 +342,7 @@ impl Webhooks {
                     }
                     let filter = TypeFilter::parse(&endpoint.types).ok();
                     cache.entry(tenant).or_default().push(Arc::new(Cached {
-                        target: inner.guard.target(&endpoint.url),
+                        target: client::Target::checked(&inner.guard, &endpoint.url),
                         endpoint,
                         filter,
                     }));
