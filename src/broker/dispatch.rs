@@ -118,6 +118,17 @@ impl Broker {
         }
     }
 
+    /// Publishes an event whose id this broker has just minted (the
+    /// webhook trace events): the id is new by construction, so it skips
+    /// the dedupe window, which exists for publishers' retries. A
+    /// publisher that later sends the same id is accepted, as with any id
+    /// outside the window.
+    pub fn publish_minted(&self, event: Event) {
+        self.shared.stats.published.inc();
+        let event = Arc::new(event);
+        self.dispatch(&event, self.shared.persist.get().map(Vec::as_slice));
+    }
+
     /// Delivers an event that another instance accepted (read back from
     /// Redis): dispatched and kept in history like a local one, but not
     /// persisted again. An id already dispatched here (this instance's own

@@ -142,6 +142,25 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn minted_events_reach_subscribers_and_skip_the_dedupe_window() {
+        let broker = Broker::new(BrokerConfig::default());
+        let mut sub = broker
+            .subscribe(TenantScope::One("t".into()), TypeFilter::all(), None)
+            .expect("under the cap");
+        broker.publish_minted(event("t", "m1", "notification.sent"));
+        // Not recorded as seen: the same id from a publisher is new.
+        let outcome = broker.publish_one(event("t", "m1", "a.b"));
+        assert!(!outcome.duplicate);
+        for expected in ["notification.sent", "a.b"] {
+            match sub.next().await {
+                Some(Delivery::Event(e)) => assert_eq!(e.event_type, expected),
+                other => panic!("expected {expected}, got {other:?}"),
+            }
+        }
+        assert_eq!(broker.stats().published.get(), 2);
+    }
+
+    #[tokio::test]
     async fn close_ends_streams_and_drop_unsubscribes() {
         let broker = Broker::new(BrokerConfig::default());
         let mut sub = broker

@@ -766,12 +766,10 @@ impl Webhooks {
         event::internal(tenant, event_type, data, trace_id, SystemTime::now())
     }
 
-    /// Publishes an event through the normal publish path.
+    /// Publishes an event the service made (its id is new: no dedupe).
     fn publish(&self, tenant: &str, event_type: &str, data: &impl Serialize, trace_id: &str) {
         match self.make_event(tenant, event_type, data, trace_id) {
-            Ok(e) => {
-                self.inner.broker.publish_one(e);
-            }
+            Ok(e) => self.inner.broker.publish_minted(e),
             Err(e) => tracing::warn!(tenant, event_type, "not published: {e}"),
         }
     }
