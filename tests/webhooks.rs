@@ -1299,3 +1299,134 @@ async fn a_receiver_that_closes_every_connection_still_gets_each_delivery_once()
         "no attempt failed"
     );
 }
+
+/// A receiver over plain TCP that closes a connection once it has been
+/// idle for `idle` after an answer, without a `connection: close` header
+/// (as servers with a short keep-alive timeout do). Records each request
+/// as (connection number, event id, attempt).
+struct ClosingReceiver {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<(usize, String, String)>>>,
+}
+
+impl ClosingReceiver {
+    async fn start(idle: Duration) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = Arc::clone(&seen);
+        tokio::spawn(async move {
+            let mut number = 0;
+            while let Ok((mut socket, _)) = listener.accept().await {
+                number += 1;
+                let record = Arc::clone(&record);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        // A request: headers, then content-length bytes.
+                        let head_end = loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            let mut chunk = [0u8; 4096];
+                            let wait = if buf.is_empty() { idle } else { PATIENCE };
+                            match tokio::time::timeout(wait, socket.read(&mut chunk)).await {
+                                Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                                // Idle past the keep-alive time, or closed.
+                                _ => return,
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                        let header = |name: &str| {
+                            head.lines()
+                                .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+                                .unwrap_or_default()
+                                .trim()
+                                .to_string()
+                        };
+                        let length: usize = header("content-length").parse().unwrap_or(0);
+                        while buf.len() < head_end + length {
+                            let mut chunk = [0u8; 4096];
+                            match socket.read(&mut chunk).await {
+                                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                                _ => return,
+                            }
+                        }
+                        record.lock().unwrap().push((
+                            number,
+                            header("x-tensorcost-event-id"),
+                            header("x-tensorcost-delivery-attempt"),
+                        ));
+                        buf.drain(..head_end + length);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if socket.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, seen }
+    }
+
+    fn seen(&self) -> Vec<(usize, String, String)> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    async fn wait_for(&self, n: usize) {
+        let deadline = Instant::now() + PATIENCE;
+        while self.seen().len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {n} requests arrived",
+                self.seen().len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The client has two defences: it notices the close when it takes the
+/// idle connection, and it replaces a reused connection whose request did
+/// not go out. Either keeps the attempt from failing; with neither (checked
+/// by disabling both), the second and third events arrive at attempt 2.
+#[tokio::test]
+async fn a_kept_connection_the_receiver_closed_while_idle_is_replaced_without_a_failed_attempt() {
+    let receiver = ClosingReceiver::start(Duration::from_millis(100)).await;
+    // A failed attempt would be retried after 1 s: the test would see
+    // attempt 2, not a lost event.
+    let b = start(&[("TC_WEBHOOK_RETRY_SCHEDULE", "1s,1s")]);
+    let api = Api::of(&b);
+    let t = admin("acme");
+    let hook = api
+        .create(&t, &format!("http://{}/hook", receiver.addr), &["*"])
+        .await;
+    let mut ids = Vec::new();
+    for round in 0..3 {
+        ids.push(
+            api.publish(&t, "cost.updated", json!({ "round": round }))
+                .await,
+        );
+        receiver.wait_for(round + 1).await;
+        // Past the receiver's keep-alive: the broker's kept connection is
+        // closed at the other end, unknown to it until it is used again.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let seen = receiver.seen();
+    let got: Vec<&str> = seen.iter().map(|(_, id, _)| id.as_str()).collect();
+    assert_eq!(got, ids, "each event once, in order: {seen:?}");
+    assert!(
+        seen.iter().all(|(_, _, attempt)| attempt == "1"),
+        "no attempt failed: {seen:?}"
+    );
+    let connections: std::collections::HashSet<usize> = seen.iter().map(|(n, _, _)| *n).collect();
+    assert_eq!(connections.len(), 3, "a new connection each time: {seen:?}");
+    let listed = api
+        .deliveries_when(&t, hook["id"].as_str().unwrap(), 3)
+        .await;
+    assert!(
+        listed.iter().all(|d| d["status"] == "succeeded"),
+        "{listed:?}"
+    );
+}

@@ -873,6 +873,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_enqueue_past_the_memory_bound_waits_for_the_flush() {
+        let dir = scratch();
+        let store = Embedded::open(dir.clone()).unwrap();
+        let body = format!("\"{}\"", "x".repeat(1 << 20));
+        let jobs: Vec<Job> = (0..5).map(|i| job(&format!("big{i}"), &body)).collect();
+        // 5 MiB held past the 4 MiB bound: the call returns once written.
+        store.enqueue(jobs).await.unwrap();
+        let rows = {
+            let read = store.db.begin_read().unwrap();
+            redb::ReadableTableMetadata::len(&read.open_table(JOBS).unwrap()).unwrap()
+        };
+        assert_eq!(rows, 5, "in the file when enqueue returned");
+        assert!(lock(&store.index).unwritten_bytes <= MAX_UNWRITTEN);
+        drop(store);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
     async fn keeps_the_contract_and_survives_reopening() {
         let dir = scratch();
         {
