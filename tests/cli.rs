@@ -341,8 +341,9 @@ fn token_and_check_token() {
 
 #[test]
 fn bad_settings_and_unreachable_brokers_get_clear_errors() {
-    let cases: [(&str, &str, &str); 4] = [
+    let cases: [(&str, &str, &str); 5] = [
         ("TC_MAX_EVENT_BYTES", "0", "must be at least 1"),
+        ("TC_DATA_CACHE_BYTES", "0", "must be at least 1"),
         ("TC_MAX_BATCH", "lots", "\"lots\" is not a whole number"),
         (
             "TC_HISTORY_MAX_AGE",

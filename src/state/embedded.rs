@@ -217,11 +217,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Embedded {
-    pub fn open(dir: PathBuf) -> Result<Self> {
+    /// The store in `dir`, keeping at most `cache_bytes` of the file in
+    /// memory (`TC_DATA_CACHE_BYTES`).
+    pub fn open(dir: PathBuf, cache_bytes: usize) -> Result<Self> {
         std::fs::create_dir_all(&dir)
             .map_err(|e| err(&format!("cannot create TC_DATA_DIR {}", dir.display()), e))?;
         let path = dir.join("state.redb");
-        let db = Database::create(&path).map_err(|e| match e {
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(&path)
+            .map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => StateError(format!(
                 "{} is in use by another process: give each broker its own TC_DATA_DIR, or use Redis (TC_REDIS_URL) to share state",
                 path.display()
@@ -796,7 +801,7 @@ fn log_span(table: &redb::Table<(&str, u64), &str>, key: &str) -> Result<(u64, u
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{State, contract};
+    use crate::state::{DEFAULT_CACHE_BYTES, State, contract};
 
     fn scratch() -> PathBuf {
         let dir = std::env::temp_dir().join(format!("tc-state-{}", uuid::Uuid::new_v4()));
@@ -816,7 +821,7 @@ mod tests {
     /// Opens the store in `dir` again once the previous one let go of it.
     async fn reopen(dir: &Path) -> Embedded {
         for _ in 0..50 {
-            if let Ok(s) = Embedded::open(dir.to_path_buf()) {
+            if let Ok(s) = Embedded::open(dir.to_path_buf(), DEFAULT_CACHE_BYTES) {
                 return s;
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -835,7 +840,7 @@ mod tests {
     async fn jobs_are_written_behind_and_finished_ones_leave_no_row() {
         let dir = scratch();
         {
-            let store = Embedded::open(dir.clone()).unwrap();
+            let store = Embedded::open(dir.clone(), DEFAULT_CACHE_BYTES).unwrap();
             // Finished before any flush: never in the file.
             store
                 .enqueue(vec![job("quick", "{\"a\":1}")])
@@ -875,7 +880,7 @@ mod tests {
     #[tokio::test]
     async fn an_enqueue_past_the_memory_bound_waits_for_the_flush() {
         let dir = scratch();
-        let store = Embedded::open(dir.clone()).unwrap();
+        let store = Embedded::open(dir.clone(), DEFAULT_CACHE_BYTES).unwrap();
         let body = format!("\"{}\"", "x".repeat(1 << 20));
         let jobs: Vec<Job> = (0..5).map(|i| job(&format!("big{i}"), &body)).collect();
         // 5 MiB held past the 4 MiB bound: the call returns once written.

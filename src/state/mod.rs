@@ -27,7 +27,11 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-/// Where the embedded store keeps its file.
+/// The embedded store's page cache unless `TC_DATA_CACHE_BYTES` says
+/// otherwise: room for the interior pages of a backlog of millions of jobs.
+pub const DEFAULT_CACHE_BYTES: usize = 32 << 20;
+
+/// Where the embedded store keeps its file, and how much of it is cached.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StateSettings {
     /// Directory of the embedded store (`state.redb`: webhook endpoints and
@@ -36,6 +40,12 @@ pub struct StateSettings {
     /// `~/.local/state/tensorcost-events`. One broker per directory.
     #[arg(long, env = "TC_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+
+    /// Bytes of the embedded store's file kept in memory as its page cache
+    /// (redb's own default is 1 GiB, reached as a large backlog of
+    /// deliveries is written and read).
+    #[arg(long, env = "TC_DATA_CACHE_BYTES", default_value_t = DEFAULT_CACHE_BYTES, value_parser = crate::config::parse::positive)]
+    pub data_cache_bytes: usize,
 
     /// Keep the embedded store in memory (servers started in-process by
     /// tests and benchmarks; nothing survives them).
@@ -113,8 +123,17 @@ pub enum State {
 impl State {
     /// The embedded store in `dir` (created if missing). Fails with a
     /// message naming the file when another process holds it.
+    #[cfg(test)]
     pub fn embedded(dir: PathBuf) -> Result<Self> {
-        Ok(State::Embedded(Arc::new(embedded::Embedded::open(dir)?)))
+        Self::embedded_cached(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// The embedded store in `dir`, with a page cache of `cache_bytes`.
+    pub fn embedded_cached(dir: PathBuf, cache_bytes: usize) -> Result<Self> {
+        Ok(State::Embedded(Arc::new(embedded::Embedded::open(
+            dir,
+            cache_bytes,
+        )?)))
     }
 
     /// The embedded store as `settings` say: a file, or memory.
@@ -122,7 +141,7 @@ impl State {
         if settings.in_memory {
             return Ok(State::Embedded(Arc::new(embedded::Embedded::in_memory()?)));
         }
-        Self::embedded(settings.data_dir())
+        Self::embedded_cached(settings.data_dir(), settings.data_cache_bytes)
     }
 
     pub fn redis(target: crate::store::Target) -> Self {
