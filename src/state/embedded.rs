@@ -45,7 +45,7 @@ const WRITE_QUEUE: usize = 4096;
 /// ones it has (jobs done, attempts logged): under load, one commit then
 /// carries many of them. They are durable only at the next flush anyway;
 /// at 10 ms a burst of deliveries costs 5 commits in a flush interval
-/// rather than 25 (a commit is about a quarter of the writer's time).
+/// rather than 25 (commits were about a third of the writer's time).
 const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Queue and log writes are durable (fsync) at most this long after their
