@@ -109,11 +109,10 @@ impl Broker {
                 duplicate: true,
             };
         }
-        shared.stats.published.inc();
-        let event = Arc::new(event);
-        self.dispatch(&event, shared.persist.get().map(Vec::as_slice));
+        let id = event.id.clone();
+        self.publish_minted(event);
         Outcome {
-            id: event.id.clone(),
+            id,
             duplicate: false,
         }
     }

@@ -899,11 +899,11 @@ mod tests {
     async fn keeps_the_contract_and_survives_reopening() {
         let dir = scratch();
         {
-            let state = State::embedded(dir.clone()).unwrap();
+            let state = State::embedded(dir.clone(), DEFAULT_CACHE_BYTES).unwrap();
             contract::records(&state).await;
             contract::logs(&state).await;
             contract::queues(&state).await;
-            let again = State::embedded(dir.clone());
+            let again = State::embedded(dir.clone(), DEFAULT_CACHE_BYTES);
             assert!(
                 matches!(&again, Err(e) if e.0.contains("in use by another process")),
                 "a second opener is refused"
@@ -923,7 +923,7 @@ mod tests {
         // releases the file lock with the database.
         let mut reopened = None;
         for _ in 0..50 {
-            match State::embedded(dir.clone()) {
+            match State::embedded(dir.clone(), DEFAULT_CACHE_BYTES) {
                 Ok(s) => {
                     reopened = Some(s);
                     break;

@@ -121,15 +121,10 @@ pub enum State {
 }
 
 impl State {
-    /// The embedded store in `dir` (created if missing). Fails with a
-    /// message naming the file when another process holds it.
-    #[cfg(test)]
-    pub fn embedded(dir: PathBuf) -> Result<Self> {
-        Self::embedded_cached(dir, DEFAULT_CACHE_BYTES)
-    }
-
-    /// The embedded store in `dir`, with a page cache of `cache_bytes`.
-    pub fn embedded_cached(dir: PathBuf, cache_bytes: usize) -> Result<Self> {
+    /// The embedded store in `dir` (created if missing), with a page
+    /// cache of `cache_bytes`. Fails with a message naming the file when
+    /// another process holds it.
+    pub fn embedded(dir: PathBuf, cache_bytes: usize) -> Result<Self> {
         Ok(State::Embedded(Arc::new(embedded::Embedded::open(
             dir,
             cache_bytes,
@@ -141,7 +136,7 @@ impl State {
         if settings.in_memory {
             return Ok(State::Embedded(Arc::new(embedded::Embedded::in_memory()?)));
         }
-        Self::embedded_cached(settings.data_dir(), settings.data_cache_bytes)
+        Self::embedded(settings.data_dir(), settings.data_cache_bytes)
     }
 
     pub fn redis(target: crate::store::Target) -> Self {
