@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use crate::auth::rbac::{INTEGRATION_READ, INTEGRATION_WRITE, PUBLISH, SUBSCRIBE};
 use crate::auth::{AuthError, Authenticator, Identity, TokenKind};
-use crate::broker::{Broker, Outcome, Subscription, TypeFilter};
+use crate::broker::{Broker, Outcome, Page, Subscription, TypeFilter};
 use crate::clock;
 use crate::config::parse::positive;
 use crate::error::{ApiError, Code};
@@ -79,6 +79,21 @@ pub struct SubscribeParams {
     pub types: Vec<String>,
     pub since_id: String,
     pub tenant_id: String,
+}
+
+/// Events one [`App::recent_events`] call returns by default, and at most.
+pub const RECENT_DEFAULT: usize = 100;
+pub const RECENT_MAX: usize = 1000;
+
+/// Which of a tenant's held events to read, as any surface receives it.
+#[derive(Debug, Clone, Default)]
+pub struct RecentParams {
+    /// Type filters (`cost.*`, `alert.created`); none: every type.
+    pub types: Vec<String>,
+    /// Continue after this event id; none: the newest events.
+    pub since: Option<String>,
+    /// 1 to [`RECENT_MAX`]; none: [`RECENT_DEFAULT`].
+    pub limit: Option<usize>,
 }
 
 /// What a Socket.IO client sends with its handshake (`auth`).
@@ -246,6 +261,32 @@ impl App {
             .subscribe(scope.clone(), filter, since.as_deref())?
             .with_deadline(clock::instant_at(identity.valid_until()));
         Ok((scope, subscription))
+    }
+
+    /// A page of the caller's tenant's held events (history), oldest
+    /// first: the newest `limit`, or the first `limit` after `since`.
+    /// Reading needs the subscribe scope, as following does.
+    pub fn recent_events(
+        &self,
+        identity: &Identity,
+        params: &RecentParams,
+    ) -> Result<Page, ApiError> {
+        identity.require(SUBSCRIBE)?;
+        let tenant = identity.acting_tenant("")?;
+        let filter = TypeFilter::parse(&params.types)?;
+        let since = resume_id("since", params.since.as_deref())?;
+        let limit = match params.limit {
+            None => RECENT_DEFAULT,
+            Some(n) if (1..=RECENT_MAX).contains(&n) => n,
+            Some(n) => {
+                return Err(ApiError::invalid(format!(
+                    "limit: {n} is out of range (1 to {RECENT_MAX})"
+                )));
+            }
+        };
+        Ok(self
+            .broker
+            .history_page(&tenant, since.as_deref(), &filter, limit))
     }
 
     /// Checks a Socket.IO handshake: the token, the subscribe scope, one

@@ -12,6 +12,7 @@ pub use crate::app::Limits;
 pub use crate::auth::settings::AuthSettings;
 pub use crate::broker::BrokerConfig;
 pub use crate::edge::{EdgeSettings, Overrides};
+pub use crate::mcp::McpSettings;
 pub use crate::server::ListenSettings;
 pub use crate::state::StateSettings;
 pub use crate::store::StoreSettings;
@@ -35,6 +36,8 @@ pub struct Settings {
     pub state: StateSettings,
     #[command(flatten, next_help_heading = "Webhooks")]
     pub webhooks: WebhookSettings,
+    #[command(flatten, next_help_heading = "MCP")]
+    pub mcp: McpSettings,
 }
 
 impl Settings {

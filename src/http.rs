@@ -96,7 +96,7 @@ pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/v1/events", post(publish))
+        .route("/v1/events", post(publish).get(recent))
         .route("/metrics", get(metrics))
         .merge(crate::webhook::rest::routes())
         .fallback(not_found)
@@ -140,6 +140,57 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
         Code::NotFound,
         format!("no route for {method} {}", uri.path()),
     )
+}
+
+/// `GET /v1/events` parameters: `types` comma separated.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecentQuery {
+    types: Option<String>,
+    since: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/events?types=cost.*,alert.created&since=<id>&limit=100`: the
+/// tenant's held events, oldest first, as
+/// `{"events": [...], "recovered": bool, "more": bool}`.
+async fn recent(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    query: Result<axum::extract::Query<RecentQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let app = &state.app;
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let identity = app
+        .authenticate(
+            header(header::AUTHORIZATION.as_str()),
+            header(ACTIVE_TENANT_HEADER),
+        )
+        .await?;
+    let axum::extract::Query(q) =
+        query.map_err(|e| ApiError::invalid(format!("query: {}", e.body_text())))?;
+    let params = crate::app::RecentParams {
+        types: q
+            .types
+            .map(|t| t.split(',').map(|s| s.trim().to_string()).collect())
+            .unwrap_or_default(),
+        since: q.since,
+        limit: q.limit,
+    };
+    let page = app.recent_events(&identity, &params)?;
+    // The envelopes as they were published, not re-encoded.
+    let mut body = String::from("{\"events\":[");
+    for (i, e) in page.events.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&e.to_json());
+    }
+    body.push_str(&format!(
+        "],\"recovered\":{},\"more\":{}}}",
+        page.recovered, page.more
+    ));
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 #[derive(Serialize)]

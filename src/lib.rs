@@ -22,6 +22,7 @@ pub(crate) mod error;
 pub(crate) mod event;
 pub(crate) mod grpc;
 pub(crate) mod http;
+pub(crate) mod mcp;
 pub(crate) mod metrics;
 pub mod server;
 pub(crate) mod state;

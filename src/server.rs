@@ -293,6 +293,11 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         metrics,
         redis: store.as_ref().map(Store::status),
     })
+    .merge(crate::mcp::router(
+        app.clone(),
+        &settings.mcp,
+        shutdown.child_token(),
+    ))
     .layer(socketio)
     .layer(cors);
     let http = {

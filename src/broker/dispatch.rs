@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 
 use super::dedupe::Dedupe;
 use super::filter::TypeFilter;
-use super::history::{History, Replay};
+use super::history::{History, Page, Replay};
 use super::subscription::{Subscriber, Subscription};
 use super::{BrokerConfig, Outcome, Persist, Stats};
 use crate::event::{Event, SharedEvent};
@@ -299,6 +299,22 @@ impl Broker {
         self.with_tenant(tenant, |state| {
             state.history.trim(Instant::now(), config);
             state.history.after(since_id, filter, Duration::ZERO)
+        })
+    }
+
+    /// A page of `tenant`'s held events matching `filter` (see
+    /// [`History::page`]).
+    pub fn history_page(
+        &self,
+        tenant: &str,
+        since_id: Option<&str>,
+        filter: &TypeFilter,
+        limit: usize,
+    ) -> Page {
+        let config = &self.shared.config;
+        self.with_tenant(tenant, |state| {
+            state.history.trim(Instant::now(), config);
+            state.history.page(since_id, filter, limit)
         })
     }
 

@@ -23,6 +23,16 @@ pub struct Replay {
     pub recovered: bool,
 }
 
+/// A page of a tenant's held events, oldest first.
+pub struct Page {
+    pub events: Vec<SharedEvent>,
+    /// False when the `since` id asked for is no longer held (or never
+    /// was): events between it and the oldest held may be missing.
+    pub recovered: bool,
+    /// More matching events are held after this page.
+    pub more: bool,
+}
+
 impl History {
     pub(super) fn new() -> Self {
         Self {
@@ -97,6 +107,48 @@ impl History {
                 Vec::new()
             },
             recovered: since.is_some() || until_id == Some(since_id),
+        }
+    }
+
+    /// Up to `limit` events matching `filter`: the first ones after
+    /// `since_id` (a page to continue from), or without it the newest.
+    pub(super) fn page(&self, since_id: Option<&str>, filter: &TypeFilter, limit: usize) -> Page {
+        let matching = |(_, e): &&(Instant, SharedEvent)| filter.matches(&e.event_type);
+        match since_id {
+            None => {
+                let mut events: Vec<SharedEvent> = self
+                    .events
+                    .iter()
+                    .rev()
+                    .filter(matching)
+                    .take(limit)
+                    .map(|(_, e)| Arc::clone(e))
+                    .collect();
+                events.reverse();
+                Page {
+                    events,
+                    recovered: true,
+                    more: false,
+                }
+            }
+            Some(id) => {
+                let position = self.position(id);
+                let start = position.map_or(0, |p| p + 1);
+                let mut events: Vec<SharedEvent> = self
+                    .events
+                    .range(start..)
+                    .filter(matching)
+                    .take(limit + 1)
+                    .map(|(_, e)| Arc::clone(e))
+                    .collect();
+                let more = events.len() > limit;
+                events.truncate(limit);
+                Page {
+                    events,
+                    recovered: position.is_some(),
+                    more,
+                }
+            }
         }
     }
 

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 pub use dispatch::{Broker, TooManySubscribers};
 pub use filter::{FilterError, TypeFilter};
+pub use history::Page;
 pub use stats::{Count, Stats};
 pub use subscription::{Delivery, Subscription};
 

@@ -1,0 +1,246 @@
+//! The MCP server: the product's tools over the event stream, on
+//! Streamable HTTP at `/mcp` of the HTTP listener (rmcp, the official
+//! Rust SDK).
+//!
+//! Every call goes through [`App`] with the caller's own identity: the
+//! bearer token of each HTTP request is verified by [`authenticate`]
+//! before rmcp reads the body, and the tools take the [`Identity`] it
+//! leaves in the request's extensions. A tool that is refused (a missing
+//! scope, a bad filter) answers a tool error whose text names what was
+//! wrong; only a malformed MCP message is a protocol error.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{CallToolResult, ContentBlock, Implementation, ServerCapabilities, ServerConfig};
+use rmcp::service::{RequestContext, RoleServer};
+use rmcp::transport::streamable_http_server::session::never::NeverSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use rmcp::{ErrorData, ServerHandler, tool, tool_handler, tool_router};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{ACTIVE_TENANT_HEADER, App, RECENT_DEFAULT, RECENT_MAX, RecentParams};
+use crate::auth::Identity;
+use crate::error::ApiError;
+
+/// Largest MCP request body (a JSON-RPC message); past it the answer is
+/// 413. Read only after the token is verified.
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+
+/// Settings of the MCP server (`serve`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct McpSettings {
+    /// `Host` header values `/mcp` accepts (comma separated, `host` or
+    /// `host:port`): a guard against DNS rebinding. Add the names clients
+    /// reach the broker by.
+    #[arg(
+        long,
+        env = "TC_MCP_ALLOWED_HOSTS",
+        value_delimiter = ',',
+        default_value = "localhost,127.0.0.1,::1"
+    )]
+    pub mcp_allowed_hosts: Vec<String>,
+}
+
+/// `/mcp` on the HTTP listener; requests in flight end when `shutdown`
+/// fires.
+pub fn router(app: App, settings: &McpSettings, shutdown: CancellationToken) -> Router {
+    // Stateless: every request stands alone (JSON answers, no session
+    // kept between requests), so nothing is held per client and any
+    // instance behind a load balancer answers any request.
+    let config = StreamableHttpServerConfig::default()
+        .with_legacy_session_mode(false)
+        .with_json_response(true)
+        .with_sse_keep_alive(None)
+        .with_allowed_hosts(settings.mcp_allowed_hosts.iter().cloned())
+        .with_max_request_body_bytes(MAX_REQUEST_BYTES)
+        .with_cancellation_token(shutdown);
+    let tools_app = app.clone();
+    let service = StreamableHttpService::new(
+        move || Ok(Tools::new(tools_app.clone())),
+        Arc::new(NeverSessionManager::default()),
+        config,
+    );
+    Router::new()
+        .route_service("/mcp", service)
+        .layer(middleware::from_fn_with_state(app, authenticate))
+}
+
+/// Verifies the bearer token of every `/mcp` request before anything else
+/// reads it: no token or a bad one is 401 with `WWW-Authenticate: Bearer`.
+async fn authenticate(State(app): State<App>, mut request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    let value = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let authorization = value(header::AUTHORIZATION.as_str());
+    let tenant = value(ACTIVE_TENANT_HEADER);
+    match app
+        .authenticate(authorization.as_deref(), tenant.as_deref())
+        .await
+    {
+        Ok(identity) => {
+            request.extensions_mut().insert(identity);
+            next.run(request).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The tools; one value per request.
+#[derive(Clone)]
+pub struct Tools {
+    app: App,
+    tool_router: ToolRouter<Self>,
+}
+
+/// `events.recent` input.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RecentInput {
+    /// Event types to include: exact types (`alert.created`) or prefixes
+    /// (`cost.*`); omitted or empty: every type.
+    #[serde(default)]
+    pub types: Vec<String>,
+    /// Continue after this event id (the last id of the previous page);
+    /// omitted: the newest events.
+    pub since: Option<String>,
+    /// How many events, 1 to 1000; default 100.
+    pub limit: Option<usize>,
+}
+
+/// `events.recent` output.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct RecentOutput {
+    /// Envelopes (`id`, `type`, `tenant_id`, `data`, `timestamp`,
+    /// `trace_id`), oldest first.
+    pub events: Vec<serde_json::Value>,
+    /// False when `since` is no longer held: events after it may be
+    /// missing before the first one listed.
+    pub recovered: bool,
+    /// More matching events are held after the last one listed.
+    pub more: bool,
+}
+
+#[tool_router]
+impl Tools {
+    pub fn new(app: App) -> Self {
+        Self {
+            app,
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    /// The tenant's recent events from the broker's history.
+    #[tool(
+        name = "events.recent",
+        output_schema = rmcp::handler::server::tool::schema_for_type::<RecentOutput>(),
+        description = "The tenant's recent events (id, type, data, timestamp, trace_id), oldest first, filtered by type patterns such as `cost.*`; page forward with `since`. Scope: events:subscribe."
+    )]
+    async fn events_recent(
+        &self,
+        Parameters(input): Parameters<RecentInput>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let identity = caller(&context)?;
+        let params = RecentParams {
+            types: input.types,
+            since: input.since,
+            limit: input.limit,
+        };
+        let page = match self.app.recent_events(&identity, &params) {
+            Ok(page) => page,
+            Err(e) => return Ok(refused(&e)),
+        };
+        let events: Vec<serde_json::Value> = page
+            .events
+            .iter()
+            .filter_map(|e| serde_json::from_str(&e.to_json()).ok())
+            .collect();
+        let text = format!(
+            "{} event(s){}{}",
+            events.len(),
+            if page.more {
+                "; more after the last"
+            } else {
+                ""
+            },
+            if page.recovered {
+                ""
+            } else {
+                "; `since` is no longer held, some events may be missing"
+            }
+        );
+        structured(
+            &RecentOutput {
+                events,
+                recovered: page.recovered,
+                more: page.more,
+            },
+            text,
+        )
+    }
+}
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for Tools {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(Implementation::new(
+                "tensorcost-events",
+                env!("CARGO_PKG_VERSION"),
+            ))
+            .with_instructions(format!(
+                "TensorCost's event broker: read the caller's tenant's events and the \
+                 figures built from them. Each tool names the scope it needs; a call \
+                 without it fails naming the scope. events.recent returns {RECENT_DEFAULT} \
+                 events by default, at most {RECENT_MAX}."
+            ))
+    }
+}
+
+/// The identity the HTTP layer verified for this request.
+fn caller(context: &RequestContext<RoleServer>) -> Result<Identity, ErrorData> {
+    context
+        .extensions
+        .get::<axum::http::request::Parts>()
+        .and_then(|parts| parts.extensions.get::<Identity>())
+        .cloned()
+        .ok_or_else(|| ErrorData::internal_error("no verified caller for this request", None))
+}
+
+/// A refusal as a tool error: the code and the message that names what
+/// was wrong.
+fn refused(e: &ApiError) -> CallToolResult {
+    let value = serde_json::to_value(e).unwrap_or_default();
+    let mut result = CallToolResult::structured_error(value);
+    result.content = vec![ContentBlock::text(format!(
+        "{}: {}",
+        e.code.as_str(),
+        e.message
+    ))];
+    result
+}
+
+/// Structured content, and for clients that show only text a short
+/// summary line followed by the same JSON.
+fn structured<T: Serialize>(value: &T, summary: String) -> Result<CallToolResult, ErrorData> {
+    let value = serde_json::to_value(value)
+        .map_err(|e| ErrorData::internal_error(format!("answer not encoded: {e}"), None))?;
+    let mut result = CallToolResult::structured(value);
+    if let Some(structured) = &result.structured_content {
+        result.content = vec![ContentBlock::text(format!("{summary}\n{structured}"))];
+    }
+    Ok(result)
+}
