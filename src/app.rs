@@ -5,15 +5,16 @@
 //! their dialect.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-use crate::auth::rbac::{INTEGRATION_READ, INTEGRATION_WRITE, PUBLISH, SUBSCRIBE};
+use crate::auth::rbac::{COST_READ, INTEGRATION_READ, INTEGRATION_WRITE, PUBLISH, SUBSCRIBE};
 use crate::auth::{AuthError, Authenticator, Identity, TokenKind};
 use crate::broker::{Broker, Outcome, Page, Subscription, TypeFilter};
 use crate::clock;
 use crate::config::parse::positive;
 use crate::error::{ApiError, Code};
 use crate::event::{self, EventDraft, EventError, Stamp, check_identifier};
+use crate::projection::{CostSummary, Projections, SummaryQuery};
 use crate::tenant::TenantScope;
 use crate::webhook::Webhooks;
 
@@ -64,6 +65,7 @@ pub struct App {
     auth: Arc<Authenticator>,
     limits: Limits,
     webhooks: Option<Webhooks>,
+    projections: Projections,
 }
 
 /// Reading or changing a tenant's integrations.
@@ -94,6 +96,19 @@ pub struct RecentParams {
     pub since: Option<String>,
     /// 1 to [`RECENT_MAX`]; none: [`RECENT_DEFAULT`].
     pub limit: Option<usize>,
+}
+
+/// `cost.summary` parameters, as any surface receives them.
+#[derive(Debug, Clone, Default)]
+pub struct CostParams {
+    /// A duration (`7d`, `24h`); none: 7 days. At most 90 days.
+    pub window: Option<String>,
+    /// RFC 3339 end of the window; none: now.
+    pub until: Option<String>,
+    /// Only this source (`bedrock`, `aws`, ...).
+    pub source: Option<String>,
+    /// Sources and tag values listed, 1 to 200; none: 20.
+    pub top: Option<usize>,
 }
 
 /// What a Socket.IO client sends with its handshake (`auth`).
@@ -127,7 +142,14 @@ impl App {
             auth,
             limits,
             webhooks: None,
+            projections: Projections::default(),
         }
+    }
+
+    /// The read models the MCP tools answer from.
+    pub fn with_projections(mut self, projections: Projections) -> Self {
+        self.projections = projections;
+        self
     }
 
     /// The webhook service the REST surface reaches through [`App::webhooks`].
@@ -287,6 +309,58 @@ impl App {
         Ok(self
             .broker
             .history_page(&tenant, since.as_deref(), &filter, limit))
+    }
+
+    /// The caller's tenant's costs over a window (`cost:read`).
+    pub fn cost_summary(
+        &self,
+        identity: &Identity,
+        params: &CostParams,
+    ) -> Result<CostSummary, ApiError> {
+        identity.require(COST_READ)?;
+        let tenant = identity.acting_tenant("")?;
+        let max = crate::projection::cost::RETENTION;
+        let window = match params.window.as_deref().map(str::trim) {
+            None | Some("") => Duration::from_secs(7 * 24 * 3600),
+            Some(text) => humantime::parse_duration(text).map_err(|e| {
+                ApiError::invalid(format!(
+                    "window: {text:?} is not a duration like 7d or 24h ({e})"
+                ))
+            })?,
+        };
+        if window.is_zero() || window > max {
+            return Err(ApiError::invalid(format!(
+                "window: {} is out of range (up to 90d, the costs kept)",
+                humantime::format_duration(window)
+            )));
+        }
+        let until = match params.until.as_deref().map(str::trim) {
+            None | Some("") => SystemTime::now(),
+            Some(text) => clock::parse_timestamp(text).ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "until: {text:?} is not an RFC 3339 time like 2026-11-28T12:00:00Z"
+                ))
+            })?,
+        };
+        let top = match params.top {
+            None => 20,
+            Some(n) if (1..=200).contains(&n) => n,
+            Some(n) => {
+                return Err(ApiError::invalid(format!(
+                    "top: {n} is out of range (1 to 200)"
+                )));
+            }
+        };
+        let source = params.source.clone().filter(|s| !s.is_empty());
+        Ok(self.projections.cost_summary(
+            &tenant,
+            &SummaryQuery {
+                window,
+                until,
+                source,
+                top,
+            },
+        ))
     }
 
     /// Checks a Socket.IO handshake: the token, the subscribe scope, one

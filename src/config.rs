@@ -13,6 +13,7 @@ pub use crate::auth::settings::AuthSettings;
 pub use crate::broker::BrokerConfig;
 pub use crate::edge::{EdgeSettings, Overrides};
 pub use crate::mcp::McpSettings;
+pub use crate::projection::ProjectionSettings;
 pub use crate::server::ListenSettings;
 pub use crate::state::StateSettings;
 pub use crate::store::StoreSettings;
@@ -38,6 +39,8 @@ pub struct Settings {
     pub webhooks: WebhookSettings,
     #[command(flatten, next_help_heading = "MCP")]
     pub mcp: McpSettings,
+    #[command(flatten, next_help_heading = "MCP")]
+    pub projections: ProjectionSettings,
 }
 
 impl Settings {

@@ -65,8 +65,10 @@ impl Metrics {
         store: Option<&StoreMetrics>,
         admission: &AdmissionMetrics,
         webhooks: &WebhookMetrics,
+        projections: &crate::projection::Projections,
     ) -> Self {
         let mut registry = Registry::with_prefix("tc");
+        projections.register_metrics(&mut registry);
         registry.register(
             "webhook_attempts",
             "Webhook delivery attempts by outcome (succeeded, failed, refused by the destination guard, gone)",

@@ -29,6 +29,7 @@ use crate::edge::ratelimit::rates_from_redis;
 use crate::grpc::{Authenticated, GrpcService};
 use crate::http::{self, HttpState};
 use crate::metrics::{EdgeMetrics, Metrics};
+use crate::projection::Projections;
 use crate::proto;
 use crate::proto::event_broker_server::EventBrokerServer;
 use crate::state::State;
@@ -150,6 +151,11 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         });
     }
     background.spawn(release_idle_tenants(broker.clone(), shutdown.clone()));
+    // Before anything is relayed: projections see every dispatched event.
+    let projections = Projections::default();
+    let (observer, projector) = projections.start(&settings.projections, shutdown.clone());
+    broker.set_observers(vec![observer]);
+    background.spawn(projector);
     let store_metrics = StoreMetrics::default();
     let store = match redis {
         Some((target, config)) => {
@@ -184,7 +190,8 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
     sinks.push(tap);
     broker.set_persist(sinks);
     let app = App::new(broker.clone(), Arc::clone(&auth), settings.limits.clone())
-        .with_webhooks(webhooks);
+        .with_webhooks(webhooks)
+        .with_projections(projections.clone());
     let edge_metrics = EdgeMetrics::default();
     let admission_metrics = AdmissionMetrics::default();
     let admission = Admission::new(
@@ -203,6 +210,7 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         store.as_ref().map(|_| &store_metrics),
         &admission_metrics,
         &webhook_metrics,
+        &projections,
     ));
     let edge_config = settings
         .edge

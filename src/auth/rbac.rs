@@ -19,6 +19,8 @@ pub const ALL_TENANTS: &str = "events:all_tenants";
 
 /// Read the tenant's integrations (webhook endpoints and deliveries).
 pub const INTEGRATION_READ: &str = "integration:read";
+/// Read the tenant's costs (MCP `cost.summary`).
+pub const COST_READ: &str = "cost:read";
 /// Change the tenant's integrations; implies reading them.
 pub const INTEGRATION_WRITE: &str = "integration:write";
 

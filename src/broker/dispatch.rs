@@ -58,6 +58,8 @@ struct Shared {
     closed: AtomicBool,
     stats: Stats,
     persist: OnceLock<Vec<Box<dyn Persist>>>,
+    /// Given every dispatched event, local or relayed (the projections).
+    observers: OnceLock<Vec<Box<dyn Persist>>>,
 }
 
 struct TenantState {
@@ -85,6 +87,7 @@ impl Broker {
                 closed: AtomicBool::new(false),
                 stats: Stats::default(),
                 persist: OnceLock::new(),
+                observers: OnceLock::new(),
             }),
         }
     }
@@ -151,6 +154,15 @@ impl Broker {
         }
     }
 
+    /// Hands each of `observers` (the projections) every event dispatched
+    /// from now on, accepted here or relayed from another instance. Set
+    /// once, at start-up.
+    pub fn set_observers(&self, observers: Vec<Box<dyn Persist>>) {
+        if self.shared.observers.set(observers).is_err() {
+            tracing::warn!("observers were already set");
+        }
+    }
+
     /// History, subscribers and persistence, under the tenant's lock so
     /// every one of them sees the tenant's events in the same order.
     fn dispatch(&self, event: &SharedEvent, persist: Option<&[Box<dyn Persist>]>) {
@@ -167,6 +179,14 @@ impl Broker {
             drop(everyone);
             for sink in persist.unwrap_or_default() {
                 sink.offer(event);
+            }
+            for observer in shared
+                .observers
+                .get()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+            {
+                observer.offer(event);
             }
         });
     }

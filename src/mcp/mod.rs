@@ -27,9 +27,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{ACTIVE_TENANT_HEADER, App, RECENT_DEFAULT, RECENT_MAX, RecentParams};
+use crate::app::{ACTIVE_TENANT_HEADER, App, CostParams, RECENT_DEFAULT, RECENT_MAX, RecentParams};
 use crate::auth::Identity;
 use crate::error::ApiError;
+use crate::projection::CostSummary;
 
 /// Largest MCP request body (a JSON-RPC message); past it the answer is
 /// 413. Read only after the token is verified.
@@ -133,6 +134,22 @@ pub struct RecentOutput {
     pub more: bool,
 }
 
+/// `cost.summary` input.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CostInput {
+    /// How far back from `until`: a duration like `7d`, `24h` or `30d`;
+    /// default 7d, at most 90d. Counted in whole hours.
+    pub window: Option<String>,
+    /// End of the window, RFC 3339 (`2026-11-28T00:00:00Z`); default now.
+    pub until: Option<String>,
+    /// Only this source: aws, gcp, azure, bedrock, azure_openai, ...
+    pub source: Option<String>,
+    /// Sources and tag values listed, the largest first: 1 to 200;
+    /// default 20.
+    pub top: Option<usize>,
+}
+
 #[tool_router]
 impl Tools {
     pub fn new(app: App) -> Self {
@@ -190,6 +207,38 @@ impl Tools {
             },
             text,
         )
+    }
+
+    /// Costs over a window from the tenant's `cost.updated` events.
+    #[tool(
+        name = "cost.summary",
+        output_schema = rmcp::handler::server::tool::schema_for_type::<CostSummary>(),
+        description = "The tenant's costs over a window (default the last 7 days): the total in USD, by source (aws, gcp, azure, bedrock, azure_openai, ...) and by tag (application, team, environment, ...), largest first. Built from cost.updated events. Scope: cost:read."
+    )]
+    async fn cost_summary(
+        &self,
+        Parameters(input): Parameters<CostInput>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let identity = caller(&context)?;
+        let params = CostParams {
+            window: input.window,
+            until: input.until,
+            source: input.source,
+            top: input.top,
+        };
+        let summary = match self.app.cost_summary(&identity, &params) {
+            Ok(summary) => summary,
+            Err(e) => return Ok(refused(&e)),
+        };
+        let mut text = format!(
+            "{:.2} USD from {} to {}",
+            summary.total_usd, summary.from, summary.to
+        );
+        for s in summary.by_source.iter().take(5) {
+            text.push_str(&format!("; {} {:.2}", s.source, s.usd));
+        }
+        structured(&summary, text)
     }
 }
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 import http.client
 import json
 import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import anyio
 import httpx2
+import jsonschema
 import pytest
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
@@ -219,3 +222,119 @@ def test_rest_events_reads_the_same_history(broker, stub, pb, tenant):
         assert r.status == 401
     finally:
         conn.close()
+
+
+# ---- cost.summary ---------------------------------------------------------------
+
+SCHEMAS = Path(__file__).resolve().parent.parent.parent / "docs" / "schemas"
+
+
+def hours_ago(n: float) -> str:
+    at = datetime.now(timezone.utc) - timedelta(hours=n)
+    return at.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def cost_summary_when(broker, token, args, ready):
+    """cost.summary with `args`, asked again until `ready(answer)` (the
+    projections apply events a moment after they are accepted)."""
+
+    async def body(session):
+        deadline = anyio.current_time() + 10
+        while True:
+            result = await session.call_tool("cost.summary", args)
+            if result.is_error or ready(result.structured_content) or anyio.current_time() > deadline:
+                return result
+            await anyio.sleep(0.05)
+
+    return run(broker, token, body)
+
+
+COSTS = [
+    ("cost.updated", {"source": "bedrock", "amount_usd": 12.25, "period_start": None, "tags": {"team": "ml", "environment": "prod"}}),
+    ("cost.updated", {"source": "bedrock", "amount_usd": 7.5, "period_start": None, "tags": {"team": "ml"}}),
+    ("cost.updated", {"source": "aws", "amount_usd": 3.125, "period_start": None, "tags": {"team": "web"}, "service": "EC2"}),
+    ("cost.updated", {"source": "azure_openai", "amount_usd": 0.5, "period_start": None}),
+]
+
+
+def cost_events(hours: list[float]):
+    out = []
+    for (t, d), h in zip(COSTS, hours):
+        d = dict(d)
+        d["period_start"] = hours_ago(h)
+        out.append((t, d))
+    return out
+
+
+def test_the_cost_updated_examples_follow_the_schema():
+    schema = json.loads((SCHEMAS / "cost.updated.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    for _, data in cost_events([1, 2, 3, 4]):
+        jsonschema.validate(data, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"source": "aws"}, schema)
+
+
+def test_cost_summary_sums_by_source_and_tag_over_the_window(broker, stub, pb, tenant):
+    publisher = broker.token(tenant)
+    # Three within the last day; one ten days back, outside the default week.
+    events = cost_events([2, 5, 20, 24 * 10])
+    publish(stub, pb, publisher, events)
+    reader = broker.token(tenant, scope="cost:read")
+    week = cost_summary_when(broker, reader, {}, lambda s: s["total_usd"] >= 22.875)
+    assert not week.is_error, week.content
+    s = week.structured_content
+    assert s["total_usd"] == 22.875, s
+    assert s["events"] == 3
+    assert s["currency"] == "USD"
+    assert [(a["source"], a["usd"]) for a in s["by_source"]] == [("bedrock", 19.75), ("aws", 3.125)]
+    tags = {(t["tag"], t["value"]): t["usd"] for t in s["by_tag"]}
+    assert tags == {("team", "ml"): 19.75, ("environment", "prod"): 12.25, ("team", "web"): 3.125}
+    assert "22.88 USD" in week.content[0].text
+
+    month = cost_summary_when(broker, reader, {"window": "30d"}, lambda s: s["total_usd"] >= 23.375)
+    assert month.structured_content["total_usd"] == 23.375
+    bedrock = cost_summary_when(broker, reader, {"window": "30d", "source": "bedrock"}, lambda s: True)
+    assert bedrock.structured_content["total_usd"] == 19.75
+    assert [a["source"] for a in bedrock.structured_content["by_source"]] == ["bedrock"]
+    # A window ending 12 hours ago holds the two older costs of the day.
+    earlier = cost_summary_when(broker, reader, {"window": "24h", "until": hours_ago(12)}, lambda s: True)
+    assert earlier.structured_content["total_usd"] == 3.125
+
+
+def test_cost_summary_needs_cost_read_and_checks_its_arguments(broker, tenant):
+    no_scope = broker.token(tenant, scope="events:subscribe")
+
+    async def refused(session):
+        return await session.call_tool("cost.summary", {})
+
+    result = run(broker, no_scope, refused)
+    assert result.is_error and "cost:read" in result.content[0].text
+
+    reader = broker.token(tenant, scope="cost:read")
+
+    async def bad(session):
+        return [
+            await session.call_tool("cost.summary", {"window": "a while"}),
+            await session.call_tool("cost.summary", {"window": "200d"}),
+            await session.call_tool("cost.summary", {"until": "yesterday"}),
+            await session.call_tool("cost.summary", {"top": 0}),
+        ]
+
+    window, too_long, until, top = run(broker, reader, bad)
+    assert window.is_error and "window" in window.content[0].text
+    assert too_long.is_error and "90d" in too_long.content[0].text
+    assert until.is_error and "until" in until.content[0].text
+    assert top.is_error and "top" in top.content[0].text
+
+
+def test_cost_summary_never_counts_another_tenants_costs(broker, stub, pb):
+    a, b = f"py-{uuid.uuid4().hex[:12]}", f"py-{uuid.uuid4().hex[:12]}"
+    publish(stub, pb, broker.token(a), cost_events([1]))
+    publish(stub, pb, broker.token(b), [("cost.updated", {"source": "gcp", "amount_usd": 1.0})])
+    # Wait for A's cost to be applied, then read B's.
+    cost_summary_when(broker, broker.token(a, scope="cost:read"), {}, lambda s: s["total_usd"] > 0)
+    b_view = cost_summary_when(broker, broker.token(b, scope="cost:read"), {}, lambda s: s["total_usd"] > 0)
+    s = b_view.structured_content
+    assert s["total_usd"] == 1.0, s
+    assert [x["source"] for x in s["by_source"]] == ["gcp"]

@@ -1,0 +1,463 @@
+//! Costs per tenant: hourly buckets of `cost.updated` amounts, by source,
+//! by tag, by agent and by workflow (docs/events.md has the payload).
+//!
+//! Amounts are kept as whole micro-dollars, so sums are exact. Bounds: 90
+//! days of hours per tenant, and at most [`MAX_KEYS`] (source, tag, agent
+//! or workflow) entries over all of a tenant's hours; past it a new name
+//! is counted under `(other)`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::clock;
+use crate::event::Event;
+
+pub const COST_UPDATED: &str = "cost.updated";
+/// Hours kept per tenant.
+pub const RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
+/// Named entries (a source, a tag value, an agent, a workflow in an hour)
+/// per tenant, at most.
+pub const MAX_KEYS: usize = 50_000;
+/// What a name past [`MAX_KEYS`] is counted as.
+pub const OTHER: &str = "(other)";
+/// Tags read per event, and the longest tag key or value kept.
+const MAX_TAGS: usize = 32;
+const MAX_NAME: usize = 128;
+/// An amount larger than this (USD) is not a cost but a mistake.
+const MAX_AMOUNT_USD: f64 = 1e12;
+const HOUR_MS: u64 = 3_600_000;
+
+/// What the projection reads of one `cost.updated`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CostEvent {
+    pub source: String,
+    pub micros: i64,
+    /// When the cost was incurred, Unix ms.
+    pub at_ms: u64,
+    pub tags: Vec<(String, String)>,
+    pub agent_id: Option<String>,
+    pub workflow_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Payload {
+    source: Option<serde_json::Value>,
+    amount_usd: Option<serde_json::Value>,
+    period_start: Option<String>,
+    #[serde(default)]
+    tags: Option<serde_json::Map<String, serde_json::Value>>,
+    agent_id: Option<String>,
+    workflow_id: Option<String>,
+}
+
+impl CostEvent {
+    /// The fields of a `cost.updated`, or why they cannot be read.
+    pub fn read(event: &Event) -> Result<Self, String> {
+        let p: Payload = serde_json::from_str(event.data.get())
+            .map_err(|e| format!("data is not the cost.updated payload: {e}"))?;
+        let source = match p.source {
+            Some(serde_json::Value::String(s)) if !s.is_empty() && s.len() <= MAX_NAME => s,
+            Some(_) => return Err("source: not a name of 1 to 128 characters".into()),
+            None => return Err("source: missing".into()),
+        };
+        let amount = match p.amount_usd {
+            Some(serde_json::Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN),
+            Some(_) => return Err("amount_usd: not a number".into()),
+            None => return Err("amount_usd: missing".into()),
+        };
+        if !(0.0..=MAX_AMOUNT_USD).contains(&amount) {
+            return Err(format!("amount_usd: {amount} is not between 0 and 1e12"));
+        }
+        let at = match &p.period_start {
+            Some(text) => clock::parse_timestamp(text)
+                .ok_or_else(|| format!("period_start: {text:?} is not an RFC 3339 time"))?,
+            None => clock::parse_timestamp(&event.timestamp)
+                .ok_or_else(|| "the event has no readable timestamp".to_string())?,
+        };
+        let at_ms = at
+            .duration_since(UNIX_EPOCH)
+            .map_err(|_| "period_start: before 1970".to_string())?
+            .as_millis() as u64;
+        let tags = p
+            .tags
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(k, v)| match v {
+                serde_json::Value::String(v) => Some((k, v)),
+                _ => None,
+            })
+            .filter(|(k, v)| !k.is_empty() && k.len() <= MAX_NAME && v.len() <= MAX_NAME)
+            .take(MAX_TAGS)
+            .collect();
+        Ok(Self {
+            source,
+            micros: (amount * 1e6).round() as i64,
+            at_ms,
+            tags,
+            agent_id: p.agent_id.filter(|a| !a.is_empty() && a.len() <= MAX_NAME),
+            workflow_id: p
+                .workflow_id
+                .filter(|w| !w.is_empty() && w.len() <= MAX_NAME),
+        })
+    }
+}
+
+/// One hour of a tenant's costs.
+#[derive(Debug, Default, Clone)]
+struct Hour {
+    micros: i64,
+    events: u64,
+    by_source: HashMap<String, i64>,
+    /// (tag key, tag value)
+    by_tag: HashMap<(String, String), i64>,
+    by_agent: HashMap<String, i64>,
+    by_workflow: HashMap<String, i64>,
+}
+
+impl Hour {
+    fn keys(&self) -> usize {
+        self.by_source.len() + self.by_tag.len() + self.by_agent.len() + self.by_workflow.len()
+    }
+}
+
+/// One tenant's costs, by hour (Unix ms / 1 h).
+#[derive(Debug, Default)]
+pub struct TenantCosts {
+    hours: BTreeMap<u64, Hour>,
+    keys: usize,
+    /// A name was counted under `(other)`.
+    folded: bool,
+}
+
+/// Adds `micros` under `name`, or under `(other)` when the tenant holds
+/// [`MAX_KEYS`] names already.
+fn add_named<K: std::hash::Hash + Eq>(
+    map: &mut HashMap<K, i64>,
+    name: K,
+    other: impl FnOnce() -> K,
+    micros: i64,
+    keys: &mut usize,
+    folded: &mut bool,
+) {
+    if let Some(v) = map.get_mut(&name) {
+        *v += micros;
+        return;
+    }
+    if *keys >= MAX_KEYS {
+        *folded = true;
+        let other = other();
+        if !map.contains_key(&other) {
+            *keys += 1;
+        }
+        *map.entry(other).or_default() += micros;
+        return;
+    }
+    *keys += 1;
+    map.insert(name, micros);
+}
+
+impl TenantCosts {
+    /// Adds one cost; a cost older than [`RETENTION`] or more than a day
+    /// ahead of `now_ms` is not kept.
+    pub fn add(&mut self, c: &CostEvent, now_ms: u64) -> bool {
+        let oldest = now_ms.saturating_sub(RETENTION.as_millis() as u64);
+        if c.at_ms < oldest || c.at_ms > now_ms + 24 * HOUR_MS {
+            return false;
+        }
+        self.trim(oldest / HOUR_MS);
+        let (keys, folded) = (&mut self.keys, &mut self.folded);
+        let hour = self.hours.entry(c.at_ms / HOUR_MS).or_default();
+        hour.micros += c.micros;
+        hour.events += 1;
+        add_named(
+            &mut hour.by_source,
+            c.source.clone(),
+            || OTHER.to_string(),
+            c.micros,
+            keys,
+            folded,
+        );
+        for (k, v) in &c.tags {
+            add_named(
+                &mut hour.by_tag,
+                (k.clone(), v.clone()),
+                || (k.clone(), OTHER.to_string()),
+                c.micros,
+                keys,
+                folded,
+            );
+        }
+        if let Some(a) = &c.agent_id {
+            add_named(
+                &mut hour.by_agent,
+                a.clone(),
+                || OTHER.to_string(),
+                c.micros,
+                keys,
+                folded,
+            );
+        }
+        if let Some(w) = &c.workflow_id {
+            add_named(
+                &mut hour.by_workflow,
+                w.clone(),
+                || OTHER.to_string(),
+                c.micros,
+                keys,
+                folded,
+            );
+        }
+        true
+    }
+
+    /// Drops hours before `first_hour`.
+    fn trim(&mut self, first_hour: u64) {
+        while let Some(entry) = self.hours.first_entry() {
+            if *entry.key() >= first_hour {
+                break;
+            }
+            self.keys -= entry.get().keys();
+            entry.remove();
+        }
+    }
+
+    /// Totals over the hours of `query`'s window.
+    pub fn summary(&self, query: &SummaryQuery) -> CostSummary {
+        let until_ms = query
+            .until
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let from_ms = until_ms.saturating_sub(query.window.as_millis() as u64);
+        let (first, last) = (from_ms / HOUR_MS, until_ms / HOUR_MS);
+        let mut total = 0i64;
+        let mut events = 0u64;
+        let mut sources: HashMap<&str, i64> = HashMap::new();
+        let mut tags: HashMap<(&str, &str), i64> = HashMap::new();
+        for hour in self.hours.range(first..=last).map(|(_, h)| h) {
+            if let Some(source) = &query.source {
+                let Some(m) = hour.by_source.get(source) else {
+                    continue;
+                };
+                // Only the source's own amount; tags are not split by
+                // source, so they are left out when filtering by one.
+                total += m;
+                *sources.entry(source.as_str()).or_default() += m;
+                continue;
+            }
+            total += hour.micros;
+            events += hour.events;
+            for (s, m) in &hour.by_source {
+                *sources.entry(s.as_str()).or_default() += m;
+            }
+            for ((k, v), m) in &hour.by_tag {
+                *tags.entry((k.as_str(), v.as_str())).or_default() += m;
+            }
+        }
+        let mut by_source: Vec<SourceAmount> = sources
+            .into_iter()
+            .map(|(s, m)| SourceAmount {
+                source: s.to_string(),
+                usd: usd(m),
+            })
+            .collect();
+        by_source.sort_by(|a, b| b.usd.total_cmp(&a.usd).then(a.source.cmp(&b.source)));
+        let mut by_tag: Vec<TagAmount> = tags
+            .into_iter()
+            .map(|((k, v), m)| TagAmount {
+                tag: k.to_string(),
+                value: v.to_string(),
+                usd: usd(m),
+            })
+            .collect();
+        by_tag.sort_by(|a, b| {
+            b.usd
+                .total_cmp(&a.usd)
+                .then(a.tag.cmp(&b.tag))
+                .then(a.value.cmp(&b.value))
+        });
+        let truncated = by_tag.len() > query.top || by_source.len() > query.top;
+        by_tag.truncate(query.top);
+        by_source.truncate(query.top);
+        CostSummary {
+            from: clock::format_timestamp(UNIX_EPOCH + Duration::from_millis(first * HOUR_MS)),
+            to: clock::format_timestamp(query.until),
+            currency: "USD".into(),
+            total_usd: usd(total),
+            events: if query.source.is_some() {
+                None
+            } else {
+                Some(events)
+            },
+            by_source,
+            by_tag,
+            truncated,
+            folded_into_other: self.folded,
+        }
+    }
+}
+
+fn usd(micros: i64) -> f64 {
+    micros as f64 / 1e6
+}
+
+/// What `cost.summary` asks.
+#[derive(Debug, Clone)]
+pub struct SummaryQuery {
+    pub window: Duration,
+    pub until: SystemTime,
+    pub source: Option<String>,
+    /// Sources and tag values listed, at most (the largest).
+    pub top: usize,
+}
+
+/// `cost.summary`'s answer.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct CostSummary {
+    /// Start of the window, widened to the hour.
+    pub from: String,
+    pub to: String,
+    pub currency: String,
+    pub total_usd: f64,
+    /// `cost.updated` events counted (omitted when filtered by source).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub events: Option<u64>,
+    /// Largest first.
+    pub by_source: Vec<SourceAmount>,
+    /// Per tag key and value, largest first (empty when filtered by source).
+    pub by_tag: Vec<TagAmount>,
+    /// More sources or tag values than `top` exist: only the largest are
+    /// listed.
+    pub truncated: bool,
+    /// The tenant reached its bound of named entries: some amounts are
+    /// counted under `(other)`.
+    pub folded_into_other: bool,
+}
+
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct SourceAmount {
+    pub source: String,
+    pub usd: f64,
+}
+
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct TagAmount {
+    pub tag: String,
+    pub value: String,
+    pub usd: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cost(source: &str, micros: i64, at_ms: u64, tags: &[(&str, &str)]) -> CostEvent {
+        CostEvent {
+            source: source.into(),
+            micros,
+            at_ms,
+            tags: tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            agent_id: None,
+            workflow_id: None,
+        }
+    }
+
+    fn query(until_ms: u64, window: Duration) -> SummaryQuery {
+        SummaryQuery {
+            window,
+            until: UNIX_EPOCH + Duration::from_millis(until_ms),
+            source: None,
+            top: 20,
+        }
+    }
+
+    #[test]
+    fn sums_are_exact_by_source_and_tag_within_the_window() {
+        let now = 1_000 * HOUR_MS;
+        let mut t = TenantCosts::default();
+        t.add(
+            &cost("bedrock", 1_100_000, now - 10, &[("team", "ml")]),
+            now,
+        );
+        t.add(
+            &cost("bedrock", 2_200_000, now - HOUR_MS, &[("team", "ml")]),
+            now,
+        );
+        t.add(
+            &cost("aws", 300_000, now - 2 * HOUR_MS, &[("team", "web")]),
+            now,
+        );
+        // Outside a 2-hour window.
+        t.add(&cost("aws", 9_000_000, now - 5 * HOUR_MS, &[]), now);
+        let s = t.summary(&query(now, Duration::from_millis(2 * HOUR_MS)));
+        assert_eq!(s.total_usd, 3.6);
+        assert_eq!(s.events, Some(3));
+        assert_eq!(s.by_source[0].source, "bedrock");
+        assert_eq!(s.by_source[0].usd, 3.3);
+        assert_eq!(s.by_source[1].usd, 0.3);
+        assert_eq!((s.by_tag[0].value.as_str(), s.by_tag[0].usd), ("ml", 3.3));
+        let all = t.summary(&query(now, Duration::from_millis(10 * HOUR_MS)));
+        assert_eq!(all.total_usd, 12.6);
+    }
+
+    #[test]
+    fn old_and_far_future_costs_are_not_kept_and_hours_age_out() {
+        let now = 100_000 * HOUR_MS;
+        let mut t = TenantCosts::default();
+        assert!(!t.add(
+            &cost("aws", 1, now - RETENTION.as_millis() as u64 - 1, &[]),
+            now
+        ));
+        assert!(!t.add(&cost("aws", 1, now + 25 * HOUR_MS, &[]), now));
+        assert!(t.add(&cost("aws", 1, now - 10 * HOUR_MS, &[]), now));
+        // Ninety days on, that hour is dropped with its keys.
+        let later = now + RETENTION.as_millis() as u64;
+        assert!(t.add(&cost("gcp", 1, later, &[]), later));
+        assert_eq!(t.hours.len(), 1);
+        assert_eq!(t.keys, 1);
+    }
+
+    #[test]
+    fn names_past_the_bound_are_counted_under_other() {
+        let now = 1_000 * HOUR_MS;
+        let mut t = TenantCosts::default();
+        for i in 0..MAX_KEYS + 10 {
+            t.add(&cost(&format!("s{i}"), 1, now, &[]), now);
+        }
+        assert!(t.keys <= MAX_KEYS + 1, "{}", t.keys);
+        let s = t.summary(&SummaryQuery {
+            top: 1,
+            ..query(now, Duration::from_secs(3600))
+        });
+        assert!(s.folded_into_other);
+        assert_eq!(s.total_usd, (MAX_KEYS + 10) as f64 / 1e6);
+        let other = s.by_source.iter().find(|a| a.source == OTHER).unwrap();
+        assert_eq!(other.usd, 10.0 / 1e6);
+    }
+
+    #[test]
+    fn unreadable_payloads_say_which_field() {
+        let mut e = crate::broker::tests::event("t", "e1", COST_UPDATED);
+        let read = |e: &Event| CostEvent::read(e).unwrap_err();
+        e.data = serde_json::value::RawValue::from_string(r#"{"amount_usd": 1}"#.into()).unwrap();
+        assert!(read(&e).contains("source"), "{}", read(&e));
+        e.data =
+            serde_json::value::RawValue::from_string(r#"{"source":"aws","amount_usd":"1"}"#.into())
+                .unwrap();
+        assert!(read(&e).contains("amount_usd"));
+        e.data =
+            serde_json::value::RawValue::from_string(r#"{"source":"aws","amount_usd":-1}"#.into())
+                .unwrap();
+        assert!(read(&e).contains("amount_usd"));
+        e.data = serde_json::value::RawValue::from_string(
+            r#"{"source":"aws","amount_usd":1,"period_start":"yesterday"}"#.into(),
+        )
+        .unwrap();
+        assert!(read(&e).contains("period_start"));
+    }
+}
