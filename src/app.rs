@@ -7,14 +7,16 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::auth::rbac::{COST_READ, INTEGRATION_READ, INTEGRATION_WRITE, PUBLISH, SUBSCRIBE};
+use crate::auth::rbac::{
+    AGENT_READ, COST_READ, INTEGRATION_READ, INTEGRATION_WRITE, PUBLISH, SUBSCRIBE, WORKLOAD_READ,
+};
 use crate::auth::{AuthError, Authenticator, Identity, TokenKind};
 use crate::broker::{Broker, Outcome, Page, Subscription, TypeFilter};
 use crate::clock;
 use crate::config::parse::positive;
 use crate::error::{ApiError, Code};
 use crate::event::{self, EventDraft, EventError, Stamp, check_identifier};
-use crate::projection::{CostSummary, Projections, SummaryQuery};
+use crate::projection::{AgentCosts, CostSummary, Projections, SummaryQuery, WorkloadCosts};
 use crate::tenant::TenantScope;
 use crate::webhook::Webhooks;
 
@@ -319,48 +321,37 @@ impl App {
     ) -> Result<CostSummary, ApiError> {
         identity.require(COST_READ)?;
         let tenant = identity.acting_tenant("")?;
-        let max = crate::projection::cost::RETENTION;
-        let window = match params.window.as_deref().map(str::trim) {
-            None | Some("") => Duration::from_secs(7 * 24 * 3600),
-            Some(text) => humantime::parse_duration(text).map_err(|e| {
-                ApiError::invalid(format!(
-                    "window: {text:?} is not a duration like 7d or 24h ({e})"
-                ))
-            })?,
-        };
-        if window.is_zero() || window > max {
-            return Err(ApiError::invalid(format!(
-                "window: {} is out of range (up to 90d, the costs kept)",
-                humantime::format_duration(window)
-            )));
-        }
-        let until = match params.until.as_deref().map(str::trim) {
-            None | Some("") => SystemTime::now(),
-            Some(text) => clock::parse_timestamp(text).ok_or_else(|| {
-                ApiError::invalid(format!(
-                    "until: {text:?} is not an RFC 3339 time like 2026-11-28T12:00:00Z"
-                ))
-            })?,
-        };
-        let top = match params.top {
-            None => 20,
-            Some(n) if (1..=200).contains(&n) => n,
-            Some(n) => {
-                return Err(ApiError::invalid(format!(
-                    "top: {n} is out of range (1 to 200)"
-                )));
-            }
-        };
-        let source = params.source.clone().filter(|s| !s.is_empty());
-        Ok(self.projections.cost_summary(
-            &tenant,
-            &SummaryQuery {
-                window,
-                until,
-                source,
-                top,
-            },
-        ))
+        let query = cost_query(params)?;
+        Ok(self.projections.cost_summary(&tenant, &query))
+    }
+
+    /// The caller's tenant's costs by `application`, `team` and
+    /// `environment` tag (`workload:read`).
+    pub fn workload_costs(
+        &self,
+        identity: &Identity,
+        params: &CostParams,
+    ) -> Result<WorkloadCosts, ApiError> {
+        identity.require(WORKLOAD_READ)?;
+        let tenant = identity.acting_tenant("")?;
+        let query = cost_query(params)?;
+        Ok(self.projections.workload_costs(&tenant, &query))
+    }
+
+    /// The caller's tenant's costs by agent and workflow, or of one agent
+    /// (`agent:read`).
+    pub fn agent_costs(
+        &self,
+        identity: &Identity,
+        params: &CostParams,
+        agent: Option<&str>,
+    ) -> Result<AgentCosts, ApiError> {
+        identity.require(AGENT_READ)?;
+        let tenant = identity.acting_tenant("")?;
+        let query = cost_query(params)?;
+        Ok(self
+            .projections
+            .agent_costs(&tenant, &query, agent.filter(|a| !a.is_empty())))
     }
 
     /// Checks a Socket.IO handshake: the token, the subscribe scope, one
@@ -447,6 +438,50 @@ fn resume_id(field: &str, id: Option<&str>) -> Result<Option<String>, ApiError> 
             Ok(Some(id.to_string()))
         }
     }
+}
+
+/// A cost window from its parameters: `window` (default 7 days, at most
+/// the 90 days kept), `until` (default now), `source`, `top` (1 to 200,
+/// default 20). Errors name the parameter.
+fn cost_query(params: &CostParams) -> Result<SummaryQuery, ApiError> {
+    let max = crate::projection::cost::RETENTION;
+    let window = match params.window.as_deref().map(str::trim) {
+        None | Some("") => Duration::from_secs(7 * 24 * 3600),
+        Some(text) => humantime::parse_duration(text).map_err(|e| {
+            ApiError::invalid(format!(
+                "window: {text:?} is not a duration like 7d or 24h ({e})"
+            ))
+        })?,
+    };
+    if window.is_zero() || window > max {
+        return Err(ApiError::invalid(format!(
+            "window: {} is out of range (up to 90d, the costs kept)",
+            humantime::format_duration(window)
+        )));
+    }
+    let until = match params.until.as_deref().map(str::trim) {
+        None | Some("") => SystemTime::now(),
+        Some(text) => clock::parse_timestamp(text).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "until: {text:?} is not an RFC 3339 time like 2026-11-28T12:00:00Z"
+            ))
+        })?,
+    };
+    let top = match params.top {
+        None => 20,
+        Some(n) if (1..=200).contains(&n) => n,
+        Some(n) => {
+            return Err(ApiError::invalid(format!(
+                "top: {n} is out of range (1 to 200)"
+            )));
+        }
+    };
+    Ok(SummaryQuery {
+        window,
+        until,
+        source: params.source.clone().filter(|s| !s.is_empty()),
+        top,
+    })
 }
 
 /// Validates and stamps one draft for the tenant the identity acts for.

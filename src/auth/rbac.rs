@@ -21,6 +21,10 @@ pub const ALL_TENANTS: &str = "events:all_tenants";
 pub const INTEGRATION_READ: &str = "integration:read";
 /// Read the tenant's costs (MCP `cost.summary`).
 pub const COST_READ: &str = "cost:read";
+/// Read costs by workload tags (MCP `workload.cost`).
+pub const WORKLOAD_READ: &str = "workload:read";
+/// Read costs by agent and workflow (MCP `agent.cost`).
+pub const AGENT_READ: &str = "agent:read";
 /// Change the tenant's integrations; implies reading them.
 pub const INTEGRATION_WRITE: &str = "integration:write";
 

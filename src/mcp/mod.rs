@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::{ACTIVE_TENANT_HEADER, App, CostParams, RECENT_DEFAULT, RECENT_MAX, RecentParams};
 use crate::auth::Identity;
 use crate::error::ApiError;
-use crate::projection::CostSummary;
+use crate::projection::{AgentCosts, CostSummary, WorkloadCosts};
 
 /// Largest MCP request body (a JSON-RPC message); past it the answer is
 /// 413. Read only after the token is verified.
@@ -150,6 +150,43 @@ pub struct CostInput {
     pub top: Option<usize>,
 }
 
+/// `workload.cost` input.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WindowInput {
+    /// How far back from `until`: a duration like `7d`, `24h` or `30d`;
+    /// default 7d, at most 90d. Counted in whole hours.
+    pub window: Option<String>,
+    /// End of the window, RFC 3339; default now.
+    pub until: Option<String>,
+    /// Values listed per breakdown, the largest first: 1 to 200; default 20.
+    pub top: Option<usize>,
+}
+
+/// `agent.cost` input.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentInput {
+    /// Only this agent (its `agent_id`).
+    pub agent_id: Option<String>,
+    /// How far back from `until`: a duration like `7d`, `24h` or `30d`;
+    /// default 7d, at most 90d. Counted in whole hours.
+    pub window: Option<String>,
+    /// End of the window, RFC 3339; default now.
+    pub until: Option<String>,
+    /// Agents and workflows listed, the largest first: 1 to 200; default 20.
+    pub top: Option<usize>,
+}
+
+fn window_params(window: Option<String>, until: Option<String>, top: Option<usize>) -> CostParams {
+    CostParams {
+        window,
+        until,
+        source: None,
+        top,
+    }
+}
+
 #[tool_router]
 impl Tools {
     pub fn new(app: App) -> Self {
@@ -239,6 +276,69 @@ impl Tools {
             text.push_str(&format!("; {} {:.2}", s.source, s.usd));
         }
         structured(&summary, text)
+    }
+
+    /// Costs by workload tags over a window.
+    #[tool(
+        name = "workload.cost",
+        output_schema = rmcp::handler::server::tool::schema_for_type::<WorkloadCosts>(),
+        description = "The tenant's costs over a window (default the last 7 days) by the application, team and environment tags of cost.updated events, largest first, with what carries no such tag. Scope: workload:read."
+    )]
+    async fn workload_cost(
+        &self,
+        Parameters(input): Parameters<WindowInput>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let identity = caller(&context)?;
+        let params = window_params(input.window, input.until, input.top);
+        let costs = match self.app.workload_costs(&identity, &params) {
+            Ok(costs) => costs,
+            Err(e) => return Ok(refused(&e)),
+        };
+        let mut text = format!(
+            "{:.2} USD from {} to {}",
+            costs.total_usd, costs.from, costs.to
+        );
+        for (tag, b) in [
+            ("application", &costs.application),
+            ("team", &costs.team),
+            ("environment", &costs.environment),
+        ] {
+            if let Some(top) = b.values.first() {
+                text.push_str(&format!("; top {tag} {} {:.2}", top.name, top.usd));
+            }
+        }
+        structured(&costs, text)
+    }
+
+    /// Costs by agent and workflow over a window.
+    #[tool(
+        name = "agent.cost",
+        output_schema = rmcp::handler::server::tool::schema_for_type::<AgentCosts>(),
+        description = "The tenant's AI agent costs over a window (default the last 7 days): per agent_id and per workflow_id of cost.updated events, largest first; or one agent's. Scope: agent:read."
+    )]
+    async fn agent_cost(
+        &self,
+        Parameters(input): Parameters<AgentInput>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let identity = caller(&context)?;
+        let params = window_params(input.window, input.until, input.top);
+        let costs = match self
+            .app
+            .agent_costs(&identity, &params, input.agent_id.as_deref())
+        {
+            Ok(costs) => costs,
+            Err(e) => return Ok(refused(&e)),
+        };
+        let mut text = format!(
+            "{:.2} USD attributed to agents from {} to {}",
+            costs.agents_usd, costs.from, costs.to
+        );
+        for a in costs.by_agent.iter().take(5) {
+            text.push_str(&format!("; {} {:.2}", a.name, a.usd));
+        }
+        structured(&costs, text)
     }
 }
 

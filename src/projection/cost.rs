@@ -224,19 +224,92 @@ impl TenantCosts {
         }
     }
 
-    /// Totals over the hours of `query`'s window.
-    pub fn summary(&self, query: &SummaryQuery) -> CostSummary {
+    /// The first and last hour of `query`'s window.
+    fn hours_of(query: &SummaryQuery) -> (u64, u64) {
         let until_ms = query
             .until
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let from_ms = until_ms.saturating_sub(query.window.as_millis() as u64);
-        let (first, last) = (from_ms / HOUR_MS, until_ms / HOUR_MS);
+        (from_ms / HOUR_MS, until_ms / HOUR_MS)
+    }
+
+    fn window(&self, first: u64, last: u64) -> impl Iterator<Item = &Hour> {
+        self.hours.range(first..=last).map(|(_, h)| h)
+    }
+
+    /// Costs by the `application`, `team` and `environment` tags.
+    pub fn workloads(&self, query: &SummaryQuery) -> WorkloadCosts {
+        let (first, last) = Self::hours_of(query);
+        let mut total = 0i64;
+        let mut dims: [HashMap<&str, i64>; 3] = Default::default();
+        for hour in self.window(first, last) {
+            total += hour.micros;
+            for ((k, v), m) in &hour.by_tag {
+                if let Some(i) = WORKLOAD_TAGS.iter().position(|t| t == k) {
+                    *dims[i].entry(v.as_str()).or_default() += m;
+                }
+            }
+        }
+        let mut truncated = false;
+        let [application, team, environment] = dims.map(|d| {
+            let tagged: i64 = d.values().sum();
+            let (list, cut) = ranked(d, query.top);
+            truncated |= cut;
+            TagBreakdown {
+                values: list,
+                untagged_usd: usd(total - tagged),
+            }
+        });
+        WorkloadCosts {
+            from: hour_start(first),
+            to: clock::format_timestamp(query.until),
+            total_usd: usd(total),
+            application,
+            team,
+            environment,
+            truncated,
+        }
+    }
+
+    /// Costs by `agent_id` and by `workflow_id`.
+    pub fn agents(&self, query: &SummaryQuery, agent: Option<&str>) -> AgentCosts {
+        let (first, last) = Self::hours_of(query);
+        let mut agents: HashMap<&str, i64> = HashMap::new();
+        let mut workflows: HashMap<&str, i64> = HashMap::new();
+        for hour in self.window(first, last) {
+            for (a, m) in &hour.by_agent {
+                if agent.is_none_or(|want| want == a) {
+                    *agents.entry(a.as_str()).or_default() += m;
+                }
+            }
+            if agent.is_none() {
+                for (w, m) in &hour.by_workflow {
+                    *workflows.entry(w.as_str()).or_default() += m;
+                }
+            }
+        }
+        let attributed: i64 = agents.values().sum();
+        let (by_agent, cut_a) = ranked(agents, query.top);
+        let (by_workflow, cut_w) = ranked(workflows, query.top);
+        AgentCosts {
+            from: hour_start(first),
+            to: clock::format_timestamp(query.until),
+            agents_usd: usd(attributed),
+            by_agent,
+            by_workflow,
+            truncated: cut_a || cut_w,
+        }
+    }
+
+    /// Totals over the hours of `query`'s window.
+    pub fn summary(&self, query: &SummaryQuery) -> CostSummary {
+        let (first, last) = Self::hours_of(query);
         let mut total = 0i64;
         let mut events = 0u64;
         let mut sources: HashMap<&str, i64> = HashMap::new();
         let mut tags: HashMap<(&str, &str), i64> = HashMap::new();
-        for hour in self.hours.range(first..=last).map(|(_, h)| h) {
+        for hour in self.window(first, last) {
             if let Some(source) = &query.source {
                 let Some(m) = hour.by_source.get(source) else {
                     continue;
@@ -282,7 +355,7 @@ impl TenantCosts {
         by_tag.truncate(query.top);
         by_source.truncate(query.top);
         CostSummary {
-            from: clock::format_timestamp(UNIX_EPOCH + Duration::from_millis(first * HOUR_MS)),
+            from: hour_start(first),
             to: clock::format_timestamp(query.until),
             currency: "USD".into(),
             total_usd: usd(total),
@@ -301,6 +374,74 @@ impl TenantCosts {
 
 fn usd(micros: i64) -> f64 {
     micros as f64 / 1e6
+}
+
+fn hour_start(hour: u64) -> String {
+    clock::format_timestamp(UNIX_EPOCH + Duration::from_millis(hour * HOUR_MS))
+}
+
+/// The tags `workload.cost` breaks costs down by.
+pub const WORKLOAD_TAGS: [&str; 3] = ["application", "team", "environment"];
+
+/// Named amounts, largest first, at most `top`; and whether some were cut.
+fn ranked(amounts: HashMap<&str, i64>, top: usize) -> (Vec<Named>, bool) {
+    let mut list: Vec<Named> = amounts
+        .into_iter()
+        .map(|(name, m)| Named {
+            name: name.to_string(),
+            usd: usd(m),
+        })
+        .collect();
+    list.sort_by(|a, b| b.usd.total_cmp(&a.usd).then(a.name.cmp(&b.name)));
+    let cut = list.len() > top;
+    list.truncate(top);
+    (list, cut)
+}
+
+/// An amount under a name (a tag value, an agent, a workflow).
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct Named {
+    pub name: String,
+    pub usd: f64,
+}
+
+/// One tag's values.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct TagBreakdown {
+    /// Largest first.
+    pub values: Vec<Named>,
+    /// Costs without this tag.
+    pub untagged_usd: f64,
+}
+
+/// `workload.cost`'s answer.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct WorkloadCosts {
+    /// Start of the window, widened to the hour.
+    pub from: String,
+    pub to: String,
+    pub total_usd: f64,
+    pub application: TagBreakdown,
+    pub team: TagBreakdown,
+    pub environment: TagBreakdown,
+    /// More values than `top` exist: only the largest are listed.
+    pub truncated: bool,
+}
+
+/// `agent.cost`'s answer.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct AgentCosts {
+    /// Start of the window, widened to the hour.
+    pub from: String,
+    pub to: String,
+    /// Costs attributed to an agent (`agent_id`) in the window.
+    pub agents_usd: f64,
+    /// Largest first.
+    pub by_agent: Vec<Named>,
+    /// Largest first (empty when asked about one agent).
+    pub by_workflow: Vec<Named>,
+    /// More agents or workflows than `top` exist.
+    pub truncated: bool,
 }
 
 /// What `cost.summary` asks.

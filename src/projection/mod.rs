@@ -21,7 +21,7 @@ use crate::broker::Persist;
 use crate::clock;
 use crate::event::SharedEvent;
 
-pub use cost::{CostSummary, SummaryQuery};
+pub use cost::{AgentCosts, CostSummary, SummaryQuery, WorkloadCosts};
 
 /// Events waiting to be applied, at most (`TC_PROJECTION_QUEUE`).
 #[derive(Debug, Clone, clap::Args)]
@@ -103,6 +103,27 @@ impl Projections {
         match self.lock().get(tenant) {
             Some(costs) => costs.summary(query),
             None => cost::TenantCosts::default().summary(query),
+        }
+    }
+
+    /// `tenant`'s costs by workload tags over a window.
+    pub fn workload_costs(&self, tenant: &str, query: &SummaryQuery) -> WorkloadCosts {
+        match self.lock().get(tenant) {
+            Some(costs) => costs.workloads(query),
+            None => cost::TenantCosts::default().workloads(query),
+        }
+    }
+
+    /// `tenant`'s costs by agent and workflow over a window.
+    pub fn agent_costs(
+        &self,
+        tenant: &str,
+        query: &SummaryQuery,
+        agent: Option<&str>,
+    ) -> AgentCosts {
+        match self.lock().get(tenant) {
+            Some(costs) => costs.agents(query, agent),
+            None => cost::TenantCosts::default().agents(query, agent),
         }
     }
 

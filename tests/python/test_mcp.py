@@ -338,3 +338,59 @@ def test_cost_summary_never_counts_another_tenants_costs(broker, stub, pb):
     s = b_view.structured_content
     assert s["total_usd"] == 1.0, s
     assert [x["source"] for x in s["by_source"]] == ["gcp"]
+
+
+def tool_when(broker, token, name, args, ready):
+    """`name` with `args`, asked again until `ready(answer)`."""
+
+    async def body(session):
+        deadline = anyio.current_time() + 10
+        while True:
+            result = await session.call_tool(name, args)
+            if result.is_error or ready(result.structured_content) or anyio.current_time() > deadline:
+                return result
+            await anyio.sleep(0.05)
+
+    return run(broker, token, body)
+
+
+def test_workload_and_agent_costs_break_the_same_costs_down(broker, stub, pb, tenant):
+    publish(
+        stub,
+        pb,
+        broker.token(tenant),
+        [
+            ("cost.updated", {"source": "bedrock", "amount_usd": 4.5, "tags": {"application": "chat", "team": "ml", "environment": "prod"}, "agent_id": "triage-bot", "workflow_id": "ticket-triage"}),
+            ("cost.updated", {"source": "bedrock", "amount_usd": 1.25, "tags": {"application": "chat", "environment": "staging"}, "agent_id": "triage-bot", "workflow_id": "summarize"}),
+            ("cost.updated", {"source": "aws", "amount_usd": 10.0, "tags": {"application": "search", "team": "web"}}),
+            ("cost.updated", {"source": "azure_openai", "amount_usd": 0.75, "agent_id": "sql-agent", "workflow_id": "ticket-triage"}),
+        ],
+    )
+    token = broker.token(tenant, scope="workload:read agent:read")
+    w = tool_when(broker, token, "workload.cost", {}, lambda s: s["total_usd"] >= 16.5)
+    assert not w.is_error, w.content
+    s = w.structured_content
+    assert s["total_usd"] == 16.5
+    names = lambda b: [(v["name"], v["usd"]) for v in b["values"]]  # noqa: E731
+    assert names(s["application"]) == [("search", 10.0), ("chat", 5.75)]
+    assert s["application"]["untagged_usd"] == 0.75
+    assert names(s["team"]) == [("web", 10.0), ("ml", 4.5)]
+    assert s["team"]["untagged_usd"] == 2.0
+    assert names(s["environment"]) == [("prod", 4.5), ("staging", 1.25)]
+
+    a = tool_when(broker, token, "agent.cost", {}, lambda s: s["agents_usd"] >= 6.5)
+    s = a.structured_content
+    assert s["agents_usd"] == 6.5
+    assert [(x["name"], x["usd"]) for x in s["by_agent"]] == [("triage-bot", 5.75), ("sql-agent", 0.75)]
+    assert [(x["name"], x["usd"]) for x in s["by_workflow"]] == [("ticket-triage", 5.25), ("summarize", 1.25)]
+    one = tool_when(broker, token, "agent.cost", {"agent_id": "sql-agent"}, lambda s: True)
+    assert [(x["name"], x["usd"]) for x in one.structured_content["by_agent"]] == [("sql-agent", 0.75)]
+
+    # Each tool needs its own scope.
+    only_workload = broker.token(tenant, scope="workload:read")
+
+    async def refused(session):
+        return await session.call_tool("agent.cost", {})
+
+    result = run(broker, only_workload, refused)
+    assert result.is_error and "agent:read" in result.content[0].text
