@@ -153,9 +153,8 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
     background.spawn(release_idle_tenants(broker.clone(), shutdown.clone()));
     // Before anything is relayed: projections see every dispatched event.
     let projections = Projections::default();
-    let (observer, projector) = projections.start(&settings.projections, shutdown.clone());
+    let (observer, projection_queue) = projections.observer(&settings.projections);
     broker.set_observers(vec![observer]);
-    background.spawn(projector);
     let store_metrics = StoreMetrics::default();
     let store = match redis {
         Some((target, config)) => {
@@ -179,6 +178,13 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         None => State::embedded_from(&settings.state).map_err(|e| anyhow::anyhow!("{e}"))?,
     };
     tracing::info!(state = %state.describe(), "kept state");
+    let restored = projections.load(&state).await?;
+    tracing::info!(hours = restored, "MCP projections restored");
+    background.spawn(
+        projections
+            .clone()
+            .run(projection_queue, state.clone(), shutdown.clone()),
+    );
     let webhook_metrics = WebhookMetrics::default();
     let webhooks = Webhooks::new(
         state.clone(),

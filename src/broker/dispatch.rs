@@ -128,7 +128,7 @@ impl Broker {
     pub fn publish_minted(&self, event: Event) {
         self.shared.stats.published.inc();
         let event = Arc::new(event);
-        self.dispatch(&event, self.shared.persist.get().map(Vec::as_slice));
+        self.dispatch(&event, self.shared.persist.get().map(Vec::as_slice), true);
     }
 
     /// Delivers an event that another instance accepted (read back from
@@ -136,12 +136,23 @@ impl Broker {
     /// persisted again. An id already dispatched here (this instance's own
     /// event, or one relayed before) is dropped. Returns whether it was new.
     pub fn relay(&self, event: Event) -> bool {
+        self.relay_to(event, true)
+    }
+
+    /// [`Broker::relay`], but not offered to the observers: for events
+    /// read back while warming history at start, which the projections
+    /// restored from their own records.
+    pub fn relay_unobserved(&self, event: Event) -> bool {
+        self.relay_to(event, false)
+    }
+
+    fn relay_to(&self, event: Event, observed: bool) -> bool {
         let shared = &self.shared;
         if !lock(&shared.dedupe).first_sighting(&event.tenant_id, &event.id, Instant::now()) {
             return false;
         }
         shared.stats.relayed.inc();
-        self.dispatch(&Arc::new(event), None);
+        self.dispatch(&Arc::new(event), None, observed);
         true
     }
 
@@ -165,7 +176,7 @@ impl Broker {
 
     /// History, subscribers and persistence, under the tenant's lock so
     /// every one of them sees the tenant's events in the same order.
-    fn dispatch(&self, event: &SharedEvent, persist: Option<&[Box<dyn Persist>]>) {
+    fn dispatch(&self, event: &SharedEvent, persist: Option<&[Box<dyn Persist>]>, observed: bool) {
         let shared = &self.shared;
         self.with_tenant(&event.tenant_id, |state| {
             state
@@ -180,12 +191,8 @@ impl Broker {
             for sink in persist.unwrap_or_default() {
                 sink.offer(event);
             }
-            for observer in shared
-                .observers
-                .get()
-                .map(Vec::as_slice)
-                .unwrap_or_default()
-            {
+            let observers = shared.observers.get().filter(|_| observed);
+            for observer in observers.map(Vec::as_slice).unwrap_or_default() {
                 observer.offer(event);
             }
         });

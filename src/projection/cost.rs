@@ -121,6 +121,56 @@ impl Hour {
     fn keys(&self) -> usize {
         self.by_source.len() + self.by_tag.len() + self.by_agent.len() + self.by_workflow.len()
     }
+
+    fn folded(&self) -> bool {
+        self.by_source.contains_key(OTHER)
+            || self.by_agent.contains_key(OTHER)
+            || self.by_workflow.contains_key(OTHER)
+            || self.by_tag.keys().any(|(_, v)| v == OTHER)
+    }
+
+    /// As kept in the state store.
+    fn record(&self) -> String {
+        let pairs = |m: &HashMap<String, i64>| -> Vec<(String, i64)> {
+            m.iter().map(|(k, v)| (k.clone(), *v)).collect()
+        };
+        let record = HourRecord {
+            micros: self.micros,
+            events: self.events,
+            sources: pairs(&self.by_source),
+            tags: self
+                .by_tag
+                .iter()
+                .map(|((k, v), m)| (k.clone(), v.clone(), *m))
+                .collect(),
+            agents: pairs(&self.by_agent),
+            workflows: pairs(&self.by_workflow),
+        };
+        serde_json::to_string(&record).unwrap_or_default()
+    }
+
+    fn from_record(text: &str) -> Option<Self> {
+        let r: HourRecord = serde_json::from_str(text).ok()?;
+        Some(Self {
+            micros: r.micros,
+            events: r.events,
+            by_source: r.sources.into_iter().collect(),
+            by_tag: r.tags.into_iter().map(|(k, v, m)| ((k, v), m)).collect(),
+            by_agent: r.agents.into_iter().collect(),
+            by_workflow: r.workflows.into_iter().collect(),
+        })
+    }
+}
+
+/// One hour as a state record (`cost_hours`, tenant, hour number).
+#[derive(Serialize, Deserialize)]
+struct HourRecord {
+    micros: i64,
+    events: u64,
+    sources: Vec<(String, i64)>,
+    tags: Vec<(String, String, i64)>,
+    agents: Vec<(String, i64)>,
+    workflows: Vec<(String, i64)>,
 }
 
 /// One tenant's costs, by hour (Unix ms / 1 h).
@@ -161,13 +211,14 @@ fn add_named<K: std::hash::Hash + Eq>(
 
 impl TenantCosts {
     /// Adds one cost; a cost older than [`RETENTION`] or more than a day
-    /// ahead of `now_ms` is not kept.
-    pub fn add(&mut self, c: &CostEvent, now_ms: u64) -> bool {
+    /// ahead of `now_ms` is not kept. Returns the hour it changed, and
+    /// adds the hours that aged out to `removed`.
+    pub fn add(&mut self, c: &CostEvent, now_ms: u64, removed: &mut Vec<u64>) -> Option<u64> {
         let oldest = now_ms.saturating_sub(RETENTION.as_millis() as u64);
         if c.at_ms < oldest || c.at_ms > now_ms + 24 * HOUR_MS {
-            return false;
+            return None;
         }
-        self.trim(oldest / HOUR_MS);
+        removed.extend(self.trim(oldest / HOUR_MS));
         let (keys, folded) = (&mut self.keys, &mut self.folded);
         let hour = self.hours.entry(c.at_ms / HOUR_MS).or_default();
         hour.micros += c.micros;
@@ -210,18 +261,48 @@ impl TenantCosts {
                 folded,
             );
         }
-        true
+        Some(c.at_ms / HOUR_MS)
     }
 
-    /// Drops hours before `first_hour`.
-    fn trim(&mut self, first_hour: u64) {
+    /// Drops hours before `first_hour`; returns them.
+    fn trim(&mut self, first_hour: u64) -> Vec<u64> {
+        let mut removed = Vec::new();
         while let Some(entry) = self.hours.first_entry() {
             if *entry.key() >= first_hour {
                 break;
             }
+            removed.push(*entry.key());
             self.keys -= entry.get().keys();
             entry.remove();
         }
+        removed
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hours.is_empty()
+    }
+
+    /// An hour as its state record.
+    pub fn hour_record(&self, hour: u64) -> Option<String> {
+        self.hours.get(&hour).map(Hour::record)
+    }
+
+    /// Puts back an hour read from its state record; false when the text
+    /// is not one, or the hour is older than [`RETENTION`] at `now_ms`.
+    pub fn restore(&mut self, hour: u64, text: &str, now_ms: u64) -> bool {
+        let oldest = now_ms.saturating_sub(RETENTION.as_millis() as u64) / HOUR_MS;
+        if hour < oldest {
+            return false;
+        }
+        let Some(h) = Hour::from_record(text) else {
+            return false;
+        };
+        self.folded |= h.folded();
+        self.keys += h.keys();
+        if let Some(old) = self.hours.insert(hour, h) {
+            self.keys -= old.keys();
+        }
+        true
     }
 
     /// The first and last hour of `query`'s window.
@@ -508,6 +589,33 @@ mod tests {
         }
     }
 
+    fn add(t: &mut TenantCosts, c: &CostEvent, now_ms: u64) -> bool {
+        t.add(c, now_ms, &mut Vec::new()).is_some()
+    }
+
+    #[test]
+    fn an_hour_comes_back_from_its_record_as_it_was() {
+        let now = 100_000 * HOUR_MS;
+        let mut t = TenantCosts::default();
+        let mut c = cost("bedrock", 1_250_000, now, &[("team", "ml")]);
+        c.agent_id = Some("bot".into());
+        c.workflow_id = Some("triage".into());
+        add(&mut t, &c, now);
+        add(&mut t, &cost("aws", 500_000, now, &[]), now);
+        let record = t.hour_record(now / HOUR_MS).unwrap();
+        let mut back = TenantCosts::default();
+        assert!(back.restore(now / HOUR_MS, &record, now));
+        assert_eq!(back.keys, t.keys);
+        let q = query(now, Duration::from_secs(3600));
+        assert_eq!(
+            serde_json::to_value(back.summary(&q)).unwrap(),
+            serde_json::to_value(t.summary(&q)).unwrap()
+        );
+        assert_eq!(back.agents(&q, None).agents_usd, 1.25);
+        assert!(!back.restore(1, &record, now), "older than 90 days");
+        assert!(!back.restore(now / HOUR_MS, "not a record", now));
+    }
+
     fn query(until_ms: u64, window: Duration) -> SummaryQuery {
         SummaryQuery {
             window,
@@ -521,20 +629,23 @@ mod tests {
     fn sums_are_exact_by_source_and_tag_within_the_window() {
         let now = 1_000 * HOUR_MS;
         let mut t = TenantCosts::default();
-        t.add(
+        add(
+            &mut t,
             &cost("bedrock", 1_100_000, now - 10, &[("team", "ml")]),
             now,
         );
-        t.add(
+        add(
+            &mut t,
             &cost("bedrock", 2_200_000, now - HOUR_MS, &[("team", "ml")]),
             now,
         );
-        t.add(
+        add(
+            &mut t,
             &cost("aws", 300_000, now - 2 * HOUR_MS, &[("team", "web")]),
             now,
         );
         // Outside a 2-hour window.
-        t.add(&cost("aws", 9_000_000, now - 5 * HOUR_MS, &[]), now);
+        add(&mut t, &cost("aws", 9_000_000, now - 5 * HOUR_MS, &[]), now);
         let s = t.summary(&query(now, Duration::from_millis(2 * HOUR_MS)));
         assert_eq!(s.total_usd, 3.6);
         assert_eq!(s.events, Some(3));
@@ -550,15 +661,16 @@ mod tests {
     fn old_and_far_future_costs_are_not_kept_and_hours_age_out() {
         let now = 100_000 * HOUR_MS;
         let mut t = TenantCosts::default();
-        assert!(!t.add(
+        assert!(!add(
+            &mut t,
             &cost("aws", 1, now - RETENTION.as_millis() as u64 - 1, &[]),
             now
         ));
-        assert!(!t.add(&cost("aws", 1, now + 25 * HOUR_MS, &[]), now));
-        assert!(t.add(&cost("aws", 1, now - 10 * HOUR_MS, &[]), now));
+        assert!(!add(&mut t, &cost("aws", 1, now + 25 * HOUR_MS, &[]), now));
+        assert!(add(&mut t, &cost("aws", 1, now - 10 * HOUR_MS, &[]), now));
         // Ninety days on, that hour is dropped with its keys.
         let later = now + RETENTION.as_millis() as u64;
-        assert!(t.add(&cost("gcp", 1, later, &[]), later));
+        assert!(add(&mut t, &cost("gcp", 1, later, &[]), later));
         assert_eq!(t.hours.len(), 1);
         assert_eq!(t.keys, 1);
     }
@@ -568,7 +680,7 @@ mod tests {
         let now = 1_000 * HOUR_MS;
         let mut t = TenantCosts::default();
         for i in 0..MAX_KEYS + 10 {
-            t.add(&cost(&format!("s{i}"), 1, now, &[]), now);
+            add(&mut t, &cost(&format!("s{i}"), 1, now, &[]), now);
         }
         assert!(t.keys <= MAX_KEYS + 1, "{}", t.keys);
         let s = t.summary(&SummaryQuery {

@@ -8,9 +8,10 @@
 
 pub mod cost;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
@@ -20,6 +21,15 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::Persist;
 use crate::clock;
 use crate::event::SharedEvent;
+use crate::state::State;
+
+/// The state table of cost hours: (tenant, hour number) → the hour.
+const COST_HOURS: &str = "cost_hours";
+/// How often changed hours are written to the state store: what a crash
+/// of every instance can take from the figures.
+pub const SAVE_INTERVAL: Duration = Duration::from_secs(1);
+/// Writes in flight at once while saving.
+const SAVE_BATCH: usize = 128;
 
 pub use cost::{AgentCosts, CostSummary, SummaryQuery, WorkloadCosts};
 
@@ -44,7 +54,15 @@ struct Metrics {
 #[derive(Clone, Default)]
 pub struct Projections {
     tenants: Arc<Mutex<HashMap<String, cost::TenantCosts>>>,
+    /// Hours changed, and hours aged out, since the last save.
+    unsaved: Arc<Mutex<Unsaved>>,
     metrics: Arc<Metrics>,
+}
+
+#[derive(Default)]
+struct Unsaved {
+    changed: HashSet<(String, u64)>,
+    removed: HashSet<(String, u64)>,
 }
 
 impl Projections {
@@ -67,9 +85,94 @@ impl Projections {
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, cost::TenantCosts>> {
-        self.tenants
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.tenants)
+    }
+
+    /// Restores every tenant's figures from the state store (at start,
+    /// before events are applied); hours past retention are deleted.
+    /// Returns the hours restored.
+    pub async fn load(&self, state: &State) -> anyhow::Result<usize> {
+        let rows = state
+            .list_all(COST_HOURS)
+            .await
+            .map_err(|e| anyhow::anyhow!("projections not restored: {e}"))?;
+        let now_ms = clock::unix_millis();
+        let mut restored = 0;
+        let mut stale = Vec::new();
+        {
+            let mut tenants = self.lock();
+            for (tenant, id, text) in rows {
+                let ok = id.parse::<u64>().is_ok_and(|hour| {
+                    tenants
+                        .entry(tenant.clone())
+                        .or_default()
+                        .restore(hour, &text, now_ms)
+                });
+                if ok {
+                    restored += 1;
+                } else {
+                    stale.push((tenant, id));
+                }
+            }
+            tenants.retain(|_, t| !t.is_empty());
+        }
+        for (tenant, id) in stale {
+            let _ = state.delete(COST_HOURS, &tenant, &id).await;
+        }
+        Ok(restored)
+    }
+
+    /// Writes the hours changed since the last save and deletes those that
+    /// aged out. What fails to be written is tried again at the next save.
+    pub async fn save(&self, state: &State) {
+        let Unsaved { changed, removed } = std::mem::take(&mut *lock(&self.unsaved));
+        let writes: Vec<(String, u64, String, String)> = {
+            let tenants = self.lock();
+            changed
+                .into_iter()
+                .filter_map(|(tenant, hour)| {
+                    let text = tenants.get(&tenant)?.hour_record(hour)?;
+                    Some((tenant, hour, hour.to_string(), text))
+                })
+                .collect()
+        };
+        let mut failed = Unsaved::default();
+        for chunk in writes.chunks(SAVE_BATCH) {
+            let results = futures_util::future::join_all(
+                chunk
+                    .iter()
+                    .map(|(t, _, id, text)| state.put(COST_HOURS, t, id, text.clone())),
+            )
+            .await;
+            for ((t, h, _, _), r) in chunk.iter().zip(results) {
+                if let Err(e) = r {
+                    tracing::warn!(tenant = %t, "cost figures not saved, trying again: {e}");
+                    failed.changed.insert((t.clone(), *h));
+                }
+            }
+        }
+        let removed: Vec<(String, u64, String)> = removed
+            .into_iter()
+            .map(|(t, h)| (t, h, h.to_string()))
+            .collect();
+        for chunk in removed.chunks(SAVE_BATCH) {
+            let results = futures_util::future::join_all(
+                chunk
+                    .iter()
+                    .map(|(t, _, id)| state.delete(COST_HOURS, t, id)),
+            )
+            .await;
+            for ((t, h, _), r) in chunk.iter().zip(results) {
+                if r.is_err() {
+                    failed.removed.insert((t.clone(), *h));
+                }
+            }
+        }
+        if !failed.changed.is_empty() || !failed.removed.is_empty() {
+            let mut unsaved = lock(&self.unsaved);
+            unsaved.changed.extend(failed.changed);
+            unsaved.removed.extend(failed.removed);
+        }
     }
 
     /// Applies one event to its tenant's models.
@@ -80,11 +183,22 @@ impl Projections {
         match cost::CostEvent::read(event) {
             Ok(c) => {
                 let now_ms = clock::unix_millis();
-                self.lock()
-                    .entry(event.tenant_id.clone())
-                    .or_default()
-                    .add(&c, now_ms);
+                let mut removed = Vec::new();
+                let changed = self.lock().entry(event.tenant_id.clone()).or_default().add(
+                    &c,
+                    now_ms,
+                    &mut removed,
+                );
                 self.metrics.applied.inc();
+                let mut unsaved = lock(&self.unsaved);
+                for hour in removed {
+                    let key = (event.tenant_id.clone(), hour);
+                    unsaved.changed.remove(&key);
+                    unsaved.removed.insert(key);
+                }
+                if let Some(hour) = changed {
+                    unsaved.changed.insert((event.tenant_id.clone(), hour));
+                }
             }
             Err(why) => {
                 self.metrics.unreadable.inc();
@@ -127,37 +241,53 @@ impl Projections {
         }
     }
 
-    /// The observer the broker hands dispatched events to, and the task
-    /// (to spawn) that applies them until `stop`.
-    pub fn start(
-        &self,
-        settings: &ProjectionSettings,
-        stop: CancellationToken,
-    ) -> (Box<dyn Persist>, impl Future<Output = ()> + Send + 'static) {
-        let (tx, mut rx) = mpsc::channel::<SharedEvent>(settings.projection_queue);
-        let projections = self.clone();
-        let task = async move {
-            let mut batch = Vec::with_capacity(256);
-            loop {
-                let n = tokio::select! {
-                    n = rx.recv_many(&mut batch, 256) => n,
-                    () = stop.cancelled() => return,
-                };
-                if n == 0 {
-                    return;
-                }
-                for event in batch.drain(..) {
-                    projections.apply(&event);
-                }
-            }
-        };
+    /// The observer the broker hands dispatched events to, and what the
+    /// task that applies them ([`Projections::run`]) reads.
+    pub fn observer(&self, settings: &ProjectionSettings) -> (Box<dyn Persist>, Queue) {
+        let (tx, rx) = mpsc::channel::<SharedEvent>(settings.projection_queue);
         let observer = Observer {
             tx,
             metrics: Arc::clone(&self.metrics),
             last_warning: AtomicU64::new(0),
         };
-        (Box::new(observer), task)
+        (Box::new(observer), Queue(rx))
     }
+
+    /// Applies the queue's events and saves changed hours every
+    /// [`SAVE_INTERVAL`], until `stop`; then applies what is queued and
+    /// saves once more.
+    pub async fn run(self, queue: Queue, state: State, stop: CancellationToken) {
+        let Queue(mut rx) = queue;
+        let mut batch = Vec::with_capacity(256);
+        let mut tick = tokio::time::interval(SAVE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                n = rx.recv_many(&mut batch, 256) => {
+                    if n == 0 {
+                        break;
+                    }
+                    for event in batch.drain(..) {
+                        self.apply(&event);
+                    }
+                }
+                _ = tick.tick() => self.save(&state).await,
+                () = stop.cancelled() => break,
+            }
+        }
+        rx.close();
+        while let Ok(event) = rx.try_recv() {
+            self.apply(&event);
+        }
+        self.save(&state).await;
+    }
+}
+
+/// Events waiting for the projections.
+pub struct Queue(mpsc::Receiver<SharedEvent>);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Queues the events a projection reads; never blocks.

@@ -332,7 +332,14 @@ impl Relay {
         match e.decode(&self.config.instance_id, self.config.max_event_bytes) {
             Decoded::Own => {}
             Decoded::Event(event) => {
-                if self.broker.relay(event) {
+                // Warming fills history only: the projections restored
+                // their figures, which already count these events.
+                let relayed = if self.warmed {
+                    self.broker.relay(event)
+                } else {
+                    self.broker.relay_unobserved(event)
+                };
+                if relayed {
                     metrics.relayed.inc();
                 }
             }

@@ -90,10 +90,17 @@ def _env() -> dict[str, str]:
 
 
 class Broker:
-    def __init__(self, grpc_addr: str, http_addr: str, log_path: Path):
+    def __init__(self, grpc_addr: str, http_addr: str, log_path: Path, proc=None):
         self.grpc_addr = grpc_addr
         self.http_addr = http_addr
         self.log_path = log_path
+        self.proc = proc
+
+    def kill(self):
+        """SIGKILL: no shutdown work at all."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
 
     def log(self) -> str:
         try:
@@ -166,7 +173,7 @@ def start_broker(workdir: Path, extra_env: dict[str, str] | None = None):
                 pytrace=False,
             )
         assert set(addrs) >= {"grpc", "http"}, f"ready file lacks addresses: {addrs}"
-        yield Broker(addrs["grpc"], addrs["http"], log_path)
+        yield Broker(addrs["grpc"], addrs["http"], log_path, proc)
     finally:
         if proc.poll() is None:
             proc.terminate()

@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import anyio
+import grpc
 import httpx2
 import jsonschema
 import pytest
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from conftest import RPC_TIMEOUT_S, auth
+from conftest import RPC_TIMEOUT_S, auth, start_broker
 
 
 def mcp_url(broker) -> str:
@@ -394,3 +396,36 @@ def test_workload_and_agent_costs_break_the_same_costs_down(broker, stub, pb, te
 
     result = run(broker, only_workload, refused)
     assert result.is_error and "agent:read" in result.content[0].text
+
+
+@pytest.mark.parametrize("stop", ["graceful", "kill -9"])
+def test_cost_figures_survive_a_restart_with_the_embedded_store(tmp_path, stop):
+    tenant = f"py-{uuid.uuid4().hex[:12]}"
+    events = cost_events([1, 2, 3])
+    expected = 22.875
+
+    def answer(b):
+        return cost_summary_when(
+            b, b.token(tenant, scope="cost:read"), {}, lambda s: s["total_usd"] >= expected
+        ).structured_content
+
+    data = {"TC_DATA_DIR": str(tmp_path / "data")}
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    with start_broker(tmp_path / "first", data) as b:
+        channel = grpc.insecure_channel(b.grpc_addr)
+        from tensorcost.events.v1 import events_pb2, events_pb2_grpc
+
+        publish(events_pb2_grpc.EventBrokerStub(channel), events_pb2, b.token(tenant), events)
+        channel.close()
+        before = answer(b)
+        assert before["total_usd"] == expected
+        if stop == "kill -9":
+            # Past one save interval (1 s): the figures are in the file.
+            time.sleep(1.5)
+            b.kill()
+    with start_broker(tmp_path / "second", data) as b:
+        after = answer(b)
+    for key in ("from", "to"):
+        before.pop(key), after.pop(key)
+    assert after == before
