@@ -603,3 +603,100 @@ async fn redis_is_a_peer_not_an_oracle_poisoned_keys_and_bad_entries_are_skipped
         "{readyz}"
     );
 }
+
+/// `cost.summary` over MCP (a JSON-RPC `tools/call` to the stateless
+/// `/mcp`), asked until its total reaches `want` or 10 s pass.
+async fn cost_summary(http: &str, token: &str, want: f64) -> serde_json::Value {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let call = serde_json::json!({
+            "jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": "cost.summary", "arguments": {"window": "30d"}}
+        });
+        let text = client
+            .post(format!("http://{http}/mcp"))
+            .bearer_auth(token)
+            .header("accept", "application/json, text/event-stream")
+            .header("content-type", "application/json")
+            .body(call.to_string())
+            .send()
+            .await
+            .expect("MCP request")
+            .text()
+            .await
+            .expect("MCP answer");
+        let answer: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("MCP answer is not JSON ({e}): {text}"));
+        let mut summary = answer["result"]["structuredContent"].clone();
+        assert!(summary.is_object(), "no structured answer: {answer}");
+        if summary["total_usd"].as_f64() >= Some(want) || Instant::now() > deadline {
+            // The window's ends move with the time of asking.
+            if let Some(o) = summary.as_object_mut() {
+                o.remove("to");
+                o.remove("from");
+            }
+            return summary;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every instance sees every event, so every instance's MCP figures are the
+/// same, including costs published through another; and the figures are
+/// restored from Redis after every instance restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_answer_cost_summary_alike_and_after_both_restart() {
+    let redis = RedisServer::start();
+    let env = instance_env(&redis.url());
+    let (mut a, mut b) = (spawn(&env), spawn(&env));
+    let tenant = "tenant-mcp";
+    let publisher = token_opt(Some(tenant), "events:publish");
+    let reader = token_opt(Some(tenant), "cost:read");
+    for (instance, costs) in [
+        (&a, vec![("bedrock", "1.5", "ml"), ("aws", "2.25", "web")]),
+        (&b, vec![("bedrock", "0.25", "ml")]),
+    ] {
+        let mut client = EventBrokerClient::connect(instance.grpc.clone())
+            .await
+            .expect("connect");
+        let events = costs
+            .iter()
+            .map(|(source, usd, team)| {
+                draft(
+                    "cost.updated",
+                    &format!(
+                        r#"{{"source":"{source}","amount_usd":{usd},"tags":{{"team":"{team}"}}}}"#
+                    ),
+                )
+            })
+            .collect();
+        client
+            .publish(authed(PublishRequest { events }, &publisher))
+            .await
+            .expect("publish");
+    }
+    let on_a = cost_summary(&a.http, &reader, 4.0).await;
+    let on_b = cost_summary(&b.http, &reader, 4.0).await;
+    assert_eq!(on_a["total_usd"], 4.0, "{on_a}");
+    assert_eq!(on_a["by_source"][1]["source"], "bedrock", "{on_a}");
+    assert_eq!(on_a["by_source"][1]["usd"], 1.75, "{on_a}");
+    assert_eq!(on_a, on_b, "both instances answer alike");
+    // Another tenant sees none of it, on either instance.
+    let other = token_opt(Some("tenant-other"), "cost:read");
+    assert_eq!(cost_summary(&b.http, &other, 0.0).await["total_usd"], 0.0);
+
+    a.process.terminate(Duration::from_secs(15));
+    b.process.terminate(Duration::from_secs(15));
+    let (a, b) = (spawn(&env), spawn(&env));
+    assert_eq!(
+        cost_summary(&a.http, &reader, 4.0).await,
+        on_a,
+        "after a restart"
+    );
+    assert_eq!(
+        cost_summary(&b.http, &reader, 4.0).await,
+        on_a,
+        "after a restart"
+    );
+}
