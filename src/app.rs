@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::auth::rbac::{
-    AGENT_READ, COST_READ, INTEGRATION_READ, INTEGRATION_WRITE, PUBLISH, SUBSCRIBE, WORKLOAD_READ,
+    AGENT_READ, AI_READ, ALERT_READ, COST_READ, INTEGRATION_READ, INTEGRATION_WRITE, PUBLISH,
+    SUBSCRIBE, WORKLOAD_READ,
 };
 use crate::auth::{AuthError, Authenticator, Identity, TokenKind};
 use crate::broker::{Broker, Outcome, Page, Subscription, TypeFilter};
@@ -16,7 +17,9 @@ use crate::clock;
 use crate::config::parse::positive;
 use crate::error::{ApiError, Code};
 use crate::event::{self, EventDraft, EventError, Stamp, check_identifier};
-use crate::projection::{AgentCosts, CostSummary, Projections, SummaryQuery, WorkloadCosts};
+use crate::projection::{
+    AgentCosts, Alert, CostSummary, Projections, Recommendation, SummaryQuery, WorkloadCosts,
+};
 use crate::tenant::TenantScope;
 use crate::webhook::Webhooks;
 
@@ -112,6 +115,20 @@ pub struct CostParams {
     /// Sources and tag values listed, 1 to 200; none: 20.
     pub top: Option<usize>,
 }
+
+/// `alerts.recent` parameters.
+#[derive(Debug, Clone, Default)]
+pub struct AlertParams {
+    /// `open`, `escalated`, `suppressed`, `resolved`; none: all.
+    pub states: Vec<String>,
+    /// `critical`, `high`, `medium`, `low`, `info`; none: all.
+    pub severities: Vec<String>,
+    /// 1 to 500; none: 50.
+    pub limit: Option<usize>,
+}
+
+const ALERT_STATES: [&str; 4] = ["open", "escalated", "suppressed", "resolved"];
+const SEVERITIES: [&str; 5] = ["critical", "high", "medium", "low", "info"];
 
 /// What a Socket.IO client sends with its handshake (`auth`).
 #[derive(Debug, Clone, Default)]
@@ -354,6 +371,42 @@ impl App {
             .agent_costs(&tenant, &query, agent.filter(|a| !a.is_empty())))
     }
 
+    /// The caller's tenant's alerts as they stand, most recently changed
+    /// first (`alert:read`).
+    pub fn recent_alerts(
+        &self,
+        identity: &Identity,
+        params: &AlertParams,
+    ) -> Result<Vec<Alert>, ApiError> {
+        identity.require(ALERT_READ)?;
+        let tenant = identity.acting_tenant("")?;
+        one_of("state", &params.states, &ALERT_STATES)?;
+        one_of("severity", &params.severities, &SEVERITIES)?;
+        let limit = in_range("limit", params.limit, 50, 500)?;
+        Ok(self
+            .projections
+            .alerts(&tenant, &params.states, &params.severities, limit))
+    }
+
+    /// The caller's tenant's open managed-inference recommendations,
+    /// largest estimated savings first (`ai:read`).
+    pub fn inference_recommendations(
+        &self,
+        identity: &Identity,
+        provider: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<Vec<Recommendation>, ApiError> {
+        identity.require(AI_READ)?;
+        let tenant = identity.acting_tenant("")?;
+        let limit = in_range("limit", limit, 20, 200)?;
+        Ok(self.projections.open_recommendations(
+            &tenant,
+            Some("inference"),
+            provider.filter(|p| !p.is_empty()),
+            limit,
+        ))
+    }
+
     /// Checks a Socket.IO handshake: the token, the subscribe scope, one
     /// tenant, the filters and the resume id. The socket joins nothing
     /// before this says yes.
@@ -437,6 +490,34 @@ fn resume_id(field: &str, id: Option<&str>) -> Result<Option<String>, ApiError> 
             check_identifier(id).map_err(|r| ApiError::invalid(format!("{field}: {r}")))?;
             Ok(Some(id.to_string()))
         }
+    }
+}
+
+/// Refuses a value not among `allowed`, naming the parameter and the
+/// allowed values.
+fn one_of(field: &str, values: &[String], allowed: &[&str]) -> Result<(), ApiError> {
+    match values.iter().find(|v| !allowed.contains(&v.as_str())) {
+        Some(bad) => Err(ApiError::invalid(format!(
+            "{field}: {bad:?} is not one of {}",
+            allowed.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// `value` within 1 to `max`, or `default` when none.
+fn in_range(
+    field: &str,
+    value: Option<usize>,
+    default: usize,
+    max: usize,
+) -> Result<usize, ApiError> {
+    match value {
+        None => Ok(default),
+        Some(n) if (1..=max).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::invalid(format!(
+            "{field}: {n} is out of range (1 to {max})"
+        ))),
     }
 }
 

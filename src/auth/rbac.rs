@@ -25,6 +25,11 @@ pub const COST_READ: &str = "cost:read";
 pub const WORKLOAD_READ: &str = "workload:read";
 /// Read costs by agent and workflow (MCP `agent.cost`).
 pub const AGENT_READ: &str = "agent:read";
+/// Read alerts (MCP `alerts.recent`).
+pub const ALERT_READ: &str = "alert:read";
+/// Read AI and managed-inference recommendations (MCP
+/// `inference.recommendations`).
+pub const AI_READ: &str = "ai:read";
 /// Change the tenant's integrations; implies reading them.
 pub const INTEGRATION_WRITE: &str = "integration:write";
 

@@ -27,10 +27,12 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{ACTIVE_TENANT_HEADER, App, CostParams, RECENT_DEFAULT, RECENT_MAX, RecentParams};
+use crate::app::{
+    ACTIVE_TENANT_HEADER, AlertParams, App, CostParams, RECENT_DEFAULT, RECENT_MAX, RecentParams,
+};
 use crate::auth::Identity;
 use crate::error::ApiError;
-use crate::projection::{AgentCosts, CostSummary, WorkloadCosts};
+use crate::projection::{AgentCosts, Alert, CostSummary, Recommendation, WorkloadCosts};
 
 /// Largest MCP request body (a JSON-RPC message); past it the answer is
 /// 413. Read only after the token is verified.
@@ -187,6 +189,44 @@ fn window_params(window: Option<String>, until: Option<String>, top: Option<usiz
     }
 }
 
+/// `alerts.recent` input.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsInput {
+    /// Only alerts in these states: `open`, `escalated`, `suppressed`,
+    /// `resolved`; omitted: all.
+    #[serde(default)]
+    pub state: Vec<String>,
+    /// Only these severities: `critical`, `high`, `medium`, `low`,
+    /// `info`; omitted: all.
+    #[serde(default)]
+    pub severity: Vec<String>,
+    /// How many, most recently changed first: 1 to 500; default 50.
+    pub limit: Option<usize>,
+}
+
+/// `alerts.recent` output.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct AlertsOutput {
+    pub alerts: Vec<Alert>,
+}
+
+/// `inference.recommendations` input.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RecommendationsInput {
+    /// Only this provider: `bedrock`, `azure_openai`, ...
+    pub provider: Option<String>,
+    /// How many, largest estimated savings first: 1 to 200; default 20.
+    pub limit: Option<usize>,
+}
+
+/// `inference.recommendations` output.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct RecommendationsOutput {
+    pub recommendations: Vec<Recommendation>,
+}
+
 #[tool_router]
 impl Tools {
     pub fn new(app: App) -> Self {
@@ -339,6 +379,63 @@ impl Tools {
             text.push_str(&format!("; {} {:.2}", a.name, a.usd));
         }
         structured(&costs, text)
+    }
+
+    /// Recent alerts with their current state.
+    #[tool(
+        name = "alerts.recent",
+        output_schema = rmcp::handler::server::tool::schema_for_type::<AlertsOutput>(),
+        description = "The tenant's alerts as they stand now (open, escalated, suppressed, resolved), most recently changed first, from alert.* events; filter by state and severity. Scope: alert:read."
+    )]
+    async fn alerts_recent(
+        &self,
+        Parameters(input): Parameters<AlertsInput>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let identity = caller(&context)?;
+        let params = AlertParams {
+            states: input.state,
+            severities: input.severity,
+            limit: input.limit,
+        };
+        let alerts = match self.app.recent_alerts(&identity, &params) {
+            Ok(alerts) => alerts,
+            Err(e) => return Ok(refused(&e)),
+        };
+        let open = alerts.iter().filter(|a| a.state != "resolved").count();
+        let text = format!("{} alert(s), {open} not resolved", alerts.len());
+        structured(&AlertsOutput { alerts }, text)
+    }
+
+    /// Open managed-inference recommendations.
+    #[tool(
+        name = "inference.recommendations",
+        output_schema = rmcp::handler::server::tool::schema_for_type::<RecommendationsOutput>(),
+        description = "The tenant's open managed-inference recommendations (Bedrock, Azure OpenAI, ...: recommendation.created events with category inference, not yet accepted or dismissed), largest estimated monthly savings first. Scope: ai:read."
+    )]
+    async fn inference_recommendations(
+        &self,
+        Parameters(input): Parameters<RecommendationsInput>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let identity = caller(&context)?;
+        let recommendations = match self.app.inference_recommendations(
+            &identity,
+            input.provider.as_deref(),
+            input.limit,
+        ) {
+            Ok(list) => list,
+            Err(e) => return Ok(refused(&e)),
+        };
+        let savings: f64 = recommendations
+            .iter()
+            .filter_map(|r| r.estimated_monthly_savings_usd)
+            .sum();
+        let text = format!(
+            "{} open recommendation(s), {savings:.2} USD a month in estimated savings",
+            recommendations.len()
+        );
+        structured(&RecommendationsOutput { recommendations }, text)
     }
 }
 

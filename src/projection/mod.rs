@@ -7,6 +7,7 @@
 //! models are reached only with its own tenant id.
 
 pub mod cost;
+pub mod entities;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +25,7 @@ use crate::event::SharedEvent;
 use crate::state::State;
 
 /// The state table of cost hours: (tenant, hour number) → the hour.
+/// Alerts and recommendations: (tenant, their id) → the entity.
 const COST_HOURS: &str = "cost_hours";
 /// How often changed hours are written to the state store: what a crash
 /// of every instance can take from the figures.
@@ -32,6 +34,9 @@ pub const SAVE_INTERVAL: Duration = Duration::from_secs(1);
 const SAVE_BATCH: usize = 128;
 
 pub use cost::{AgentCosts, CostSummary, SummaryQuery, WorkloadCosts};
+pub use entities::{Alert, Recommendation};
+
+use entities::{Entities, Entity};
 
 /// Events waiting to be applied, at most (`TC_PROJECTION_QUEUE`).
 #[derive(Debug, Clone, clap::Args)]
@@ -53,16 +58,80 @@ struct Metrics {
 /// Every tenant's read models. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Projections {
-    tenants: Arc<Mutex<HashMap<String, cost::TenantCosts>>>,
-    /// Hours changed, and hours aged out, since the last save.
+    models: Arc<Mutex<Models>>,
+    /// Records changed, and records gone, since the last save.
     unsaved: Arc<Mutex<Unsaved>>,
     metrics: Arc<Metrics>,
 }
 
+/// The models, each per tenant.
+#[derive(Default)]
+struct Models {
+    costs: HashMap<String, cost::TenantCosts>,
+    alerts: Entities<Alert>,
+    recommendations: Entities<Recommendation>,
+}
+
+/// A state record: (table, tenant, id).
+type Key = (&'static str, String, String);
+
 #[derive(Default)]
 struct Unsaved {
-    changed: HashSet<(String, u64)>,
-    removed: HashSet<(String, u64)>,
+    changed: HashSet<Key>,
+    removed: HashSet<Key>,
+}
+
+impl Unsaved {
+    fn changed(&mut self, key: Key) {
+        self.removed.remove(&key);
+        self.changed.insert(key);
+    }
+
+    fn removed(&mut self, key: Key) {
+        self.changed.remove(&key);
+        self.removed.insert(key);
+    }
+}
+
+impl Models {
+    /// A record's text as it is now.
+    fn record(&self, (table, tenant, id): &Key) -> Option<String> {
+        match *table {
+            COST_HOURS => self.costs.get(tenant)?.hour_record(id.parse().ok()?),
+            Alert::TABLE => self.alerts.record(tenant, id),
+            Recommendation::TABLE => self.recommendations.record(tenant, id),
+            _ => None,
+        }
+    }
+
+    /// Puts a record back; false when it is not one (or too old).
+    fn restore(
+        &mut self,
+        table: &'static str,
+        tenant: &str,
+        id: &str,
+        text: &str,
+        now_ms: u64,
+    ) -> bool {
+        match table {
+            COST_HOURS => id.parse::<u64>().is_ok_and(|hour| {
+                self.costs
+                    .entry(tenant.to_string())
+                    .or_default()
+                    .restore(hour, text, now_ms)
+            }),
+            Alert::TABLE => self.alerts.restore(tenant, id, text),
+            Recommendation::TABLE => self.recommendations.restore(tenant, id, text),
+            _ => false,
+        }
+    }
+}
+
+/// The event types the projections read.
+fn observed(event_type: &str) -> bool {
+    event_type == cost::COST_UPDATED
+        || entities::ALERT_TYPES.contains(&event_type)
+        || entities::RECOMMENDATION_TYPES.contains(&event_type)
 }
 
 impl Projections {
@@ -84,55 +153,51 @@ impl Projections {
         );
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, cost::TenantCosts>> {
-        lock(&self.tenants)
+    fn lock(&self) -> MutexGuard<'_, Models> {
+        lock(&self.models)
     }
 
     /// Restores every tenant's figures from the state store (at start,
     /// before events are applied); hours past retention are deleted.
     /// Returns the hours restored.
     pub async fn load(&self, state: &State) -> anyhow::Result<usize> {
-        let rows = state
-            .list_all(COST_HOURS)
-            .await
-            .map_err(|e| anyhow::anyhow!("projections not restored: {e}"))?;
         let now_ms = clock::unix_millis();
         let mut restored = 0;
-        let mut stale = Vec::new();
-        {
-            let mut tenants = self.lock();
-            for (tenant, id, text) in rows {
-                let ok = id.parse::<u64>().is_ok_and(|hour| {
-                    tenants
-                        .entry(tenant.clone())
-                        .or_default()
-                        .restore(hour, &text, now_ms)
-                });
-                if ok {
-                    restored += 1;
-                } else {
-                    stale.push((tenant, id));
+        for table in [COST_HOURS, Alert::TABLE, Recommendation::TABLE] {
+            let rows = state
+                .list_all(table)
+                .await
+                .map_err(|e| anyhow::anyhow!("projections not restored: {e}"))?;
+            let mut stale = Vec::new();
+            {
+                let mut models = self.lock();
+                for (tenant, id, text) in rows {
+                    if models.restore(table, &tenant, &id, &text, now_ms) {
+                        restored += 1;
+                    } else {
+                        stale.push((tenant, id));
+                    }
                 }
+                models.costs.retain(|_, t| !t.is_empty());
             }
-            tenants.retain(|_, t| !t.is_empty());
-        }
-        for (tenant, id) in stale {
-            let _ = state.delete(COST_HOURS, &tenant, &id).await;
+            for (tenant, id) in stale {
+                let _ = state.delete(table, &tenant, &id).await;
+            }
         }
         Ok(restored)
     }
 
-    /// Writes the hours changed since the last save and deletes those that
-    /// aged out. What fails to be written is tried again at the next save.
+    /// Writes the records changed since the last save and deletes those
+    /// gone. What fails is tried again at the next save.
     pub async fn save(&self, state: &State) {
         let Unsaved { changed, removed } = std::mem::take(&mut *lock(&self.unsaved));
-        let writes: Vec<(String, u64, String, String)> = {
-            let tenants = self.lock();
+        let writes: Vec<(Key, String)> = {
+            let models = self.lock();
             changed
                 .into_iter()
-                .filter_map(|(tenant, hour)| {
-                    let text = tenants.get(&tenant)?.hour_record(hour)?;
-                    Some((tenant, hour, hour.to_string(), text))
+                .filter_map(|key| {
+                    let text = models.record(&key)?;
+                    Some((key, text))
                 })
                 .collect()
         };
@@ -141,30 +206,27 @@ impl Projections {
             let results = futures_util::future::join_all(
                 chunk
                     .iter()
-                    .map(|(t, _, id, text)| state.put(COST_HOURS, t, id, text.clone())),
+                    .map(|((table, t, id), text)| state.put(table, t, id, text.clone())),
             )
             .await;
-            for ((t, h, _, _), r) in chunk.iter().zip(results) {
+            for ((key, _), r) in chunk.iter().zip(results) {
                 if let Err(e) = r {
-                    tracing::warn!(tenant = %t, "cost figures not saved, trying again: {e}");
-                    failed.changed.insert((t.clone(), *h));
+                    tracing::warn!(tenant = %key.1, table = key.0, "projection not saved, trying again: {e}");
+                    failed.changed.insert(key.clone());
                 }
             }
         }
-        let removed: Vec<(String, u64, String)> = removed
-            .into_iter()
-            .map(|(t, h)| (t, h, h.to_string()))
-            .collect();
+        let removed: Vec<Key> = removed.into_iter().collect();
         for chunk in removed.chunks(SAVE_BATCH) {
             let results = futures_util::future::join_all(
                 chunk
                     .iter()
-                    .map(|(t, _, id)| state.delete(COST_HOURS, t, id)),
+                    .map(|(table, t, id)| state.delete(table, t, id)),
             )
             .await;
-            for ((t, h, _), r) in chunk.iter().zip(results) {
+            for (key, r) in chunk.iter().zip(results) {
                 if r.is_err() {
-                    failed.removed.insert((t.clone(), *h));
+                    failed.removed.insert(key.clone());
                 }
             }
         }
@@ -177,28 +239,24 @@ impl Projections {
 
     /// Applies one event to its tenant's models.
     pub fn apply(&self, event: &SharedEvent) {
-        if event.event_type != cost::COST_UPDATED {
+        let kind = event.event_type.as_str();
+        let result = if kind == cost::COST_UPDATED {
+            self.apply_cost(event)
+        } else if entities::ALERT_TYPES.contains(&kind) {
+            self.apply_entity(event, "alert_id", |m| &mut m.alerts, Alert::apply)
+        } else if entities::RECOMMENDATION_TYPES.contains(&kind) {
+            self.apply_entity(
+                event,
+                "recommendation_id",
+                |m| &mut m.recommendations,
+                Recommendation::apply,
+            )
+        } else {
             return;
-        }
-        match cost::CostEvent::read(event) {
-            Ok(c) => {
-                let now_ms = clock::unix_millis();
-                let mut removed = Vec::new();
-                let changed = self.lock().entry(event.tenant_id.clone()).or_default().add(
-                    &c,
-                    now_ms,
-                    &mut removed,
-                );
+        };
+        match result {
+            Ok(()) => {
                 self.metrics.applied.inc();
-                let mut unsaved = lock(&self.unsaved);
-                for hour in removed {
-                    let key = (event.tenant_id.clone(), hour);
-                    unsaved.changed.remove(&key);
-                    unsaved.removed.insert(key);
-                }
-                if let Some(hour) = changed {
-                    unsaved.changed.insert((event.tenant_id.clone(), hour));
-                }
             }
             Err(why) => {
                 self.metrics.unreadable.inc();
@@ -212,9 +270,99 @@ impl Projections {
         }
     }
 
+    fn apply_cost(&self, event: &SharedEvent) -> Result<(), String> {
+        let c = cost::CostEvent::read(event)?;
+        let now_ms = clock::unix_millis();
+        let mut removed = Vec::new();
+        let changed = self
+            .lock()
+            .costs
+            .entry(event.tenant_id.clone())
+            .or_default()
+            .add(&c, now_ms, &mut removed);
+        let mut unsaved = lock(&self.unsaved);
+        for hour in removed {
+            unsaved.removed((COST_HOURS, event.tenant_id.clone(), hour.to_string()));
+        }
+        if let Some(hour) = changed {
+            unsaved.changed((COST_HOURS, event.tenant_id.clone(), hour.to_string()));
+        }
+        Ok(())
+    }
+
+    fn apply_entity<T: Entity>(
+        &self,
+        event: &SharedEvent,
+        id_field: &str,
+        model: impl FnOnce(&mut Models) -> &mut Entities<T>,
+        apply: impl FnOnce(&mut Option<T>, &crate::event::Event, &serde_json::Value, &str),
+    ) -> Result<(), String> {
+        let (data, id) = entities::read_id(event, id_field)?;
+        let evicted = model(&mut self.lock())
+            .upsert(&event.tenant_id, &id, |slot| apply(slot, event, &data, &id));
+        let mut unsaved = lock(&self.unsaved);
+        for gone in evicted {
+            unsaved.removed((T::TABLE, event.tenant_id.clone(), gone));
+        }
+        unsaved.changed((T::TABLE, event.tenant_id.clone(), id));
+        Ok(())
+    }
+
+    /// `tenant`'s alerts, most recently changed first: those in `states`
+    /// (all when empty) of `severities` (all when empty), at most `limit`.
+    pub fn alerts(
+        &self,
+        tenant: &str,
+        states: &[String],
+        severities: &[String],
+        limit: usize,
+    ) -> Vec<Alert> {
+        let models = self.lock();
+        models
+            .alerts
+            .latest_first(tenant)
+            .into_iter()
+            .filter(|a| states.is_empty() || states.contains(&a.state))
+            .filter(|a| {
+                severities.is_empty() || a.severity.as_ref().is_some_and(|s| severities.contains(s))
+            })
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    /// `tenant`'s open recommendations of `category` and `provider` (any
+    /// when none), largest estimated savings first, at most `limit`.
+    pub fn open_recommendations(
+        &self,
+        tenant: &str,
+        category: Option<&str>,
+        provider: Option<&str>,
+        limit: usize,
+    ) -> Vec<Recommendation> {
+        let models = self.lock();
+        let mut list: Vec<Recommendation> = models
+            .recommendations
+            .latest_first(tenant)
+            .into_iter()
+            .filter(|r| r.state == "open")
+            .filter(|r| category.is_none_or(|c| r.category.as_deref() == Some(c)))
+            .filter(|r| provider.is_none_or(|p| r.provider.as_deref() == Some(p)))
+            .cloned()
+            .collect();
+        list.sort_by(|a, b| {
+            b.estimated_monthly_savings_usd
+                .unwrap_or(0.0)
+                .total_cmp(&a.estimated_monthly_savings_usd.unwrap_or(0.0))
+                .then(a.recommendation_id.cmp(&b.recommendation_id))
+        });
+        list.truncate(limit);
+        list
+    }
+
     /// `tenant`'s costs over a window.
     pub fn cost_summary(&self, tenant: &str, query: &SummaryQuery) -> CostSummary {
-        match self.lock().get(tenant) {
+        match self.lock().costs.get(tenant) {
             Some(costs) => costs.summary(query),
             None => cost::TenantCosts::default().summary(query),
         }
@@ -222,7 +370,7 @@ impl Projections {
 
     /// `tenant`'s costs by workload tags over a window.
     pub fn workload_costs(&self, tenant: &str, query: &SummaryQuery) -> WorkloadCosts {
-        match self.lock().get(tenant) {
+        match self.lock().costs.get(tenant) {
             Some(costs) => costs.workloads(query),
             None => cost::TenantCosts::default().workloads(query),
         }
@@ -235,7 +383,7 @@ impl Projections {
         query: &SummaryQuery,
         agent: Option<&str>,
     ) -> AgentCosts {
-        match self.lock().get(tenant) {
+        match self.lock().costs.get(tenant) {
             Some(costs) => costs.agents(query, agent),
             None => cost::TenantCosts::default().agents(query, agent),
         }
@@ -299,7 +447,7 @@ struct Observer {
 
 impl Persist for Observer {
     fn offer(&self, event: &SharedEvent) {
-        if event.event_type != cost::COST_UPDATED {
+        if !observed(&event.event_type) {
             return;
         }
         if self.tx.try_send(Arc::clone(event)).is_err() {

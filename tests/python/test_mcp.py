@@ -404,6 +404,12 @@ def test_cost_figures_survive_a_restart_with_the_embedded_store(tmp_path, stop):
     events = cost_events([1, 2, 3])
     expected = 22.875
 
+    def entities(b):
+        token = b.token(tenant, scope="alert:read ai:read")
+        alerts = tool_when(b, token, "alerts.recent", {}, lambda s: len(s["alerts"]) == 2)
+        recs = tool_when(b, token, "inference.recommendations", {}, lambda s: len(s["recommendations"]) == 2)
+        return alerts.structured_content, recs.structured_content
+
     def answer(b):
         return cost_summary_when(
             b, b.token(tenant, scope="cost:read"), {}, lambda s: s["total_usd"] >= expected
@@ -416,9 +422,12 @@ def test_cost_figures_survive_a_restart_with_the_embedded_store(tmp_path, stop):
         channel = grpc.insecure_channel(b.grpc_addr)
         from tensorcost.events.v1 import events_pb2, events_pb2_grpc
 
-        publish(events_pb2_grpc.EventBrokerStub(channel), events_pb2, b.token(tenant), events)
+        stub = events_pb2_grpc.EventBrokerStub(channel)
+        publish(stub, events_pb2, b.token(tenant), events)
+        publish(stub, events_pb2, b.token(tenant), ALERTS_AND_RECOMMENDATIONS)
         channel.close()
         before = answer(b)
+        entities_before = entities(b)
         assert before["total_usd"] == expected
         if stop == "kill -9":
             # Past one save interval (1 s): the figures are in the file.
@@ -426,6 +435,72 @@ def test_cost_figures_survive_a_restart_with_the_embedded_store(tmp_path, stop):
             b.kill()
     with start_broker(tmp_path / "second", data) as b:
         after = answer(b)
+        assert entities(b) == entities_before
     for key in ("from", "to"):
         before.pop(key), after.pop(key)
     assert after == before
+
+
+ALERTS_AND_RECOMMENDATIONS = [
+    ("alert.created", {"alert_id": "al-1", "severity": "high", "title": "Bedrock spend 80% of budget", "source": "budget", "resource": "bedrock"}),
+    ("alert.created", {"alert_id": "al-2", "severity": "low", "title": "Idle GPU", "resource": "i-42"}),
+    ("alert.escalated", {"alert_id": "al-1", "severity": "critical"}),
+    ("alert.resolved", {"alert_id": "al-2"}),
+    ("recommendation.created", {"recommendation_id": "rec-1", "category": "inference", "provider": "bedrock", "service": "anthropic.claude-3-5-sonnet", "title": "Use provisioned throughput", "estimated_monthly_savings_usd": 1200.5}),
+    ("recommendation.created", {"recommendation_id": "rec-2", "category": "inference", "provider": "azure_openai", "title": "Cache prompts", "estimated_monthly_savings_usd": 300}),
+    ("recommendation.created", {"recommendation_id": "rec-3", "category": "inference", "provider": "bedrock", "title": "Smaller model for triage", "estimated_monthly_savings_usd": 50}),
+    ("recommendation.created", {"recommendation_id": "rec-4", "category": "compute", "provider": "aws", "title": "Rightsize", "estimated_monthly_savings_usd": 9000}),
+    ("recommendation.dismissed", {"recommendation_id": "rec-3", "reason": "quality"}),
+]
+
+
+def test_alerts_and_inference_recommendations_as_they_stand(broker, stub, pb, tenant):
+    publish(stub, pb, broker.token(tenant), ALERTS_AND_RECOMMENDATIONS)
+    token = broker.token(tenant, scope="alert:read ai:read")
+    alerts = tool_when(broker, token, "alerts.recent", {}, lambda s: len(s["alerts"]) == 2 and s["alerts"][0]["state"] == "escalated" or s["alerts"][0]["state"] == "resolved")
+    assert not alerts.is_error, alerts.content
+    by_id = {a["alert_id"]: a for a in alerts.structured_content["alerts"]}
+    assert by_id["al-1"]["state"] == "escalated"
+    assert by_id["al-1"]["severity"] == "critical"
+    assert by_id["al-1"]["title"] == "Bedrock spend 80% of budget"
+    assert by_id["al-2"]["state"] == "resolved"
+    # Most recently changed first.
+    assert [a["alert_id"] for a in alerts.structured_content["alerts"]] == ["al-2", "al-1"]
+    open_ = tool_when(broker, token, "alerts.recent", {"state": ["open", "escalated"], "severity": ["critical"]}, lambda s: True)
+    assert [a["alert_id"] for a in open_.structured_content["alerts"]] == ["al-1"]
+
+    recs = tool_when(broker, token, "inference.recommendations", {}, lambda s: len(s["recommendations"]) == 2)
+    listed = recs.structured_content["recommendations"]
+    assert [(r["recommendation_id"], r["estimated_monthly_savings_usd"]) for r in listed] == [("rec-1", 1200.5), ("rec-2", 300.0)]
+    assert listed[0]["service"] == "anthropic.claude-3-5-sonnet"
+    bedrock = tool_when(broker, token, "inference.recommendations", {"provider": "bedrock"}, lambda s: True)
+    assert [r["recommendation_id"] for r in bedrock.structured_content["recommendations"]] == ["rec-1"]
+
+    async def bad(session):
+        return [
+            await session.call_tool("alerts.recent", {"state": ["burning"]}),
+            await session.call_tool("alerts.recent", {"limit": 501}),
+        ]
+
+    state, limit = run(broker, token, bad)
+    assert state.is_error and "burning" in state.content[0].text and "open" in state.content[0].text
+    assert limit.is_error and "limit" in limit.content[0].text
+
+    no_scope = broker.token(tenant, scope="alert:read")
+
+    async def refused(session):
+        return await session.call_tool("inference.recommendations", {})
+
+    result = run(broker, no_scope, refused)
+    assert result.is_error and "ai:read" in result.content[0].text
+
+    other = broker.token(f"py-{uuid.uuid4().hex[:12]}", scope="alert:read ai:read")
+
+    async def elsewhere(session):
+        return (
+            await session.call_tool("alerts.recent", {}),
+            await session.call_tool("inference.recommendations", {}),
+        )
+
+    a, r = run(broker, other, elsewhere)
+    assert a.structured_content["alerts"] == [] and r.structured_content["recommendations"] == []

@@ -1,0 +1,379 @@
+//! Current state per entity, per tenant: alerts and recommendations, each
+//! kept as the events about it say it is now (docs/events.md has the
+//! payloads). Bounded per tenant; past the bound the entity settled the
+//! longest (resolved, dismissed, accepted) goes first, then the oldest.
+
+use std::collections::HashMap;
+
+use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::event::Event;
+
+/// A kind of entity a projection keeps.
+pub trait Entity: Serialize + DeserializeOwned + Clone {
+    /// Its state table, and its name in messages.
+    const TABLE: &'static str;
+    /// Kept per tenant, at most.
+    const MAX_PER_TENANT: usize;
+    /// Nothing more is expected of it (resolved, dismissed, accepted):
+    /// it goes first when the tenant is over its bound.
+    fn settled(&self) -> bool;
+}
+
+/// Entities of one kind for every tenant, each with the number of its
+/// last change (its order of change, kept across restarts).
+#[derive(Debug)]
+pub struct Entities<T> {
+    tenants: HashMap<String, HashMap<String, (u64, T)>>,
+    last: u64,
+}
+
+impl<T> Default for Entities<T> {
+    fn default() -> Self {
+        Self {
+            tenants: HashMap::new(),
+            last: 0,
+        }
+    }
+}
+
+/// An entity as kept in the state store.
+#[derive(Serialize, Deserialize)]
+struct Record<T> {
+    seq: u64,
+    entity: T,
+}
+
+impl<T: Entity> Entities<T> {
+    /// Changes (or creates) `id` of `tenant` with `change`; returns the
+    /// ids evicted to stay within the bound.
+    pub fn upsert(
+        &mut self,
+        tenant: &str,
+        id: &str,
+        change: impl FnOnce(&mut Option<T>),
+    ) -> Vec<String> {
+        self.last += 1;
+        self.put(tenant, id, self.last, change)
+    }
+
+    fn put(
+        &mut self,
+        tenant: &str,
+        id: &str,
+        seq: u64,
+        change: impl FnOnce(&mut Option<T>),
+    ) -> Vec<String> {
+        let entities = self.tenants.entry(tenant.to_string()).or_default();
+        let mut current = entities.remove(id).map(|(_, e)| e);
+        change(&mut current);
+        let Some(entity) = current else {
+            return Vec::new();
+        };
+        entities.insert(id.to_string(), (seq, entity));
+        let mut evicted = Vec::new();
+        while entities.len() > T::MAX_PER_TENANT {
+            let Some(first) = entities
+                .iter()
+                .filter(|(k, _)| k.as_str() != id)
+                .min_by_key(|(_, (seq, e))| (!e.settled(), *seq))
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            entities.remove(&first);
+            evicted.push(first);
+        }
+        evicted
+    }
+
+    /// A tenant's entities, most recently changed first.
+    pub fn latest_first(&self, tenant: &str) -> Vec<&T> {
+        let mut list: Vec<&(u64, T)> = self
+            .tenants
+            .get(tenant)
+            .into_iter()
+            .flat_map(HashMap::values)
+            .collect();
+        list.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
+        list.into_iter().map(|(_, e)| e).collect()
+    }
+
+    #[cfg(test)]
+    pub fn get(&self, tenant: &str, id: &str) -> Option<&T> {
+        self.tenants.get(tenant)?.get(id).map(|(_, e)| e)
+    }
+
+    /// As kept in the state store.
+    pub fn record(&self, tenant: &str, id: &str) -> Option<String> {
+        let (seq, entity) = self.tenants.get(tenant)?.get(id)?;
+        serde_json::to_string(&Record { seq: *seq, entity }).ok()
+    }
+
+    /// Puts back an entity read from its record; false when it is not one.
+    pub fn restore(&mut self, tenant: &str, id: &str, text: &str) -> bool {
+        match serde_json::from_str::<Record<T>>(text) {
+            Ok(Record { seq, entity }) => {
+                self.last = self.last.max(seq);
+                self.put(tenant, id, seq, |slot| *slot = Some(entity));
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// A string field of an event's `data`, if it is one.
+fn text(data: &serde_json::Value, field: &str) -> Option<String> {
+    data.get(field)?.as_str().map(str::to_string)
+}
+
+/// `data` as JSON, and its `field` id: present, a string of 1 to 128
+/// characters, or why not.
+pub fn read_id(event: &Event, field: &str) -> Result<(serde_json::Value, String), String> {
+    let data: serde_json::Value =
+        serde_json::from_str(event.data.get()).map_err(|e| format!("data: {e}"))?;
+    match data.get(field) {
+        Some(serde_json::Value::String(id)) if !id.is_empty() && id.len() <= 128 => {
+            let id = id.clone();
+            Ok((data, id))
+        }
+        Some(_) => Err(format!("{field}: not a string of 1 to 128 characters")),
+        None => Err(format!("{field}: missing")),
+    }
+}
+
+/// An alert as it stands now.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Alert {
+    pub alert_id: String,
+    /// `open`, `escalated`, `suppressed` or `resolved`.
+    pub state: String,
+    /// `critical`, `high`, `medium`, `low` or `info` (as published).
+    pub severity: Option<String>,
+    pub title: Option<String>,
+    /// What raised it (a budget, a detector, a provider).
+    pub source: Option<String>,
+    /// What it is about (an instance, an account, an agent).
+    pub resource: Option<String>,
+    /// When it was created, and when it last changed (RFC 3339).
+    pub created_at: String,
+    pub updated_at: String,
+    /// The id of the event that last changed it.
+    pub last_event_id: String,
+}
+
+pub const ALERT_TYPES: [&str; 4] = [
+    "alert.created",
+    "alert.escalated",
+    "alert.suppressed",
+    "alert.resolved",
+];
+
+impl Entity for Alert {
+    const TABLE: &'static str = "alerts";
+    const MAX_PER_TENANT: usize = 5_000;
+    fn settled(&self) -> bool {
+        self.state == "resolved"
+    }
+}
+
+impl Alert {
+    /// Applies one `alert.*` event to the alert it names.
+    pub fn apply(slot: &mut Option<Self>, event: &Event, data: &serde_json::Value, id: &str) {
+        let alert = slot.get_or_insert_with(|| Alert {
+            alert_id: id.to_string(),
+            state: "open".into(),
+            severity: None,
+            title: None,
+            source: None,
+            resource: None,
+            created_at: event.timestamp.clone(),
+            updated_at: event.timestamp.clone(),
+            last_event_id: String::new(),
+        });
+        alert.state = match event.event_type.as_str() {
+            "alert.escalated" => "escalated",
+            "alert.suppressed" => "suppressed",
+            "alert.resolved" => "resolved",
+            _ => alert.state.as_str(),
+        }
+        .to_string();
+        if event.event_type == "alert.created" {
+            alert.created_at = event.timestamp.clone();
+            alert.state = "open".into();
+        }
+        for (field, value) in [
+            (&mut alert.severity, text(data, "severity")),
+            (&mut alert.title, text(data, "title")),
+            (&mut alert.source, text(data, "source")),
+            (&mut alert.resource, text(data, "resource")),
+        ] {
+            if value.is_some() {
+                *field = value;
+            }
+        }
+        alert.updated_at = event.timestamp.clone();
+        alert.last_event_id = event.id.clone();
+    }
+}
+
+/// A recommendation as it stands now.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Recommendation {
+    pub recommendation_id: String,
+    /// `open`, `accepted` or `dismissed`.
+    pub state: String,
+    /// `inference` for managed inference (Bedrock, Azure OpenAI, ...);
+    /// `compute`, `storage`, ... for others.
+    pub category: Option<String>,
+    pub title: Option<String>,
+    /// `bedrock`, `azure_openai`, `aws`, ...
+    pub provider: Option<String>,
+    /// The model or service it is about.
+    pub service: Option<String>,
+    pub estimated_monthly_savings_usd: Option<f64>,
+    pub details: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub last_event_id: String,
+}
+
+pub const RECOMMENDATION_TYPES: [&str; 3] = [
+    "recommendation.created",
+    "recommendation.accepted",
+    "recommendation.dismissed",
+];
+
+impl Entity for Recommendation {
+    const TABLE: &'static str = "recommendations";
+    const MAX_PER_TENANT: usize = 5_000;
+    fn settled(&self) -> bool {
+        self.state != "open"
+    }
+}
+
+impl Recommendation {
+    /// Applies one `recommendation.*` event to the recommendation it names.
+    pub fn apply(slot: &mut Option<Self>, event: &Event, data: &serde_json::Value, id: &str) {
+        let r = slot.get_or_insert_with(|| Recommendation {
+            recommendation_id: id.to_string(),
+            state: "open".into(),
+            category: None,
+            title: None,
+            provider: None,
+            service: None,
+            estimated_monthly_savings_usd: None,
+            details: None,
+            created_at: event.timestamp.clone(),
+            updated_at: event.timestamp.clone(),
+            last_event_id: String::new(),
+        });
+        match event.event_type.as_str() {
+            "recommendation.accepted" => r.state = "accepted".into(),
+            "recommendation.dismissed" => r.state = "dismissed".into(),
+            _ => {
+                r.state = "open".into();
+                r.created_at = event.timestamp.clone();
+            }
+        }
+        for (field, value) in [
+            (&mut r.category, text(data, "category")),
+            (&mut r.title, text(data, "title")),
+            (&mut r.provider, text(data, "provider")),
+            (&mut r.service, text(data, "service")),
+            (&mut r.details, text(data, "details")),
+        ] {
+            if value.is_some() {
+                *field = value;
+            }
+        }
+        if let Some(savings) = data
+            .get("estimated_monthly_savings_usd")
+            .and_then(serde_json::Value::as_f64)
+            .filter(|s| s.is_finite())
+        {
+            r.estimated_monthly_savings_usd = Some(savings);
+        }
+        r.updated_at = event.timestamp.clone();
+        r.last_event_id = event.id.clone();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    struct Thing {
+        done: bool,
+    }
+
+    impl Entity for Thing {
+        const TABLE: &'static str = "things";
+        const MAX_PER_TENANT: usize = 3;
+        fn settled(&self) -> bool {
+            self.done
+        }
+    }
+
+    fn put(e: &mut Entities<Thing>, id: &str, done: bool) -> Vec<String> {
+        e.upsert("t", id, |slot| *slot = Some(Thing { done }))
+    }
+
+    #[test]
+    fn past_the_bound_the_settled_go_first_then_the_least_recently_changed() {
+        let mut e = Entities::default();
+        assert!(put(&mut e, "a", false).is_empty());
+        put(&mut e, "b", false);
+        put(&mut e, "c", true);
+        assert_eq!(put(&mut e, "d", false), vec!["c".to_string()]);
+        put(&mut e, "a", false);
+        assert_eq!(put(&mut e, "e", false), vec!["b".to_string()]);
+        assert_eq!(e.latest_first("t").len(), 3);
+        assert!(e.latest_first("other").is_empty());
+        // The order of change survives a trip through the records.
+        let mut back: Entities<Thing> = Entities::default();
+        for id in ["a", "d", "e"] {
+            assert!(back.restore("t", id, &e.record("t", id).unwrap()));
+        }
+        assert_eq!(back.latest_first("t"), e.latest_first("t"));
+        put(&mut back, "f", true);
+        assert_eq!(back.latest_first("t")[0], &Thing { done: true });
+    }
+
+    #[test]
+    fn an_alert_follows_its_events_and_comes_back_from_its_record() {
+        let mut ev = crate::broker::tests::event("t", "e1", "alert.created");
+        ev.timestamp = "2026-11-28T10:00:00.000Z".into();
+        ev.data = serde_json::value::RawValue::from_string(
+            r#"{"alert_id":"a1","severity":"high","title":"Budget 80%"}"#.into(),
+        )
+        .unwrap();
+        let mut alerts: Entities<Alert> = Entities::default();
+        let (data, id) = read_id(&ev, "alert_id").unwrap();
+        alerts.upsert("t", &id, |s| Alert::apply(s, &ev, &data, &id));
+        ev.event_type = "alert.escalated".into();
+        ev.id = "e2".into();
+        ev.data = serde_json::value::RawValue::from_string(
+            r#"{"alert_id":"a1","severity":"critical"}"#.into(),
+        )
+        .unwrap();
+        let (data, id) = read_id(&ev, "alert_id").unwrap();
+        alerts.upsert("t", &id, |s| Alert::apply(s, &ev, &data, &id));
+        let a = alerts.get("t", "a1").unwrap();
+        assert_eq!(
+            (a.state.as_str(), a.severity.as_deref(), a.title.as_deref()),
+            ("escalated", Some("critical"), Some("Budget 80%"))
+        );
+        let record = alerts.record("t", "a1").unwrap();
+        let mut back: Entities<Alert> = Entities::default();
+        assert!(back.restore("t", "a1", &record));
+        assert_eq!(back.get("t", "a1").unwrap().last_event_id, "e2");
+        assert!(!back.restore("t", "a2", "{}"));
+        ev.data = serde_json::value::RawValue::from_string(r#"{"severity":"low"}"#.into()).unwrap();
+        assert!(read_id(&ev, "alert_id").unwrap_err().contains("alert_id"));
+    }
+}
