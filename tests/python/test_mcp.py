@@ -454,6 +454,16 @@ ALERTS_AND_RECOMMENDATIONS = [
 ]
 
 
+def test_the_alert_and_recommendation_examples_follow_their_schemas():
+    for event_type, data in ALERTS_AND_RECOMMENDATIONS:
+        schema = json.loads((SCHEMAS / f"{event_type}.json").read_text())
+        jsonschema.Draft202012Validator.check_schema(schema)
+        jsonschema.validate(data, schema)
+    created = json.loads((SCHEMAS / "alert.created.json").read_text())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"alert_id": "a", "severity": "apocalyptic"}, created)
+
+
 def test_alerts_and_inference_recommendations_as_they_stand(broker, stub, pb, tenant):
     publish(stub, pb, broker.token(tenant), ALERTS_AND_RECOMMENDATIONS)
     token = broker.token(tenant, scope="alert:read ai:read")
