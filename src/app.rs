@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::auth::rbac::{
-    AGENT_READ, AI_READ, ALERT_READ, COST_READ, INTEGRATION_READ, INTEGRATION_WRITE, PUBLISH,
-    SUBSCRIBE, WORKLOAD_READ,
+    AGENT_READ, AI_READ, ALERT_READ, COST_READ, GPU_READ, INTEGRATION_READ, INTEGRATION_WRITE,
+    PUBLISH, RECOMMENDATION_WRITE, SETTINGS_READ, SETTINGS_WRITE, SUBSCRIBE, WORKLOAD_READ,
 };
 use crate::auth::{AuthError, Authenticator, Identity, TokenKind};
 use crate::broker::{Broker, Outcome, Page, Subscription, TypeFilter};
@@ -18,9 +18,12 @@ use crate::config::parse::positive;
 use crate::error::{ApiError, Code};
 use crate::event::{self, EventDraft, EventError, Stamp, check_identifier};
 use crate::projection::{
-    AgentCosts, Alert, CostSummary, Projections, Recommendation, SummaryQuery, WorkloadCosts,
+    AgentCosts, Alert, Connection, CostSummary, Fleet, FleetFilter, Projections, Recommendation,
+    SummaryQuery, WorkloadCosts,
 };
+use crate::state::State;
 use crate::tenant::TenantScope;
+use crate::tenant_settings::{self, McpTenantSettings};
 use crate::webhook::Webhooks;
 
 /// Header (gRPC metadata key) with which a caller picks one of its
@@ -71,6 +74,16 @@ pub struct App {
     limits: Limits,
     webhooks: Option<Webhooks>,
     projections: Projections,
+    /// Kept state (per-tenant settings).
+    state: Option<State>,
+}
+
+/// What `recommendations.accept` did.
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+pub struct Accepted {
+    pub recommendation_id: String,
+    /// The `recommendation.accepted` event published.
+    pub event_id: String,
 }
 
 /// Reading or changing a tenant's integrations.
@@ -162,7 +175,105 @@ impl App {
             limits,
             webhooks: None,
             projections: Projections::default(),
+            state: None,
         }
+    }
+
+    /// The state store per-tenant settings are kept in.
+    pub fn with_state(mut self, state: State) -> Self {
+        self.state = Some(state);
+        self
+    }
+
+    fn state(&self) -> Result<&State, ApiError> {
+        self.state.as_ref().ok_or_else(|| {
+            ApiError::new(Code::Unavailable, "settings are not kept on this instance")
+        })
+    }
+
+    /// The caller's tenant's MCP settings (`settings:read` or `:write`).
+    pub async fn mcp_settings(&self, identity: &Identity) -> Result<McpTenantSettings, ApiError> {
+        identity.require_any(&[SETTINGS_READ, SETTINGS_WRITE])?;
+        let tenant = identity.acting_tenant("")?;
+        tenant_settings::mcp(self.state()?, &tenant).await
+    }
+
+    /// Replaces the caller's tenant's MCP settings (`settings:write`).
+    pub async fn set_mcp_settings(
+        &self,
+        identity: &Identity,
+        settings: McpTenantSettings,
+    ) -> Result<McpTenantSettings, ApiError> {
+        identity.require(SETTINGS_WRITE)?;
+        let tenant = identity.acting_tenant("")?;
+        tenant_settings::set_mcp(self.state()?, &tenant, &settings).await?;
+        Ok(settings)
+    }
+
+    /// Refuses every MCP tool of a tenant whose MCP settings say
+    /// `enabled: false`.
+    pub async fn mcp_open(&self, identity: &Identity) -> Result<(), ApiError> {
+        let tenant = identity.acting_tenant("")?;
+        if tenant_settings::mcp(self.state()?, &tenant).await?.enabled {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                Code::PermissionDenied,
+                "MCP is disabled for this tenant (settings: enabled, PUT /v1/settings/mcp)",
+            ))
+        }
+    }
+
+    /// Marks an open recommendation accepted by publishing
+    /// `recommendation.accepted` through the normal publish path. Needs
+    /// `recommendation:write`, the tenant's `write_tools_enabled` and its
+    /// grant of `recommendations.accept`; the refusal names what is
+    /// missing.
+    pub async fn accept_recommendation(
+        &self,
+        identity: &Identity,
+        recommendation_id: &str,
+    ) -> Result<Accepted, ApiError> {
+        const TOOL: &str = "recommendations.accept";
+        identity.require(RECOMMENDATION_WRITE)?;
+        let tenant = identity.acting_tenant("")?;
+        let settings = tenant_settings::mcp(self.state()?, &tenant).await?;
+        if let Some(why) = settings.refuses_write(TOOL) {
+            return Err(ApiError::new(Code::PermissionDenied, why));
+        }
+        match self.projections.recommendation(&tenant, recommendation_id) {
+            Some(r) if r.state == "open" => {}
+            Some(r) => {
+                return Err(ApiError::invalid(format!(
+                    "recommendation_id: {recommendation_id} is already {}",
+                    r.state
+                )));
+            }
+            None => {
+                return Err(ApiError::new(
+                    Code::NotFound,
+                    format!(
+                        "recommendation_id: no recommendation {recommendation_id:?} for this tenant"
+                    ),
+                ));
+            }
+        }
+        let data = serde_json::json!({
+            "recommendation_id": recommendation_id,
+            "accepted_by": identity.subject.as_deref().unwrap_or("mcp"),
+            "via": "mcp",
+        });
+        let draft = EventDraft {
+            event_type: "recommendation.accepted".into(),
+            data: data.to_string(),
+            ..EventDraft::default()
+        };
+        let event = accept(identity, draft, &self.stamp(None), SystemTime::now())?;
+        let outcome = self.broker.publish_one(event);
+        Ok(Accepted {
+            recommendation_id: recommendation_id.to_string(),
+            event_id: outcome.id,
+        })
     }
 
     /// The read models the MCP tools answer from.
@@ -405,6 +516,37 @@ impl App {
             provider.filter(|p| !p.is_empty()),
             limit,
         ))
+    }
+
+    /// The caller's tenant's GPU fleet (`gpu:read`): `limit` listed, 1 to
+    /// 1,000, default 100.
+    pub fn fleet(
+        &self,
+        identity: &Identity,
+        mut filter: FleetFilter,
+        limit: Option<usize>,
+    ) -> Result<Fleet, ApiError> {
+        identity.require(GPU_READ)?;
+        let tenant = identity.acting_tenant("")?;
+        filter.limit = in_range("limit", limit, 100, 1000)?;
+        for f in [
+            &mut filter.provider,
+            &mut filter.region,
+            &mut filter.gpu_type,
+        ] {
+            if f.as_deref() == Some("") {
+                *f = None;
+            }
+        }
+        Ok(self.projections.fleet(&tenant, &filter))
+    }
+
+    /// The caller's tenant's provider connections and their last sync
+    /// (`integration:read`).
+    pub fn connections_health(&self, identity: &Identity) -> Result<Vec<Connection>, ApiError> {
+        identity.require_any(&[INTEGRATION_READ, INTEGRATION_WRITE])?;
+        let tenant = identity.acting_tenant("")?;
+        Ok(self.projections.connections(&tenant))
     }
 
     /// Checks a Socket.IO handshake: the token, the subscribe scope, one

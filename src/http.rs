@@ -99,6 +99,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/events", post(publish).get(recent))
         .route("/metrics", get(metrics))
         .merge(crate::webhook::rest::routes())
+        .route("/v1/settings/mcp", get(mcp_settings).put(set_mcp_settings))
         .fallback(not_found)
         .with_state(state)
 }
@@ -160,13 +161,7 @@ async fn recent(
     query: Result<axum::extract::Query<RecentQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let app = &state.app;
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let identity = app
-        .authenticate(
-            header(header::AUTHORIZATION.as_str()),
-            header(ACTIVE_TENANT_HEADER),
-        )
-        .await?;
+    let identity = authenticated(app, &headers).await?;
     let axum::extract::Query(q) =
         query.map_err(|e| ApiError::invalid(format!("query: {}", e.body_text())))?;
     let params = crate::app::RecentParams {
@@ -193,6 +188,47 @@ async fn recent(
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
+/// `GET /v1/settings/mcp`: the tenant's MCP settings.
+async fn mcp_settings(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let identity = authenticated(&state.app, &headers).await?;
+    Ok(Json(state.app.mcp_settings(&identity).await?).into_response())
+}
+
+/// `PUT /v1/settings/mcp`: replaces them; fields left out take their
+/// defaults, unknown fields are refused.
+async fn set_mcp_settings(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let identity = authenticated(&state.app, &headers).await?;
+    let bytes = axum::body::to_bytes(body, SETTINGS_BODY)
+        .await
+        .map_err(|_| ApiError::invalid(format!("body: larger than {SETTINGS_BODY} bytes")))?;
+    let settings =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("body: {e}")))?;
+    Ok(Json(state.app.set_mcp_settings(&identity, settings).await?).into_response())
+}
+
+/// Largest settings body.
+const SETTINGS_BODY: usize = 16 * 1024;
+
+/// The caller, from the `authorization` and `x-active-tenant-id` headers.
+pub(crate) async fn authenticated(
+    app: &App,
+    headers: &HeaderMap,
+) -> Result<crate::auth::Identity, ApiError> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    app.authenticate(
+        header(header::AUTHORIZATION.as_str()),
+        header(ACTIVE_TENANT_HEADER),
+    )
+    .await
+}
+
 #[derive(Serialize)]
 struct PublishReply {
     results: Vec<PublishResultJson>,
@@ -211,13 +247,7 @@ async fn publish(
     body: Body,
 ) -> Result<Json<PublishReply>, ApiError> {
     let app = &state.app;
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let identity = app
-        .authenticate(
-            header(header::AUTHORIZATION.as_str()),
-            header(ACTIVE_TENANT_HEADER),
-        )
-        .await?;
+    let identity = authenticated(app, &headers).await?;
     let limit = app.max_request_bytes();
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
         ApiError::invalid(format!(
@@ -225,7 +255,7 @@ async fn publish(
         ))
     })?;
     let drafts = drafts_from_body(&bytes)?;
-    let stamp = app.stamp(header("traceparent"));
+    let stamp = app.stamp(headers.get("traceparent").and_then(|v| v.to_str().ok()));
     let outcomes = app.publish(&identity, drafts, &stamp)?;
     Ok(Json(PublishReply {
         results: outcomes

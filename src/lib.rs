@@ -30,6 +30,7 @@ pub(crate) mod state;
 pub(crate) mod store;
 pub(crate) mod telemetry;
 pub(crate) mod tenant;
+pub(crate) mod tenant_settings;
 pub(crate) mod webhook;
 
 #[cfg(test)]

@@ -197,7 +197,8 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
     broker.set_persist(sinks);
     let app = App::new(broker.clone(), Arc::clone(&auth), settings.limits.clone())
         .with_webhooks(webhooks)
-        .with_projections(projections.clone());
+        .with_projections(projections.clone())
+        .with_state(state.clone());
     let edge_metrics = EdgeMetrics::default();
     let admission_metrics = AdmissionMetrics::default();
     let admission = Admission::new(

@@ -30,6 +30,13 @@ pub const ALERT_READ: &str = "alert:read";
 /// Read AI and managed-inference recommendations (MCP
 /// `inference.recommendations`).
 pub const AI_READ: &str = "ai:read";
+/// Read the GPU fleet (MCP `fleet.list_instances`).
+pub const GPU_READ: &str = "gpu:read";
+/// Accept or dismiss recommendations (MCP `recommendations.accept`).
+pub const RECOMMENDATION_WRITE: &str = "recommendation:write";
+/// Read and change the tenant's settings (`/v1/settings/mcp`).
+pub const SETTINGS_READ: &str = "settings:read";
+pub const SETTINGS_WRITE: &str = "settings:write";
 /// Change the tenant's integrations; implies reading them.
 pub const INTEGRATION_WRITE: &str = "integration:write";
 

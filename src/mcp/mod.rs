@@ -13,7 +13,6 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use rmcp::handler::server::router::tool::ToolRouter;
@@ -28,11 +27,13 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{
-    ACTIVE_TENANT_HEADER, AlertParams, App, CostParams, RECENT_DEFAULT, RECENT_MAX, RecentParams,
+    Accepted, AlertParams, App, CostParams, RECENT_DEFAULT, RECENT_MAX, RecentParams,
 };
 use crate::auth::Identity;
 use crate::error::ApiError;
-use crate::projection::{AgentCosts, Alert, CostSummary, Recommendation, WorkloadCosts};
+use crate::projection::{
+    AgentCosts, Alert, Connection, CostSummary, Fleet, FleetFilter, Recommendation, WorkloadCosts,
+};
 
 /// Largest MCP request body (a JSON-RPC message); past it the answer is
 /// 413. Read only after the token is verified.
@@ -80,19 +81,7 @@ pub fn router(app: App, settings: &McpSettings, shutdown: CancellationToken) -> 
 /// Verifies the bearer token of every `/mcp` request before anything else
 /// reads it: no token or a bad one is 401 with `WWW-Authenticate: Bearer`.
 async fn authenticate(State(app): State<App>, mut request: Request, next: Next) -> Response {
-    let headers = request.headers();
-    let value = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
-    let authorization = value(header::AUTHORIZATION.as_str());
-    let tenant = value(ACTIVE_TENANT_HEADER);
-    match app
-        .authenticate(authorization.as_deref(), tenant.as_deref())
-        .await
-    {
+    match crate::http::authenticated(&app, request.headers()).await {
         Ok(identity) => {
             request.extensions_mut().insert(identity);
             next.run(request).await
@@ -225,6 +214,40 @@ pub struct RecommendationsInput {
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct RecommendationsOutput {
     pub recommendations: Vec<Recommendation>,
+}
+
+/// `fleet.list_instances` input.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FleetInput {
+    /// Only instances in these states (`running`, `stopped`, ...);
+    /// omitted: all.
+    #[serde(default)]
+    pub state: Vec<String>,
+    /// Only this provider: `aws`, `gcp`, `azure`, ...
+    pub provider: Option<String>,
+    /// Only this region.
+    pub region: Option<String>,
+    /// Only this GPU type: `H100`, `A100`, ...
+    pub gpu_type: Option<String>,
+    /// How many, most recently changed first: 1 to 1000; default 100.
+    pub limit: Option<usize>,
+}
+
+/// `recommendations.accept` input.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AcceptInput {
+    /// The open recommendation to accept.
+    pub recommendation_id: String,
+}
+
+/// `connections.health` output.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ConnectionsOutput {
+    /// Failing first.
+    pub connections: Vec<Connection>,
+    pub failing: usize,
 }
 
 #[tool_router]
@@ -437,10 +460,110 @@ impl Tools {
         );
         structured(&RecommendationsOutput { recommendations }, text)
     }
+
+    /// The current GPU fleet.
+    #[tool(
+        name = "fleet.list_instances",
+        output_schema = rmcp::handler::server::tool::schema_for_type::<Fleet>(),
+        description = "The tenant's GPU instances as they stand now (id, state, GPU type and count, region, provider, hourly cost), most recently changed first, from instance.* events, with the running count, GPUs and cost per hour; filter by state, provider, region, GPU type. Scope: gpu:read."
+    )]
+    async fn fleet_list_instances(
+        &self,
+        Parameters(input): Parameters<FleetInput>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let identity = caller(&context)?;
+        let filter = FleetFilter {
+            states: input.state,
+            provider: input.provider,
+            region: input.region,
+            gpu_type: input.gpu_type,
+            limit: 0,
+        };
+        let fleet = match self.app.fleet(&identity, filter, input.limit) {
+            Ok(fleet) => fleet,
+            Err(e) => return Ok(refused(&e)),
+        };
+        let text = format!(
+            "{} instance(s), {} running with {} GPU(s) at {:.2} USD an hour",
+            fleet.matched, fleet.running, fleet.running_gpus, fleet.running_hourly_cost_usd
+        );
+        structured(&fleet, text)
+    }
+
+    /// Accepts a recommendation: publishes `recommendation.accepted`.
+    #[tool(
+        name = "recommendations.accept",
+        output_schema = rmcp::handler::server::tool::schema_for_type::<Accepted>(),
+        description = "Marks one of the tenant's open recommendations accepted by publishing recommendation.accepted, which every subscriber sees. A write tool: runs only when the tenant's MCP settings have write_tools_enabled and grant recommendations.accept. Scope: recommendation:write."
+    )]
+    async fn recommendations_accept(
+        &self,
+        Parameters(input): Parameters<AcceptInput>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let identity = caller(&context)?;
+        let accepted = match self
+            .app
+            .accept_recommendation(&identity, &input.recommendation_id)
+            .await
+        {
+            Ok(accepted) => accepted,
+            Err(e) => return Ok(refused(&e)),
+        };
+        let text = format!(
+            "accepted {}: event {}",
+            accepted.recommendation_id, accepted.event_id
+        );
+        structured(&accepted, text)
+    }
+
+    /// Sync health of the tenant's provider connections.
+    #[tool(
+        name = "connections.health",
+        output_schema = rmcp::handler::server::tool::schema_for_type::<ConnectionsOutput>(),
+        description = "Last sync status and time of each of the tenant's cloud and inference provider connections (from system.connection_synced and system.connection_failed events), failing first. Scope: integration:read."
+    )]
+    async fn connections_health(
+        &self,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let identity = caller(&context)?;
+        let connections = match self.app.connections_health(&identity) {
+            Ok(list) => list,
+            Err(e) => return Ok(refused(&e)),
+        };
+        let failing = connections.iter().filter(|c| c.status != "ok").count();
+        let text = format!("{} connection(s), {failing} failing", connections.len());
+        structured(
+            &ConnectionsOutput {
+                connections,
+                failing,
+            },
+            text,
+        )
+    }
 }
 
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for Tools {
+    /// Every tool call: refused for a tenant whose MCP settings say
+    /// `enabled: false` (an unknown tool is still a protocol error).
+    async fn call_tool(
+        &self,
+        request: rmcp::model::CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::CallToolResponse, ErrorData> {
+        if self.tool_router.has_route(&request.name) {
+            let identity = caller(&context)?;
+            if let Err(e) = self.app.mcp_open(&identity).await {
+                return Ok(refused(&e).into());
+            }
+        }
+        let call = rmcp::handler::server::tool::ToolCallContext::new(self, request, context);
+        self.tool_router.call(call).await
+    }
+
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
             .with_server_info(Implementation::new(

@@ -101,7 +101,6 @@ impl<T: Entity> Entities<T> {
         list.into_iter().map(|(_, e)| e).collect()
     }
 
-    #[cfg(test)]
     pub fn get(&self, tenant: &str, id: &str) -> Option<&T> {
         self.tenants.get(tenant)?.get(id).map(|(_, e)| e)
     }
@@ -299,6 +298,170 @@ impl Recommendation {
         }
         r.updated_at = event.timestamp.clone();
         r.last_event_id = event.id.clone();
+    }
+}
+
+/// A GPU instance as it stands now.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Instance {
+    pub instance_id: String,
+    /// `pending`, `running`, `stopping`, `stopped`, `terminated`, ... as
+    /// published; `running` when created without one.
+    pub state: String,
+    /// `aws`, `gcp`, `azure`, ...
+    pub provider: Option<String>,
+    pub region: Option<String>,
+    /// The provider's instance type (`p5.48xlarge`).
+    pub instance_type: Option<String>,
+    /// `H100`, `A100`, `L4`, ...
+    pub gpu_type: Option<String>,
+    pub gpu_count: Option<u32>,
+    pub hourly_cost_usd: Option<f64>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub last_event_id: String,
+}
+
+pub const INSTANCE_TYPES: [&str; 3] = [
+    "instance.created",
+    "instance.state_changed",
+    "instance.stopped",
+];
+
+impl Entity for Instance {
+    const TABLE: &'static str = "instances";
+    const MAX_PER_TENANT: usize = 20_000;
+    fn settled(&self) -> bool {
+        matches!(self.state.as_str(), "stopped" | "terminated")
+    }
+}
+
+impl Instance {
+    /// Applies one `instance.*` event to the instance it names.
+    pub fn apply(slot: &mut Option<Self>, event: &Event, data: &serde_json::Value, id: &str) {
+        let i = slot.get_or_insert_with(|| Instance {
+            instance_id: id.to_string(),
+            state: "running".into(),
+            provider: None,
+            region: None,
+            instance_type: None,
+            gpu_type: None,
+            gpu_count: None,
+            hourly_cost_usd: None,
+            created_at: event.timestamp.clone(),
+            updated_at: event.timestamp.clone(),
+            last_event_id: String::new(),
+        });
+        match event.event_type.as_str() {
+            "instance.stopped" => i.state = "stopped".into(),
+            "instance.created" => {
+                i.created_at = event.timestamp.clone();
+                i.state = text(data, "state").unwrap_or_else(|| "running".into());
+            }
+            _ => {
+                if let Some(state) = text(data, "state") {
+                    i.state = state;
+                }
+            }
+        }
+        for (field, value) in [
+            (&mut i.provider, text(data, "provider")),
+            (&mut i.region, text(data, "region")),
+            (&mut i.instance_type, text(data, "instance_type")),
+            (&mut i.gpu_type, text(data, "gpu_type")),
+        ] {
+            if value.is_some() {
+                *field = value;
+            }
+        }
+        if let Some(n) = data
+            .get("gpu_count")
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok())
+        {
+            i.gpu_count = Some(n);
+        }
+        if let Some(cost) = data
+            .get("hourly_cost_usd")
+            .and_then(serde_json::Value::as_f64)
+            .filter(|c| c.is_finite() && *c >= 0.0)
+        {
+            i.hourly_cost_usd = Some(cost);
+        }
+        i.updated_at = event.timestamp.clone();
+        i.last_event_id = event.id.clone();
+    }
+}
+
+/// A cloud or inference provider connection's sync health.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Connection {
+    pub connection_id: String,
+    /// `ok` after a sync, `failing` after a failed one.
+    pub status: String,
+    /// `aws`, `gcp`, `azure`, `bedrock`, `azure_openai`, ...
+    pub provider: Option<String>,
+    /// When it last synced successfully (RFC 3339), if ever.
+    pub last_sync_at: Option<String>,
+    /// When it was last tried, successfully or not.
+    pub last_attempt_at: String,
+    /// The error of the last failed sync (kept until a sync succeeds).
+    pub last_error: Option<String>,
+    /// Failed syncs since the last success.
+    pub consecutive_failures: u32,
+    pub last_event_id: String,
+}
+
+pub const CONNECTION_TYPES: [&str; 2] = ["system.connection_synced", "system.connection_failed"];
+
+impl Entity for Connection {
+    const TABLE: &'static str = "connections";
+    const MAX_PER_TENANT: usize = 1_000;
+    fn settled(&self) -> bool {
+        false
+    }
+}
+
+impl Connection {
+    /// Applies one `system.connection_*` event to the connection it names.
+    pub fn apply(slot: &mut Option<Self>, event: &Event, data: &serde_json::Value, id: &str) {
+        let c = slot.get_or_insert_with(|| Connection {
+            connection_id: id.to_string(),
+            status: "ok".into(),
+            provider: None,
+            last_sync_at: None,
+            last_attempt_at: event.timestamp.clone(),
+            last_error: None,
+            consecutive_failures: 0,
+            last_event_id: String::new(),
+        });
+        // When the sync happened, if the event says; else when published.
+        let at = text(data, "synced_at")
+            .or_else(|| text(data, "attempted_at"))
+            .filter(|t| crate::clock::parse_timestamp(t).is_some())
+            .unwrap_or_else(|| event.timestamp.clone());
+        if event.event_type == "system.connection_synced" {
+            c.status = "ok".into();
+            c.last_sync_at = Some(at.clone());
+            c.last_error = None;
+            c.consecutive_failures = 0;
+        } else {
+            c.status = "failing".into();
+            c.last_error = Some(
+                text(data, "error")
+                    .map(|mut e| {
+                        e.truncate(e.floor_char_boundary(500));
+                        e
+                    })
+                    .unwrap_or_else(|| "sync failed (no error given)".into()),
+            );
+            c.consecutive_failures = c.consecutive_failures.saturating_add(1);
+        }
+        if let Some(p) = text(data, "provider") {
+            c.provider = Some(p);
+        }
+        c.last_attempt_at = at;
+        c.last_event_id = event.id.clone();
     }
 }
 

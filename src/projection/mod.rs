@@ -34,7 +34,7 @@ pub const SAVE_INTERVAL: Duration = Duration::from_secs(1);
 const SAVE_BATCH: usize = 128;
 
 pub use cost::{AgentCosts, CostSummary, SummaryQuery, WorkloadCosts};
-pub use entities::{Alert, Recommendation};
+pub use entities::{Alert, Connection, Instance, Recommendation};
 
 use entities::{Entities, Entity};
 
@@ -70,6 +70,47 @@ struct Models {
     costs: HashMap<String, cost::TenantCosts>,
     alerts: Entities<Alert>,
     recommendations: Entities<Recommendation>,
+    instances: Entities<Instance>,
+    connections: Entities<Connection>,
+}
+
+/// Which instances `fleet.list_instances` lists.
+#[derive(Debug, Clone, Default)]
+pub struct FleetFilter {
+    /// Any of these states; all when empty.
+    pub states: Vec<String>,
+    pub provider: Option<String>,
+    pub region: Option<String>,
+    pub gpu_type: Option<String>,
+    /// Listed at most (totals count every instance kept).
+    pub limit: usize,
+}
+
+impl FleetFilter {
+    fn keeps(&self, i: &Instance) -> bool {
+        let is = |want: &Option<String>, have: &Option<String>| {
+            want.as_ref().is_none_or(|w| have.as_ref() == Some(w))
+        };
+        (self.states.is_empty() || self.states.contains(&i.state))
+            && is(&self.provider, &i.provider)
+            && is(&self.region, &i.region)
+            && is(&self.gpu_type, &i.gpu_type)
+    }
+}
+
+/// `fleet.list_instances`'s answer.
+#[derive(Debug, Clone, Default, serde::Serialize, schemars::JsonSchema)]
+pub struct Fleet {
+    /// Most recently changed first.
+    pub instances: Vec<Instance>,
+    /// Instances the filters kept, listed or not.
+    pub matched: usize,
+    /// Of those, running; their GPUs and their cost per hour.
+    pub running: usize,
+    pub running_gpus: u64,
+    pub running_hourly_cost_usd: f64,
+    /// More matched than `limit`: only the most recent are listed.
+    pub truncated: bool,
 }
 
 /// A state record: (table, tenant, id).
@@ -100,6 +141,8 @@ impl Models {
             COST_HOURS => self.costs.get(tenant)?.hour_record(id.parse().ok()?),
             Alert::TABLE => self.alerts.record(tenant, id),
             Recommendation::TABLE => self.recommendations.record(tenant, id),
+            Instance::TABLE => self.instances.record(tenant, id),
+            Connection::TABLE => self.connections.record(tenant, id),
             _ => None,
         }
     }
@@ -122,6 +165,8 @@ impl Models {
             }),
             Alert::TABLE => self.alerts.restore(tenant, id, text),
             Recommendation::TABLE => self.recommendations.restore(tenant, id, text),
+            Instance::TABLE => self.instances.restore(tenant, id, text),
+            Connection::TABLE => self.connections.restore(tenant, id, text),
             _ => false,
         }
     }
@@ -132,6 +177,8 @@ fn observed(event_type: &str) -> bool {
     event_type == cost::COST_UPDATED
         || entities::ALERT_TYPES.contains(&event_type)
         || entities::RECOMMENDATION_TYPES.contains(&event_type)
+        || entities::INSTANCE_TYPES.contains(&event_type)
+        || entities::CONNECTION_TYPES.contains(&event_type)
 }
 
 impl Projections {
@@ -163,7 +210,13 @@ impl Projections {
     pub async fn load(&self, state: &State) -> anyhow::Result<usize> {
         let now_ms = clock::unix_millis();
         let mut restored = 0;
-        for table in [COST_HOURS, Alert::TABLE, Recommendation::TABLE] {
+        for table in [
+            COST_HOURS,
+            Alert::TABLE,
+            Recommendation::TABLE,
+            Instance::TABLE,
+            Connection::TABLE,
+        ] {
             let rows = state
                 .list_all(table)
                 .await
@@ -250,6 +303,15 @@ impl Projections {
                 "recommendation_id",
                 |m| &mut m.recommendations,
                 Recommendation::apply,
+            )
+        } else if entities::INSTANCE_TYPES.contains(&kind) {
+            self.apply_entity(event, "instance_id", |m| &mut m.instances, Instance::apply)
+        } else if entities::CONNECTION_TYPES.contains(&kind) {
+            self.apply_entity(
+                event,
+                "connection_id",
+                |m| &mut m.connections,
+                Connection::apply,
             )
         } else {
             return;
@@ -357,6 +419,51 @@ impl Projections {
                 .then(a.recommendation_id.cmp(&b.recommendation_id))
         });
         list.truncate(limit);
+        list
+    }
+
+    /// `tenant`'s instances that `filter` keeps, most recently changed
+    /// first, with totals over every one it keeps.
+    pub fn fleet(&self, tenant: &str, filter: &FleetFilter) -> Fleet {
+        let models = self.lock();
+        let mut fleet = Fleet::default();
+        for i in models.instances.latest_first(tenant) {
+            if !filter.keeps(i) {
+                continue;
+            }
+            fleet.matched += 1;
+            if i.state == "running" {
+                fleet.running += 1;
+                fleet.running_gpus += u64::from(i.gpu_count.unwrap_or(0));
+                fleet.running_hourly_cost_usd += i.hourly_cost_usd.unwrap_or(0.0);
+            }
+            if fleet.instances.len() < filter.limit {
+                fleet.instances.push(i.clone());
+            }
+        }
+        fleet.truncated = fleet.matched > fleet.instances.len();
+        fleet
+    }
+
+    /// One of `tenant`'s recommendations, as it stands.
+    pub fn recommendation(&self, tenant: &str, id: &str) -> Option<Recommendation> {
+        self.lock().recommendations.get(tenant, id).cloned()
+    }
+
+    /// `tenant`'s connections, failing first, then by id.
+    pub fn connections(&self, tenant: &str) -> Vec<Connection> {
+        let models = self.lock();
+        let mut list: Vec<Connection> = models
+            .connections
+            .latest_first(tenant)
+            .into_iter()
+            .cloned()
+            .collect();
+        list.sort_by(|a, b| {
+            (a.status == "ok")
+                .cmp(&(b.status == "ok"))
+                .then(a.connection_id.cmp(&b.connection_id))
+        });
         list
     }
 

@@ -6,13 +6,13 @@ use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::app::{ACTIVE_TENANT_HEADER, Access, App};
+use crate::app::{Access, App};
 use crate::auth::Identity;
 use crate::error::ApiError;
 use crate::http::HttpState;
@@ -31,12 +31,7 @@ pub fn routes() -> Router<HttpState> {
 }
 
 async fn identity(app: &App, headers: &HeaderMap) -> Result<Identity, ApiError> {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    app.authenticate(
-        header(header::AUTHORIZATION.as_str()),
-        header(ACTIVE_TENANT_HEADER),
-    )
-    .await
+    crate::http::authenticated(app, headers).await
 }
 
 /// Reads a JSON body (after authentication); an empty body is `{}`.

@@ -455,7 +455,7 @@ ALERTS_AND_RECOMMENDATIONS = [
 
 
 def test_the_alert_and_recommendation_examples_follow_their_schemas():
-    for event_type, data in ALERTS_AND_RECOMMENDATIONS:
+    for event_type, data in ALERTS_AND_RECOMMENDATIONS + FLEET_AND_CONNECTIONS:
         schema = json.loads((SCHEMAS / f"{event_type}.json").read_text())
         jsonschema.Draft202012Validator.check_schema(schema)
         jsonschema.validate(data, schema)
@@ -514,3 +514,162 @@ def test_alerts_and_inference_recommendations_as_they_stand(broker, stub, pb, te
 
     a, r = run(broker, other, elsewhere)
     assert a.structured_content["alerts"] == [] and r.structured_content["recommendations"] == []
+
+
+FLEET_AND_CONNECTIONS = [
+    ("instance.created", {"instance_id": "i-1", "provider": "aws", "region": "us-east-1", "instance_type": "p5.48xlarge", "gpu_type": "H100", "gpu_count": 8, "hourly_cost_usd": 98.32}),
+    ("instance.created", {"instance_id": "i-2", "provider": "gcp", "region": "us-central1", "gpu_type": "A100", "gpu_count": 4, "hourly_cost_usd": 14.69}),
+    ("instance.created", {"instance_id": "i-3", "provider": "aws", "region": "us-west-2", "gpu_type": "H100", "gpu_count": 8, "hourly_cost_usd": 98.32}),
+    ("instance.state_changed", {"instance_id": "i-2", "state": "stopping"}),
+    ("instance.stopped", {"instance_id": "i-3"}),
+    ("system.connection_synced", {"connection_id": "aws-prod", "provider": "aws", "synced_at": "2026-11-28T10:00:00Z"}),
+    ("system.connection_synced", {"connection_id": "bedrock", "provider": "bedrock"}),
+    ("system.connection_failed", {"connection_id": "bedrock", "error": "AccessDenied: ce:GetCostAndUsage"}),
+    ("system.connection_failed", {"connection_id": "bedrock", "error": "AccessDenied: ce:GetCostAndUsage"}),
+]
+
+
+def test_fleet_and_connection_health_as_they_stand(broker, stub, pb, tenant):
+    publish(stub, pb, broker.token(tenant), FLEET_AND_CONNECTIONS)
+    token = broker.token(tenant, scope="gpu:read integration:read")
+    fleet = tool_when(broker, token, "fleet.list_instances", {}, lambda s: s["matched"] == 3 and s["running"] == 1)
+    assert not fleet.is_error, fleet.content
+    s = fleet.structured_content
+    assert (s["matched"], s["running"], s["running_gpus"], s["running_hourly_cost_usd"]) == (3, 1, 8, 98.32)
+    by_id = {i["instance_id"]: i for i in s["instances"]}
+    assert by_id["i-1"]["state"] == "running" and by_id["i-1"]["instance_type"] == "p5.48xlarge"
+    assert by_id["i-2"]["state"] == "stopping" and by_id["i-2"]["gpu_count"] == 4
+    assert by_id["i-3"]["state"] == "stopped"
+    # Most recently changed first.
+    assert [i["instance_id"] for i in s["instances"]] == ["i-3", "i-2", "i-1"]
+    h100 = tool_when(broker, token, "fleet.list_instances", {"gpu_type": "H100", "state": ["running"]}, lambda s: True)
+    assert [i["instance_id"] for i in h100.structured_content["instances"]] == ["i-1"]
+    one = tool_when(broker, token, "fleet.list_instances", {"limit": 1}, lambda s: True)
+    assert len(one.structured_content["instances"]) == 1 and one.structured_content["truncated"] is True
+
+    health = tool_when(broker, token, "connections.health", {}, lambda s: len(s["connections"]) == 2 and s["failing"] == 1 and s["connections"][0]["consecutive_failures"] == 2)
+    conns = health.structured_content["connections"]
+    assert [c["connection_id"] for c in conns] == ["bedrock", "aws-prod"], conns
+    bedrock, aws = conns
+    assert bedrock["status"] == "failing" and bedrock["consecutive_failures"] == 2
+    assert bedrock["last_error"] == "AccessDenied: ce:GetCostAndUsage"
+    assert bedrock["last_sync_at"] is not None
+    assert aws["status"] == "ok" and aws["last_sync_at"] == "2026-11-28T10:00:00Z"
+
+    async def refused(session):
+        return (
+            await session.call_tool("fleet.list_instances", {"limit": 0}),
+            await session.call_tool("connections.health", {}),
+        )
+
+    limit, scope = run(broker, broker.token(tenant, scope="gpu:read"), refused)
+    assert limit.is_error and "limit" in limit.content[0].text
+    assert scope.is_error and "integration:read" in scope.content[0].text
+
+    async def elsewhere(session):
+        return (
+            await session.call_tool("fleet.list_instances", {}),
+            await session.call_tool("connections.health", {}),
+        )
+
+    f, c = run(broker, broker.token(f"py-{uuid.uuid4().hex[:12]}", scope="gpu:read integration:read"), elsewhere)
+    assert f.structured_content["matched"] == 0 and c.structured_content["connections"] == []
+
+
+# ---- per-tenant settings and the write tool -------------------------------------
+
+
+def rest(broker, method: str, path: str, token: str | None, body: dict | None = None):
+    host, port = broker.http_addr.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=RPC_TIMEOUT_S)
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
+        r = conn.getresponse()
+        return r.status, json.loads(r.read() or b"null")
+    finally:
+        conn.close()
+
+
+def test_recommendations_accept_needs_scope_flag_and_grant_and_publishes(broker, stub, pb, tenant):
+    from test_grpc_client import Subscriber
+
+    publish(stub, pb, broker.token(tenant), ALERTS_AND_RECOMMENDATIONS)
+    admin = broker.token(tenant, scope="settings:read settings:write")
+    writer = broker.token(tenant, scope="recommendation:write ai:read events:subscribe")
+    tool_when(broker, writer, "inference.recommendations", {}, lambda s: len(s["recommendations"]) == 2)
+
+    status, settings = rest(broker, "GET", "/v1/settings/mcp", admin)
+    assert status == 200 and settings == {"enabled": True, "write_tools_enabled": False, "write_grants": []}
+
+    async def accept(session):
+        return await session.call_tool("recommendations.accept", {"recommendation_id": "rec-1"})
+
+    refused = run(broker, writer, accept)
+    assert refused.is_error and "write_tools_enabled" in refused.content[0].text
+
+    status, _ = rest(broker, "PUT", "/v1/settings/mcp", admin, {"write_tools_enabled": True})
+    assert status == 200
+    refused = run(broker, writer, accept)
+    assert refused.is_error and "write_grants" in refused.content[0].text
+
+    status, saved = rest(broker, "PUT", "/v1/settings/mcp", admin, {"write_tools_enabled": True, "write_grants": ["recommendations.accept"]})
+    assert status == 200 and saved["write_grants"] == ["recommendations.accept"]
+    no_scope = run(broker, broker.token(tenant, scope="ai:read"), accept)
+    assert no_scope.is_error and "recommendation:write" in no_scope.content[0].text
+
+    follower = Subscriber(stub, pb, broker.token(tenant), types=["recommendation.accepted"])
+    try:
+        follower.status()
+        accepted = run(broker, writer, accept)
+        assert not accepted.is_error, accepted.content
+        event_id = accepted.structured_content["event_id"]
+        [seen] = follower.events(1)
+        assert seen.id == event_id
+        assert json.loads(seen.data)["recommendation_id"] == "rec-1"
+    finally:
+        follower.call.cancel()
+    # The projection follows the event it published: rec-1 is no longer open.
+    left = tool_when(broker, writer, "inference.recommendations", {}, lambda s: len(s["recommendations"]) == 1)
+    assert [r["recommendation_id"] for r in left.structured_content["recommendations"]] == ["rec-2"]
+
+    async def again_and_unknown(session):
+        return (
+            await session.call_tool("recommendations.accept", {"recommendation_id": "rec-1"}),
+            await session.call_tool("recommendations.accept", {"recommendation_id": "rec-404"}),
+        )
+
+    again, unknown = run(broker, writer, again_and_unknown)
+    assert again.is_error and "already accepted" in again.content[0].text
+    assert unknown.is_error and "rec-404" in unknown.content[0].text
+
+
+def test_mcp_settings_are_per_tenant_checked_and_can_turn_the_tools_off(broker, tenant):
+    admin = broker.token(tenant, scope="settings:read settings:write cost:read")
+    status, error = rest(broker, "PUT", "/v1/settings/mcp", admin, {"write_grants": ["policies.delete"]})
+    assert status == 400 and "policies.delete" in error["message"]
+    status, error = rest(broker, "PUT", "/v1/settings/mcp", admin, {"enable": False})
+    assert status == 400 and "enable" in error["message"]
+    status, error = rest(broker, "PUT", "/v1/settings/mcp", broker.token(tenant, scope="settings:read"), {})
+    assert status == 403 and "settings:write" in error["message"]
+    status, _ = rest(broker, "GET", "/v1/settings/mcp", None)
+    assert status == 401
+
+    status, _ = rest(broker, "PUT", "/v1/settings/mcp", admin, {"enabled": False})
+    assert status == 200
+
+    async def call(session):
+        return await session.call_tool("cost.summary", {})
+
+    off = run(broker, admin, call)
+    assert off.is_error and "disabled" in off.content[0].text
+    # Another tenant's tools and settings are untouched.
+    other = broker.token(f"py-{uuid.uuid4().hex[:12]}", scope="settings:read cost:read")
+    assert not run(broker, other, call).is_error
+    status, theirs = rest(broker, "GET", "/v1/settings/mcp", other)
+    assert status == 200 and theirs["enabled"] is True
+
+    status, _ = rest(broker, "PUT", "/v1/settings/mcp", admin, {"enabled": True})
+    assert not run(broker, admin, call).is_error
