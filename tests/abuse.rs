@@ -408,3 +408,43 @@ async fn out_of_descriptors_one_address_cannot_take_every_place() {
     );
     assert!(b.process.open_fds() < 256);
 }
+
+/// `/mcp` and `/v1/settings/mcp` refuse a request without a token from its
+/// headers: 20 connections announcing 50 MB bodies each get 401 before any
+/// body is read, and the broker holds no more than a few MiB for them.
+#[tokio::test]
+async fn mcp_and_settings_refuse_unauthenticated_bodies_from_their_headers() {
+    let b = broker(&[]);
+    let before = b.process.rss_kib();
+    let mut streams = Vec::new();
+    for i in 0..20 {
+        let head = if i % 2 == 0 {
+            "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\ncontent-length: 50000000\r\n\r\n"
+        } else {
+            "PUT /v1/settings/mcp HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 50000000\r\n\r\n"
+        };
+        let mut s = TcpStream::connect(http_addr(&b)).await.expect("connect");
+        s.write_all(head.as_bytes()).await.expect("head");
+        s.write_all(&vec![b' '; 256 * 1024]).await.ok();
+        streams.push(s);
+    }
+    for s in &mut streams {
+        let mut buf = vec![0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("an answer before the body")
+            .unwrap_or(0);
+        let head = String::from_utf8_lossy(&buf[..n]);
+        assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("www-authenticate: bearer"),
+            "{head}"
+        );
+    }
+    let grown = b.process.rss_kib().saturating_sub(before);
+    assert!(
+        grown < 16 * 1024,
+        "RSS grew {grown} KiB for 20 unauthenticated 50 MB bodies"
+    );
+}
