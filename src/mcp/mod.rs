@@ -67,9 +67,11 @@ pub fn router(app: App, settings: &McpSettings, shutdown: CancellationToken) -> 
         .with_allowed_hosts(settings.mcp_allowed_hosts.iter().cloned())
         .with_max_request_body_bytes(MAX_REQUEST_BYTES)
         .with_cancellation_token(shutdown);
-    let tools_app = app.clone();
+    // The tools and their schemas are built once; each request gets a
+    // clone.
+    let tools = Tools::new(app.clone());
     let service = StreamableHttpService::new(
-        move || Ok(Tools::new(tools_app.clone())),
+        move || Ok(tools.clone()),
         Arc::new(NeverSessionManager::default()),
         config,
     );
