@@ -118,6 +118,7 @@ pub struct Running {
     store: Option<Store>,
     webhooks: crate::webhook::Running,
     state: State,
+    app: App,
 }
 
 /// Binds both listeners and starts serving. `secret` is the HS256 secret
@@ -348,6 +349,7 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         store,
         webhooks: webhook_tasks,
         state,
+        app,
     })
 }
 
@@ -424,6 +426,11 @@ fn write_ready_file(
 
 impl Running {
     /// A token that starts shutdown when cancelled.
+    /// The door every surface of this server goes through.
+    pub fn app(&self) -> App {
+        self.app.clone()
+    }
+
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
     }

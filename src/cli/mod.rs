@@ -49,6 +49,10 @@ pub enum Command {
     Token(TokenArgs),
     /// Say whether a token is accepted, and why not.
     CheckToken(CheckTokenArgs),
+    /// Serve MCP on standard input and output (Claude Desktop, local
+    /// agents): relayed to the broker at TC_SERVER, or with a broker run in
+    /// this process when TC_SERVER is not set.
+    Mcp(Box<McpArgs>),
     /// Print the version.
     Version,
 }
@@ -97,6 +101,20 @@ pub struct TailArgs {
     /// Exit after this many events.
     #[arg(long)]
     pub count: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct McpArgs {
+    /// A running broker's HTTP address (`http://127.0.0.1:8080`, or its
+    /// `/mcp` URL): relay every message to it. Unset: run a broker in this
+    /// process, with the settings `serve` takes.
+    #[arg(long, env = "TC_SERVER")]
+    pub server: Option<String>,
+    /// Bearer token: whose tenant and scopes the tools act with.
+    #[arg(long, env = "TC_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    #[command(flatten)]
+    pub settings: Settings,
 }
 
 /// Where the HS256 secret comes from for `token` and `check-token`.
@@ -161,6 +179,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Tail(args) => tail(args).await,
         Command::Token(args) => token(args),
         Command::CheckToken(args) => check_token(args).await,
+        Command::Mcp(args) => mcp(*args).await,
         Command::Version => {
             println!(
                 "tensorcost-events {} (gRPC API tensorcost.events.v1)",
@@ -216,6 +235,22 @@ async fn serve(settings: Settings) -> anyhow::Result<ExitCode> {
         () = shutdown.cancelled() => {}
     }
     running.stop().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn mcp(args: McpArgs) -> anyhow::Result<ExitCode> {
+    crate::telemetry::init();
+    let token = args
+        .token
+        .as_deref()
+        .filter(|t| !t.trim().is_empty())
+        .context(
+            "no token: set TC_TOKEN (the tools act with its tenant and scopes; `token` mints one)",
+        )?;
+    match args.server.as_deref().filter(|s| !s.trim().is_empty()) {
+        Some(server) => crate::mcp::stdio::relay(server, token).await?,
+        None => crate::mcp::stdio::in_process(&args.settings, token).await?,
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -9,7 +9,11 @@
 //! scope, a bad filter) answers a tool error whose text names what was
 //! wrong; only a malformed MCP message is a protocol error.
 
-use std::sync::Arc;
+mod resources;
+pub mod stdio;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::{Request, State};
@@ -17,14 +21,19 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
-use rmcp::model::{CallToolResult, ContentBlock, Implementation, ServerCapabilities, ServerConfig};
-use rmcp::service::{RequestContext, RoleServer};
+use rmcp::model::{
+    CallToolResult, ContentBlock, Implementation, ListResourceTemplatesResult, ListResourcesResult,
+    PaginatedRequestParams, ReadResourceRequestParams, ReadResourceResponse,
+    ResourceUpdatedNotificationParam, ServerCapabilities, ServerConfig, SubscribeRequestParams,
+    SubscriptionFilter, UnsubscribeRequestParams,
+};
+use rmcp::service::{RequestContext, RoleServer, SubscriptionContext};
 use rmcp::transport::streamable_http_server::session::never::NeverSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::{ErrorData, ServerHandler, tool, tool_handler, tool_router};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::app::{
     Accepted, AlertParams, App, CostParams, RECENT_DEFAULT, RECENT_MAX, RecentParams,
@@ -92,11 +101,18 @@ async fn authenticate(State(app): State<App>, mut request: Request, next: Next) 
     }
 }
 
-/// The tools; one value per request.
+/// The tools and resources; over HTTP a clone per request, over stdio one
+/// value for the connection.
 #[derive(Clone)]
 pub struct Tools {
     app: App,
     tool_router: ToolRouter<Self>,
+    /// The caller of every request over stdio (from `TC_TOKEN`); over
+    /// HTTP, `None`: each request's own verified token.
+    fixed: Option<Arc<Identity>>,
+    /// `resources/subscribe` followers of a stdio connection, by URI;
+    /// dropping one ends it.
+    followed: Arc<Mutex<HashMap<String, DropGuard>>>,
 }
 
 /// `events.recent` input.
@@ -258,7 +274,37 @@ impl Tools {
         Self {
             app,
             tool_router: Self::tool_router(),
+            fixed: None,
+            followed: Arc::default(),
         }
+    }
+
+    /// The tools for one caller, whatever the request carries (stdio).
+    pub fn for_identity(app: App, identity: Identity) -> Self {
+        Self {
+            fixed: Some(Arc::new(identity)),
+            ..Self::new(app)
+        }
+    }
+
+    /// The caller: over stdio the identity of `TC_TOKEN` while it is
+    /// valid; over HTTP the one the HTTP layer verified for this request.
+    fn caller(&self, context: &RequestContext<RoleServer>) -> Result<Identity, ErrorData> {
+        if let Some(identity) = &self.fixed {
+            if crate::clock::unix_secs() >= identity.valid_until() {
+                return Err(ErrorData::invalid_request(
+                    "TC_TOKEN has expired: start `tensorcost-events mcp` again with a new token",
+                    None,
+                ));
+            }
+            return Ok(Identity::clone(identity));
+        }
+        context
+            .extensions
+            .get::<axum::http::request::Parts>()
+            .and_then(|parts| parts.extensions.get::<Identity>())
+            .cloned()
+            .ok_or_else(|| ErrorData::internal_error("no verified caller for this request", None))
     }
 
     /// The tenant's recent events from the broker's history.
@@ -272,7 +318,7 @@ impl Tools {
         Parameters(input): Parameters<RecentInput>,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let identity = caller(&context)?;
+        let identity = self.caller(&context)?;
         let params = RecentParams {
             types: input.types,
             since: input.since,
@@ -322,7 +368,7 @@ impl Tools {
         Parameters(input): Parameters<CostInput>,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let identity = caller(&context)?;
+        let identity = self.caller(&context)?;
         let params = CostParams {
             window: input.window,
             until: input.until,
@@ -354,7 +400,7 @@ impl Tools {
         Parameters(input): Parameters<WindowInput>,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let identity = caller(&context)?;
+        let identity = self.caller(&context)?;
         let params = window_params(input.window, input.until, input.top);
         let costs = match self.app.workload_costs(&identity, &params) {
             Ok(costs) => costs,
@@ -387,7 +433,7 @@ impl Tools {
         Parameters(input): Parameters<AgentInput>,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let identity = caller(&context)?;
+        let identity = self.caller(&context)?;
         let params = window_params(input.window, input.until, input.top);
         let costs = match self
             .app
@@ -417,7 +463,7 @@ impl Tools {
         Parameters(input): Parameters<AlertsInput>,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let identity = caller(&context)?;
+        let identity = self.caller(&context)?;
         let params = AlertParams {
             states: input.state,
             severities: input.severity,
@@ -443,7 +489,7 @@ impl Tools {
         Parameters(input): Parameters<RecommendationsInput>,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let identity = caller(&context)?;
+        let identity = self.caller(&context)?;
         let recommendations = match self.app.inference_recommendations(
             &identity,
             input.provider.as_deref(),
@@ -474,7 +520,7 @@ impl Tools {
         Parameters(input): Parameters<FleetInput>,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let identity = caller(&context)?;
+        let identity = self.caller(&context)?;
         let filter = FleetFilter {
             states: input.state,
             provider: input.provider,
@@ -504,7 +550,7 @@ impl Tools {
         Parameters(input): Parameters<AcceptInput>,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let identity = caller(&context)?;
+        let identity = self.caller(&context)?;
         let accepted = match self
             .app
             .accept_recommendation(&identity, &input.recommendation_id)
@@ -530,7 +576,7 @@ impl Tools {
         &self,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let identity = caller(&context)?;
+        let identity = self.caller(&context)?;
         let connections = match self.app.connections_health(&identity) {
             Ok(list) => list,
             Err(e) => return Ok(refused(&e)),
@@ -557,7 +603,7 @@ impl ServerHandler for Tools {
         context: RequestContext<RoleServer>,
     ) -> Result<rmcp::model::CallToolResponse, ErrorData> {
         if self.tool_router.has_route(&request.name) {
-            let identity = caller(&context)?;
+            let identity = self.caller(&context)?;
             if let Err(e) = self.app.mcp_open(&identity).await {
                 return Ok(refused(&e).into());
             }
@@ -567,28 +613,168 @@ impl ServerHandler for Tools {
     }
 
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
-            .with_server_info(Implementation::new(
-                "tensorcost-events",
-                env!("CARGO_PKG_VERSION"),
-            ))
-            .with_instructions(format!(
-                "TensorCost's event broker: read the caller's tenant's events and the \
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_resources()
+                .enable_resources_subscribe()
+                .build(),
+        )
+        .with_server_info(Implementation::new(
+            "tensorcost-events",
+            env!("CARGO_PKG_VERSION"),
+        ))
+        .with_instructions(format!(
+            "TensorCost's event broker: read the caller's tenant's events and the \
                  figures built from them. Each tool names the scope it needs; a call \
                  without it fails naming the scope. events.recent returns {RECENT_DEFAULT} \
-                 events by default, at most {RECENT_MAX}."
-            ))
+                 events by default, at most {RECENT_MAX}. Resources events://{{pattern}} \
+                 (cost.*, alert.created, *) give the newest matching events and notify \
+                 as new ones arrive."
+        ))
+    }
+
+    async fn list_resources(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourcesResult, ErrorData> {
+        Ok(ListResourcesResult::with_all_items(resources::listed()))
+    }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourceTemplatesResult, ErrorData> {
+        Ok(ListResourceTemplatesResult::with_all_items(
+            resources::templates(),
+        ))
+    }
+
+    async fn read_resource(
+        &self,
+        request: ReadResourceRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, ErrorData> {
+        let identity = self.caller(&context)?;
+        self.app
+            .mcp_open(&identity)
+            .await
+            .and_then(|()| resources::read(&self.app, &identity, &request.uri))
+            .map(Into::into)
+            .map_err(|e| resources::protocol_error(&e))
+    }
+
+    fn accepted_subscription_filter(
+        &self,
+        requested: &SubscriptionFilter,
+    ) -> Option<SubscriptionFilter> {
+        Some(resources::accepted(requested))
+    }
+
+    /// `subscriptions/listen` (2026-07-28): notifications ride the
+    /// request's own stream until the client ends it.
+    async fn listen(&self, subscription: SubscriptionContext) -> Result<(), ErrorData> {
+        let identity = self.caller(subscription.request_context())?;
+        self.app
+            .mcp_open(&identity)
+            .await
+            .map_err(|e| resources::protocol_error(&e))?;
+        let uris = subscription
+            .accepted()
+            .resource_subscriptions
+            .clone()
+            .unwrap_or_default();
+        if uris.is_empty() {
+            subscription.cancelled().await;
+            return Ok(());
+        }
+        let follower = resources::Follower::open(&self.app, &identity, &uris)
+            .map_err(|e| resources::protocol_error(&e))?;
+        let sink = subscription.sink().clone();
+        let ended = tokio::select! {
+            ended = follower.run(|uri| {
+                let sink = sink.clone();
+                async move { sink.notify_resource_updated(uri).await.is_ok() }
+            }) => ended,
+            () = subscription.cancelled() => return Ok(()),
+        };
+        match ended {
+            resources::Ended::Closed => Ok(()),
+            resources::Ended::Expired => Err(token_expired()),
+        }
+    }
+
+    /// `resources/subscribe` (revisions before 2026-07-28): stdio only,
+    /// where the connection is the session; over HTTP, which keeps no
+    /// session, `subscriptions/listen` is the way.
+    #[allow(deprecated)]
+    async fn subscribe(
+        &self,
+        request: SubscribeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        if self.fixed.is_none() {
+            return Err(ErrorData::invalid_request(
+                "resources/subscribe needs a session, and /mcp keeps none: use \
+                 subscriptions/listen (protocol revision 2026-07-28), or stdio",
+                None,
+            ));
+        }
+        let identity = self.caller(&context)?;
+        let refused = |e: ApiError| resources::protocol_error(&e);
+        self.app.mcp_open(&identity).await.map_err(refused)?;
+        let mut followed = self.followed.lock().unwrap_or_else(|e| e.into_inner());
+        if followed.contains_key(&request.uri) {
+            return Ok(());
+        }
+        if followed.len() >= resources::MAX_URIS {
+            return Err(refused(ApiError::invalid(format!(
+                "uri: this connection already follows {} event resources, the limit; \
+                 unsubscribe from one first",
+                resources::MAX_URIS
+            ))));
+        }
+        let follower =
+            resources::Follower::open(&self.app, &identity, std::slice::from_ref(&request.uri))
+                .map_err(refused)?;
+        let stop = CancellationToken::new();
+        let peer = context.peer.clone();
+        let token = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = follower.run(|uri| {
+                    let peer = peer.clone();
+                    async move {
+                        peer.notify_resource_updated(ResourceUpdatedNotificationParam::new(uri))
+                            .await
+                            .is_ok()
+                    }
+                }) => {}
+                () = token.cancelled() => {}
+            }
+        });
+        followed.insert(request.uri, stop.drop_guard());
+        Ok(())
+    }
+
+    #[allow(deprecated)]
+    async fn unsubscribe(
+        &self,
+        request: UnsubscribeRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        self.followed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&request.uri);
+        Ok(())
     }
 }
 
-/// The identity the HTTP layer verified for this request.
-fn caller(context: &RequestContext<RoleServer>) -> Result<Identity, ErrorData> {
-    context
-        .extensions
-        .get::<axum::http::request::Parts>()
-        .and_then(|parts| parts.extensions.get::<Identity>())
-        .cloned()
-        .ok_or_else(|| ErrorData::internal_error("no verified caller for this request", None))
+fn token_expired() -> ErrorData {
+    ErrorData::invalid_request("the token has expired: follow again with a new one", None)
 }
 
 /// A refusal as a tool error: the code and the message that names what

@@ -1,0 +1,325 @@
+"""MCP beyond single HTTP calls, with the official Python `mcp` SDK against
+the real binary: `tensorcost-events mcp` over stdio (relaying to a running
+broker, and running its own broker in-process), the events:// resources and
+their notifications (subscriptions/listen at 2026-07-28 over HTTP;
+resources/subscribe at 2025-11-25 over stdio), and the protocol revisions
+/mcp serves."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+
+import anyio
+import httpx2
+import pytest
+from mcp import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.client.subscriptions import SubscriptionLost, listen
+from mcp.shared.exceptions import MCPError
+
+from conftest import JWT_SECRET, RPC_TIMEOUT_S, _env, binary_path
+from test_mcp import INITIALIZE, MCP_HEADERS, cost_events, mcp_url, publish, raw_post
+
+WAIT_S = 10.0
+# resources/subscribe is the previous revisions' way, tested on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore:resources/(un)?subscribe is removed")
+
+
+def stdio_params(env: dict[str, str]) -> StdioServerParameters:
+    base = _env()
+    base.pop("TC_JWT_SECRET", None)
+    return StdioServerParameters(command=str(binary_path()), args=["mcp"], env={**base, **env})
+
+
+async def call_until(session, name: str, args: dict, ready):
+    """`name(args)`, asked again until `ready(structured)`: projections
+    apply events a moment after they are accepted."""
+    deadline = anyio.current_time() + WAIT_S
+    while True:
+        result = await session.call_tool(name, args)
+        if result.is_error or ready(result.structured_content) or anyio.current_time() > deadline:
+            return result
+        await anyio.sleep(0.05)
+
+
+def test_stdio_relay_serves_the_tools_of_a_running_broker(broker, stub, pb, tenant, tmp_path):
+    publish(stub, pb, broker.token(tenant), cost_events([2, 5, 20, 24 * 10]))
+    reader = broker.token(tenant, scope="cost:read")
+    errlog = open(tmp_path / "relay.log", "w")
+
+    async def body():
+        params = stdio_params({"TC_SERVER": f"http://{broker.http_addr}", "TC_TOKEN": reader})
+        async with stdio_client(params, errlog=errlog) as (read, write):
+            async with ClientSession(read, write) as session:
+                init = await session.initialize()
+                assert init.server_info.name == "tensorcost-events"
+                tools = {t.name for t in (await session.list_tools()).tools}
+                assert {"cost.summary", "inference.recommendations", "events.recent"} <= tools
+                week = await call_until(session, "cost.summary", {}, lambda s: s["total_usd"] >= 22.875)
+                assert not week.is_error, week.content
+                assert week.structured_content["total_usd"] == 22.875
+                assert [a["source"] for a in week.structured_content["by_source"]] == ["bedrock", "aws"]
+                # The token's scopes travel with every relayed call.
+                refused = await session.call_tool("alerts.recent", {})
+                assert refused.is_error
+                assert "alert:read" in refused.content[0].text
+                # An unknown tool is still the broker's protocol error.
+                with pytest.raises(MCPError):
+                    await session.call_tool("no.such_tool", {})
+
+    anyio.run(body)
+
+
+def test_stdio_relay_says_why_a_broker_refuses_or_cannot_be_reached(broker, tmp_path):
+    errlog = open(tmp_path / "relay.log", "w")
+
+    async def attempt(env):
+        async with stdio_client(stdio_params(env), errlog=errlog) as (read, write):
+            async with ClientSession(read, write, read_timeout_seconds=WAIT_S) as session:
+                with pytest.raises(MCPError) as refused:
+                    await session.initialize()
+                return str(refused.value)
+
+    bad_token = anyio.run(attempt, {"TC_SERVER": f"http://{broker.http_addr}", "TC_TOKEN": "not-a-token"})
+    assert "401" in bad_token, bad_token
+    assert "not-a-token" not in bad_token
+    unreachable = anyio.run(attempt, {"TC_SERVER": "http://127.0.0.1:9", "TC_TOKEN": "x"})
+    assert "cannot reach the broker" in unreachable, unreachable
+
+
+def test_stdio_without_a_token_or_with_a_bad_server_exits_naming_it():
+    import subprocess
+
+    for env, expected in [
+        ({"TC_SERVER": "http://127.0.0.1:9"}, "TC_TOKEN"),
+        ({"TC_SERVER": "127.0.0.1:8080", "TC_TOKEN": "x"}, "TC_SERVER"),
+    ]:
+        proc = subprocess.run(
+            [str(binary_path()), "mcp"],
+            env={**_env(), **env},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=RPC_TIMEOUT_S,
+        )
+        assert proc.returncode != 0
+        assert expected in proc.stderr, proc.stderr
+        assert proc.stdout == "", "standard output is for MCP messages only"
+
+
+def token_for(tenant: str, scope: str) -> str:
+    import subprocess
+
+    proc = subprocess.run(
+        [str(binary_path()), "token", "--tenant", tenant, "--scope", scope, "--ttl", "10m"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=RPC_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_stdio_in_process_runs_a_broker_and_notifies_subscribed_resources(tmp_path):
+    import grpc
+
+    from tensorcost.events.v1 import events_pb2 as pb
+    from tensorcost.events.v1 import events_pb2_grpc
+
+    tenant = f"py-{uuid.uuid4().hex[:12]}"
+    ready = tmp_path / "ready.json"
+    reader = token_for(tenant, "cost:read events:subscribe")
+    publisher = token_for(tenant, "events:publish")
+    other = token_for(f"other-{tenant}", "events:publish")
+    env = {
+        "TC_JWT_SECRET": JWT_SECRET,
+        "TC_TOKEN": reader,
+        "TC_GRPC_ADDR": "127.0.0.1:0",
+        "TC_HTTP_ADDR": "127.0.0.1:0",
+        "TC_READY_FILE": str(ready),
+        "TC_DATA_DIR": str(tmp_path / "data"),
+    }
+    errlog = open(tmp_path / "in-process.log", "w")
+    updates: list[str] = []
+
+    async def on_message(message):
+        params = getattr(getattr(message, "params", None), "uri", None)
+        if params is not None and getattr(message, "method", "") == "notifications/resources/updated":
+            updates.append(params)
+
+    async def wait_for(predicate):
+        deadline = anyio.current_time() + WAIT_S
+        while not predicate() and anyio.current_time() < deadline:
+            await anyio.sleep(0.05)
+        return predicate()
+
+    async def body():
+        async with stdio_client(stdio_params(env), errlog=errlog) as (read, write):
+            async with ClientSession(read, write, message_handler=on_message) as session:
+                await session.initialize()
+                addrs = json.loads(ready.read_text())
+                channel = grpc.insecure_channel(addrs["grpc"])
+                stub = events_pb2_grpc.EventBrokerStub(channel)
+                publish(stub, pb, publisher, cost_events([2, 5, 20, 24 * 10]))
+                week = await call_until(session, "cost.summary", {}, lambda s: s["total_usd"] >= 22.875)
+                assert not week.is_error, week.content
+                assert week.structured_content["total_usd"] == 22.875
+
+                read_back = await session.read_resource("events://cost.*")
+                held = json.loads(read_back.contents[0].text)["events"]
+                assert [e["type"] for e in held] == ["cost.updated"] * 4
+                assert {e["tenant_id"] for e in held} == {tenant}
+
+                await session.subscribe_resource("events://alert.*")
+                # Another tenant's alert and this tenant's cost: no update.
+                publish(stub, pb, other, [("alert.created", {"alert_id": "x", "severity": "high"})])
+                publish(stub, pb, publisher, [("cost.updated", {"source": "aws", "amount_usd": 1})])
+                await anyio.sleep(0.5)
+                assert updates == [], "an event the subscription does not match was notified"
+                publish(stub, pb, publisher, [("alert.created", {"alert_id": "a1", "severity": "high"})])
+                assert await wait_for(lambda: updates), "no notification for a matching event"
+                assert updates[0] == "events://alert.*"
+                await session.unsubscribe_resource("events://alert.*")
+                seen = len(updates)
+                publish(stub, pb, publisher, [("alert.created", {"alert_id": "a2", "severity": "low"})])
+                await anyio.sleep(0.5)
+                assert len(updates) == seen, "notified after unsubscribing"
+                with pytest.raises(MCPError) as bad:
+                    await session.subscribe_resource("file:///etc/passwd")
+                assert "events://" in str(bad.value)
+                channel.close()
+
+    anyio.run(body)
+    log = (tmp_path / "in-process.log").read_text()
+    assert "MCP on standard input and output" in log
+
+
+def test_stdio_in_process_refuses_a_token_it_cannot_verify(tmp_path):
+    import subprocess
+
+    env = {
+        **_env(),
+        "TC_TOKEN": token_for("t1", "cost:read"),
+        "TC_GRPC_ADDR": "127.0.0.1:0",
+        "TC_HTTP_ADDR": "127.0.0.1:0",
+        "TC_DATA_DIR": str(tmp_path / "data"),
+    }
+    env.pop("TC_JWT_SECRET")
+    proc = subprocess.run(
+        [str(binary_path()), "mcp"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=RPC_TIMEOUT_S * 2,
+    )
+    assert proc.returncode != 0
+    assert "TC_TOKEN refused" in proc.stderr and "TC_JWT_SECRET" in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+
+
+async def _modern(broker, token: str, body):
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx2.AsyncClient(headers=headers, timeout=RPC_TIMEOUT_S) as client:
+        async with streamable_http_client(mcp_url(broker), http_client=client) as (read, write):
+            async with ClientSession(read, write, read_timeout_seconds=WAIT_S) as session:
+                await session.discover()
+                return await body(session)
+
+
+def test_listen_over_http_notifies_matching_events_of_the_tenant_only(broker, stub, pb, tenant):
+    reader = broker.token(tenant, scope="events:subscribe")
+    publisher = broker.token(tenant, scope="events:publish")
+    other = broker.token(f"other-{tenant}", scope="events:publish")
+
+    async def body(session):
+        assert session.protocol_version == "2026-07-28"
+        uris = ["events://cost.*", "events://alert.created", "nope://x"]
+        async with listen(session, resource_subscriptions=uris) as sub:
+            assert set(sub.honored.resource_subscriptions) == {"events://cost.*", "events://alert.created"}
+            publish(stub, pb, other, [("alert.created", {"alert_id": "x", "severity": "high"})])
+            publish(stub, pb, publisher, [("cost.updated", {"source": "aws", "amount_usd": 1})])
+            with anyio.fail_after(WAIT_S):
+                first = await sub.__anext__()
+            assert first.uri == "events://cost.*", first
+            publish(stub, pb, publisher, [("alert.created", {"alert_id": "a", "severity": "low"})])
+            with anyio.fail_after(WAIT_S):
+                second = await sub.__anext__()
+            assert second.uri == "events://alert.created", second
+        read = await session.read_resource("events://alert.created")
+        held = json.loads(read.contents[0].text)["events"]
+        assert [(e["tenant_id"], e["data"]["alert_id"]) for e in held] == [(tenant, "a")]
+        return True
+
+    assert anyio.run(_modern, broker, reader, body)
+
+
+def test_resources_need_events_subscribe_and_a_session_for_resources_subscribe(broker, tenant):
+    no_scope = broker.token(tenant, scope="cost:read")
+
+    async def refused(session):
+        with pytest.raises(MCPError) as read:
+            await session.read_resource("events://cost.*")
+        assert "events:subscribe" in str(read.value)
+        # rmcp acknowledges a listen before the server sees who asks: the
+        # refusal ends the stream, with the error naming the scope.
+        with pytest.raises(SubscriptionLost) as listened:
+            async with listen(session, resource_subscriptions=["events://cost.*"]) as sub:
+                with anyio.fail_after(WAIT_S):
+                    await sub.__anext__()
+        assert "events:subscribe" in str(listened.value.__cause__)
+        templates = await session.list_resource_templates()
+        assert [t.uri_template for t in templates.resource_templates] == ["events://{pattern}"]
+        return True
+
+    assert anyio.run(_modern, broker, no_scope, refused)
+
+    async def legacy(session):
+        with pytest.raises(MCPError) as subscribed:
+            await session.subscribe_resource("events://cost.*")
+        assert "subscriptions/listen" in str(subscribed.value)
+        return True
+
+    from test_mcp import run
+
+    assert run(broker, broker.token(tenant), legacy)
+
+
+@pytest.mark.parametrize("revision", ["2025-11-25", "2025-06-18", "2025-03-26"])
+def test_mcp_serves_the_current_and_previous_protocol_revisions(broker, tenant, revision):
+    token = broker.token(tenant, scope="events:subscribe")
+    headers = {**MCP_HEADERS, "Authorization": f"Bearer {token}"}
+    initialize = json.loads(INITIALIZE)
+    initialize["params"]["protocolVersion"] = revision
+    status, _, body = raw_post(broker, json.dumps(initialize).encode(), headers)
+    assert status == 200, body
+    assert json.loads(body)["result"]["protocolVersion"] == revision
+    listed = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+    status, _, body = raw_post(
+        broker, json.dumps(listed).encode(), {**headers, "MCP-Protocol-Version": revision}
+    )
+    assert status == 200, body
+    assert "cost.summary" in {t["name"] for t in json.loads(body)["result"]["tools"]}
+
+
+def test_the_sdk_negotiates_the_current_revision_and_the_handshake_one(broker, tenant):
+    token = broker.token(tenant, scope="events:subscribe")
+
+    async def modern(session):
+        result = await session.call_tool("events.recent", {"limit": 1})
+        assert not result.is_error, result.content
+        return session.protocol_version
+
+    assert anyio.run(_modern, broker, token, modern) == "2026-07-28"
+
+    async def legacy(session):
+        return session.protocol_version
+
+    from test_mcp import run
+
+    assert run(broker, token, legacy) == "2025-11-25"
