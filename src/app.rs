@@ -4,7 +4,7 @@
 //! formats to these calls and render the result, or the [`ApiError`], in
 //! their dialect.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use crate::auth::rbac::{
@@ -17,6 +17,7 @@ use crate::clock;
 use crate::config::parse::positive;
 use crate::error::{ApiError, Code};
 use crate::event::{self, EventDraft, EventError, Stamp, check_identifier};
+use crate::presence::{Presence, Reason};
 use crate::projection::{
     AgentCosts, Alert, Connection, CostSummary, Fleet, FleetFilter, Projections, Recommendation,
     SummaryQuery, WorkloadCosts,
@@ -76,6 +77,8 @@ pub struct App {
     projections: Projections,
     /// Kept state (per-tenant settings).
     state: Option<State>,
+    /// Agents with a gRPC stream open here.
+    presence: Presence,
 }
 
 /// What `recommendations.accept` did.
@@ -176,6 +179,55 @@ impl App {
             webhooks: None,
             projections: Projections::default(),
             state: None,
+            presence: Presence::default(),
+        }
+    }
+
+    /// A gRPC stream (`stream`: `subscribe` or `publish`) of `identity`
+    /// opened. For an agent (a token with `agent_id`) this is its presence
+    /// on the stream: `agent.connected` when it is the agent's first
+    /// stream here, and when the last is dropped `agent.disconnected` with
+    /// the reason recorded by [`AgentStream::ended`]. `None` for ordinary
+    /// callers.
+    pub fn agent_stream(
+        &self,
+        identity: &Identity,
+        stream: &'static str,
+    ) -> Option<Arc<AgentStream>> {
+        let agent = identity.agent_id.clone()?;
+        let tenant = identity.tenant.clone()?;
+        let now = SystemTime::now();
+        if self.presence.opened(&tenant, &agent, now) {
+            self.announce(
+                identity,
+                "agent.connected",
+                serde_json::json!({
+                    "agent_id": agent,
+                    "transport": "grpc",
+                    "stream": stream,
+                }),
+            );
+        }
+        Some(Arc::new(AgentStream {
+            app: self.clone(),
+            identity: identity.clone(),
+            tenant,
+            agent,
+            reason: Mutex::new(None),
+        }))
+    }
+
+    /// Publishes an event the broker says about a caller (its id minted
+    /// here, so past the dedupe window), whatever the caller's scopes.
+    fn announce(&self, identity: &Identity, event_type: &str, data: serde_json::Value) {
+        let draft = EventDraft {
+            event_type: event_type.into(),
+            data: data.to_string(),
+            ..EventDraft::default()
+        };
+        match accept(identity, draft, &self.stamp(None), SystemTime::now()) {
+            Ok(event) => self.broker.publish_minted(event),
+            Err(e) => tracing::warn!(event_type, "not announced: {}", e.message),
         }
     }
 
@@ -705,6 +757,53 @@ fn cost_query(params: &CostParams) -> Result<SummaryQuery, ApiError> {
         source: params.source.clone().filter(|s| !s.is_empty()),
         top,
     })
+}
+
+/// An agent's open gRPC stream; see [`App::agent_stream`].
+pub struct AgentStream {
+    app: App,
+    identity: Identity,
+    tenant: String,
+    agent: String,
+    reason: Mutex<Option<Reason>>,
+}
+
+impl AgentStream {
+    /// Records why the stream is ending; the first reason given counts.
+    pub fn ended(&self, reason: Reason) {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(reason);
+    }
+}
+
+impl Drop for AgentStream {
+    fn drop(&mut self) {
+        let recorded = *self.reason.get_mut().unwrap_or_else(|e| e.into_inner());
+        let reason = match recorded {
+            Some(reason) => reason,
+            None if self.app.broker.is_closed() => Reason::Shutdown,
+            None => Reason::Closed,
+        };
+        let Some((since, lasted)) =
+            self.app
+                .presence
+                .closed(&self.tenant, &self.agent, SystemTime::now())
+        else {
+            return;
+        };
+        self.app.announce(
+            &self.identity,
+            "agent.disconnected",
+            serde_json::json!({
+                "agent_id": self.agent,
+                "reason": reason.as_str(),
+                "connected_at": clock::format_timestamp(since),
+                "connected_s": lasted.as_secs(),
+            }),
+        );
+    }
 }
 
 /// Validates and stamps one draft for the tenant the identity acts for.

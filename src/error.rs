@@ -156,7 +156,8 @@ impl From<AuthError> for ApiError {
             | A::ExpTooFar { .. }
             | A::NotYetValid
             | A::NoTenant
-            | A::BadTenant(_) => Code::Unauthenticated,
+            | A::BadTenant(_)
+            | A::BadAgent(_) => Code::Unauthenticated,
         };
         Self::new(code, e.to_string())
     }

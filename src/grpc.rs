@@ -3,16 +3,18 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use tokio_stream::{Stream, StreamExt};
 use tonic::codegen::http;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::app::{ACTIVE_TENANT_HEADER, App, SubscribeParams};
+use crate::app::{ACTIVE_TENANT_HEADER, AgentStream, App, SubscribeParams};
 use crate::auth::Identity;
 use crate::broker::{Delivery, Outcome};
 use crate::error::ApiError;
+use crate::presence::Reason;
 use crate::proto::event_broker_server::EventBroker;
 use crate::proto::{
     self, EventBatch, PublishAck, PublishError, PublishOutcome, PublishRequest, PublishResponse,
@@ -106,6 +108,37 @@ where
                 Err(refused) => Ok(Status::from(refused).into_http()),
             }
         })
+    }
+}
+
+/// A stream that holds an agent's presence ([`App::agent_stream`]) and
+/// records why it ends: from an item (`reason`), or from its end
+/// (`at_end`). Dropped without either, the presence decides.
+struct Presenced<S: Stream> {
+    inner: S,
+    presence: Option<Arc<AgentStream>>,
+    reason: fn(&S::Item) -> Option<Reason>,
+    at_end: Option<Reason>,
+}
+
+impl<S: Stream + Unpin> Stream for Presenced<S> {
+    type Item = S::Item;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<S::Item>> {
+        let polled = Pin::new(&mut self.inner).poll_next(cx);
+        if let (std::task::Poll::Ready(item), Some(presence)) = (&polled, &self.presence) {
+            let reason = match item {
+                Some(item) => (self.reason)(item),
+                None => self.at_end,
+            };
+            if let Some(reason) = reason {
+                presence.ended(reason);
+            }
+        }
+        polled
     }
 }
 
@@ -233,7 +266,16 @@ impl EventBroker for GrpcService {
         let stamp = self.app.stamp(traceparent(request.metadata()));
         let app = self.app.clone();
         let mut next_sequence = 0u64;
-        let acks = request.into_inner().map(move |message| {
+        // An agent's presence lasts as long as its stream of publishes.
+        let messages = Presenced {
+            inner: request.into_inner(),
+            presence: self.app.agent_stream(&identity, "publish"),
+            reason: |message: &Result<PublishStreamRequest, Status>| {
+                message.is_err().then_some(Reason::BrokenConnection)
+            },
+            at_end: Some(Reason::Closed),
+        };
+        let acks = messages.map(move |message| {
             let sequence = next_sequence;
             next_sequence += 1;
             let message = message?;
@@ -299,6 +341,17 @@ impl EventBroker for GrpcService {
             resumed: subscription.recovered.is_some(),
             recovered: subscription.recovered.unwrap_or(false),
             replayed: subscription.replay_len() as u64,
+        };
+        let subscription = Presenced {
+            inner: subscription,
+            presence: self.app.agent_stream(&identity, "subscribe"),
+            reason: |delivery: &Delivery| match delivery {
+                Delivery::Event(_) => None,
+                Delivery::Lagged { .. } => Some(Reason::TooSlow),
+                Delivery::Closed { .. } => Some(Reason::Shutdown),
+                Delivery::Expired { .. } => Some(Reason::TokenExpired),
+            },
+            at_end: None,
         };
         let first = tokio_stream::once(Ok(SubscribeResponse {
             message: Some(subscribe_response::Message::Status(status)),

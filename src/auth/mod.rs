@@ -52,6 +52,9 @@ pub struct Identity {
     pub scopes: Scopes,
     /// `exp`, seconds since the Unix epoch.
     pub expires_at: u64,
+    /// The token's `agent_id`: the caller is an agent, whose gRPC streams
+    /// are announced as `agent.connected` / `agent.disconnected`.
+    pub agent_id: Option<String>,
 }
 
 impl Identity {
@@ -137,6 +140,8 @@ pub enum AuthError {
     NoTenant,
     #[error("token tenant is invalid: {0}")]
     BadTenant(String),
+    #[error("token agent_id is invalid: {0}")]
+    BadAgent(String),
 }
 
 /// The claims the broker reads. Everything else is ignored.
@@ -158,6 +163,9 @@ pub struct Claims {
     pub exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
+    /// Marks the caller as an agent (presence events; docs/events.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
 }
 
 /// Verifies tokens. Cheap to share behind an `Arc`.
@@ -255,6 +263,7 @@ impl Authenticator {
                     tenant: Some(tenant),
                     scopes: self.cognito_scopes.clone(),
                     expires_at: check_exp(user.exp)?,
+                    agent_id: None,
                 })
             }
             alg if alg.eq_ignore_ascii_case("none") => Err(AuthError::AlgNone),
@@ -297,12 +306,17 @@ impl Authenticator {
         } else if !scopes.all_tenants() {
             return Err(AuthError::NoTenant);
         }
+        let agent_id = claims.agent_id.filter(|a| !a.is_empty());
+        if let Some(a) = &agent_id {
+            check_identifier(a).map_err(AuthError::BadAgent)?;
+        }
         Ok(Identity {
             kind: TokenKind::Backend,
             subject: claims.sub,
             tenant,
             scopes,
             expires_at: check_exp(claims.exp)?,
+            agent_id,
         })
     }
 }
@@ -395,6 +409,18 @@ pub fn mint_hs256(
     scopes: Option<&BTreeSet<String>>,
     ttl: Duration,
 ) -> Result<String, jsonwebtoken::errors::Error> {
+    mint_agent_hs256(secret, tenant, subject, scopes, ttl, None)
+}
+
+/// [`mint_hs256`] with an `agent_id` claim when `agent` is given.
+pub fn mint_agent_hs256(
+    secret: &[u8],
+    tenant: Option<&str>,
+    subject: Option<&str>,
+    scopes: Option<&BTreeSet<String>>,
+    ttl: Duration,
+    agent: Option<&str>,
+) -> Result<String, jsonwebtoken::errors::Error> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -405,6 +431,7 @@ pub fn mint_hs256(
         scope: scopes.map(|s| s.iter().cloned().collect::<Vec<_>>().join(" ")),
         exp: now + ttl.as_secs(),
         iat: Some(now),
+        agent_id: agent.map(str::to_string),
         ..Default::default()
     };
     jsonwebtoken::encode(

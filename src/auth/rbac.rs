@@ -179,6 +179,7 @@ mod tests {
             tenant: tenant.map(str::to_string),
             scopes: Scopes::parse(scopes),
             expires_at: 0,
+            agent_id: None,
         }
     }
 

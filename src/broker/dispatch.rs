@@ -366,6 +366,11 @@ impl Broker {
         lock(&shared.all_tenants).clear();
     }
 
+    /// Whether [`Broker::close`] was called: the server is shutting down.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+    }
+
     /// Number of live subscriptions.
     pub fn subscriber_count(&self) -> usize {
         self.tenant_states()

@@ -156,6 +156,10 @@ pub struct TokenArgs {
     /// Subject claim.
     #[arg(long)]
     pub sub: Option<String>,
+    /// agent_id claim: the caller is this agent, and its gRPC streams are
+    /// announced as agent.connected / agent.disconnected.
+    #[arg(long)]
+    pub agent_id: Option<String>,
     #[command(flatten)]
     pub secret: SecretArgs,
 }
@@ -428,12 +432,13 @@ fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
             rbac::ALL_TENANTS
         );
     }
-    let token = auth::mint_hs256(
+    let token = auth::mint_agent_hs256(
         secret.as_bytes(),
         args.tenant.as_deref(),
         args.sub.as_deref(),
         Some(&scopes),
         args.ttl,
+        args.agent_id.as_deref(),
     )?;
     println!("{token}");
     Ok(ExitCode::SUCCESS)

@@ -426,7 +426,7 @@ impl Tools {
     #[tool(
         name = "agent.cost",
         output_schema = rmcp::handler::server::tool::schema_for_type::<AgentCosts>(),
-        description = "The tenant's AI agent costs over a window (default the last 7 days): per agent_id and per workflow_id of cost.updated events, largest first; or one agent's. Scope: agent:read."
+        description = "The tenant's AI agent costs over a window (default the last 7 days): per agent_id and per workflow_id of cost.updated events, largest first; or one agent's; with each listed agent's presence and health from agent.* events. Scope: agent:read."
     )]
     async fn agent_cost(
         &self,
@@ -449,6 +449,7 @@ impl Tools {
         for a in costs.by_agent.iter().take(5) {
             text.push_str(&format!("; {} {:.2}", a.name, a.usd));
         }
+        text.push_str(&format!("; {} agent(s) connected", costs.connected));
         structured(&costs, text)
     }
 

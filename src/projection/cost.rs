@@ -380,6 +380,8 @@ impl TenantCosts {
             by_agent,
             by_workflow,
             truncated: cut_a || cut_w,
+            presence: Vec::new(),
+            connected: 0,
         }
     }
 
@@ -523,6 +525,11 @@ pub struct AgentCosts {
     pub by_workflow: Vec<Named>,
     /// More agents or workflows than `top` exist.
     pub truncated: bool,
+    /// Presence and health of the agents listed and of those connected
+    /// now (from `agent.*` events), most recently seen first, at most `top`.
+    pub presence: Vec<super::Agent>,
+    /// Agents connected now.
+    pub connected: usize,
 }
 
 /// What `cost.summary` asks.

@@ -217,7 +217,41 @@ impl Alert {
         alert.updated_at = event.timestamp.clone();
         alert.last_event_id = event.id.clone();
     }
+
+    /// Applies an `inference.spike_detected` event: an open alert (id
+    /// `spike:<spike_id>`) about the provider's model, severity `medium`
+    /// unless the event says.
+    pub fn apply_spike(slot: &mut Option<Self>, event: &Event, data: &serde_json::Value, id: &str) {
+        let provider = text(data, "provider");
+        let model = text(data, "model");
+        let title = text(data, "title").unwrap_or_else(|| {
+            let what = [provider.as_deref(), model.as_deref()]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(" ");
+            match data.get("increase_pct").and_then(serde_json::Value::as_f64) {
+                Some(pct) => format!("inference spend spike: {what} up {pct:.0}%"),
+                None => format!("inference spend spike: {what}"),
+            }
+        });
+        *slot = Some(Alert {
+            alert_id: id.to_string(),
+            state: "open".into(),
+            severity: text(data, "severity").or_else(|| Some("medium".into())),
+            title: Some(title),
+            source: provider,
+            resource: model,
+            created_at: slot
+                .as_ref()
+                .map_or_else(|| event.timestamp.clone(), |a| a.created_at.clone()),
+            updated_at: event.timestamp.clone(),
+            last_event_id: event.id.clone(),
+        });
+    }
 }
+
+pub const SPIKE_DETECTED: &str = "inference.spike_detected";
 
 /// A recommendation as it stands now.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -462,6 +496,93 @@ impl Connection {
         }
         c.last_attempt_at = at;
         c.last_event_id = event.id.clone();
+    }
+}
+
+/// An agent as its `agent.*` events leave it: presence (published by
+/// the broker from the agent's gRPC streams), health and errors (published
+/// by the agent or its platform).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Agent {
+    pub agent_id: String,
+    /// `connected` or `disconnected` (from presence events); `unknown`
+    /// until one arrives.
+    pub status: String,
+    /// When it last connected (RFC 3339).
+    pub connected_at: Option<String>,
+    /// When it last disconnected, and why (`closed`, `token_expired`,
+    /// `shutdown`, `broken_connection`, `too_slow`).
+    pub disconnected_at: Option<String>,
+    pub disconnect_reason: Option<String>,
+    /// The `status` of its last `agent.health_check` (`healthy`, ...).
+    pub health: Option<String>,
+    /// The message of its last `agent.error`, and how many it reported.
+    pub last_error: Option<String>,
+    pub errors: u64,
+    /// Its last event of any of these kinds.
+    pub last_seen_at: String,
+    pub last_event_id: String,
+}
+
+pub const AGENT_TYPES: [&str; 4] = [
+    "agent.connected",
+    "agent.disconnected",
+    "agent.error",
+    "agent.health_check",
+];
+
+impl Entity for Agent {
+    const TABLE: &'static str = "agents";
+    const MAX_PER_TENANT: usize = 10_000;
+    fn settled(&self) -> bool {
+        self.status != "connected"
+    }
+}
+
+impl Agent {
+    /// Applies one `agent.*` event to the agent it names.
+    pub fn apply(slot: &mut Option<Self>, event: &Event, data: &serde_json::Value, id: &str) {
+        let a = slot.get_or_insert_with(|| Agent {
+            agent_id: id.to_string(),
+            status: "unknown".into(),
+            connected_at: None,
+            disconnected_at: None,
+            disconnect_reason: None,
+            health: None,
+            last_error: None,
+            errors: 0,
+            last_seen_at: event.timestamp.clone(),
+            last_event_id: String::new(),
+        });
+        match event.event_type.as_str() {
+            "agent.connected" => {
+                a.status = "connected".into();
+                a.connected_at = Some(event.timestamp.clone());
+            }
+            "agent.disconnected" => {
+                a.status = "disconnected".into();
+                a.disconnected_at = Some(event.timestamp.clone());
+                a.disconnect_reason = text(data, "reason");
+            }
+            "agent.error" => {
+                a.errors = a.errors.saturating_add(1);
+                a.last_error = Some(
+                    text(data, "error")
+                        .map(|mut e| {
+                            e.truncate(e.floor_char_boundary(500));
+                            e
+                        })
+                        .unwrap_or_else(|| "error (no message given)".into()),
+                );
+            }
+            _ => {
+                if let Some(status) = text(data, "status") {
+                    a.health = Some(status);
+                }
+            }
+        }
+        a.last_seen_at = event.timestamp.clone();
+        a.last_event_id = event.id.clone();
     }
 }
 

@@ -34,7 +34,7 @@ pub const SAVE_INTERVAL: Duration = Duration::from_secs(1);
 const SAVE_BATCH: usize = 128;
 
 pub use cost::{AgentCosts, CostSummary, SummaryQuery, WorkloadCosts};
-pub use entities::{Alert, Connection, Instance, Recommendation};
+pub use entities::{Agent, Alert, Connection, Instance, Recommendation};
 
 use entities::{Entities, Entity};
 
@@ -72,6 +72,7 @@ struct Models {
     recommendations: Entities<Recommendation>,
     instances: Entities<Instance>,
     connections: Entities<Connection>,
+    agents: Entities<Agent>,
 }
 
 /// Which instances `fleet.list_instances` lists.
@@ -143,6 +144,7 @@ impl Models {
             Recommendation::TABLE => self.recommendations.record(tenant, id),
             Instance::TABLE => self.instances.record(tenant, id),
             Connection::TABLE => self.connections.record(tenant, id),
+            Agent::TABLE => self.agents.record(tenant, id),
             _ => None,
         }
     }
@@ -167,6 +169,7 @@ impl Models {
             Recommendation::TABLE => self.recommendations.restore(tenant, id, text),
             Instance::TABLE => self.instances.restore(tenant, id, text),
             Connection::TABLE => self.connections.restore(tenant, id, text),
+            Agent::TABLE => self.agents.restore(tenant, id, text),
             _ => false,
         }
     }
@@ -179,6 +182,8 @@ fn observed(event_type: &str) -> bool {
         || entities::RECOMMENDATION_TYPES.contains(&event_type)
         || entities::INSTANCE_TYPES.contains(&event_type)
         || entities::CONNECTION_TYPES.contains(&event_type)
+        || entities::AGENT_TYPES.contains(&event_type)
+        || event_type == entities::SPIKE_DETECTED
 }
 
 impl Projections {
@@ -216,6 +221,7 @@ impl Projections {
             Recommendation::TABLE,
             Instance::TABLE,
             Connection::TABLE,
+            Agent::TABLE,
         ] {
             let rows = state
                 .list_all(table)
@@ -297,6 +303,8 @@ impl Projections {
             self.apply_cost(event)
         } else if entities::ALERT_TYPES.contains(&kind) {
             self.apply_entity(event, "alert_id", |m| &mut m.alerts, Alert::apply)
+        } else if kind == entities::SPIKE_DETECTED {
+            self.apply_entity(event, "spike_id", |m| &mut m.alerts, Alert::apply_spike)
         } else if entities::RECOMMENDATION_TYPES.contains(&kind) {
             self.apply_entity(
                 event,
@@ -313,6 +321,8 @@ impl Projections {
                 |m| &mut m.connections,
                 Connection::apply,
             )
+        } else if entities::AGENT_TYPES.contains(&kind) {
+            self.apply_entity(event, "agent_id", |m| &mut m.agents, Agent::apply)
         } else {
             return;
         };
@@ -359,7 +369,11 @@ impl Projections {
         model: impl FnOnce(&mut Models) -> &mut Entities<T>,
         apply: impl FnOnce(&mut Option<T>, &crate::event::Event, &serde_json::Value, &str),
     ) -> Result<(), String> {
-        let (data, id) = entities::read_id(event, id_field)?;
+        let (data, mut id) = entities::read_id(event, id_field)?;
+        if id_field == "spike_id" {
+            // Spikes are alerts, in an id space of their own.
+            id.insert_str(0, "spike:");
+        }
         let evicted = model(&mut self.lock())
             .upsert(&event.tenant_id, &id, |slot| apply(slot, event, &data, &id));
         let mut unsaved = lock(&self.unsaved);
@@ -490,10 +504,31 @@ impl Projections {
         query: &SummaryQuery,
         agent: Option<&str>,
     ) -> AgentCosts {
-        match self.lock().costs.get(tenant) {
+        let models = self.lock();
+        let mut costs = match models.costs.get(tenant) {
             Some(costs) => costs.agents(query, agent),
             None => cost::TenantCosts::default().agents(query, agent),
-        }
+        };
+        // Presence of the agents listed, and of every connected one.
+        let listed: HashSet<&str> = costs.by_agent.iter().map(|a| a.name.as_str()).collect();
+        costs.presence = models
+            .agents
+            .latest_first(tenant)
+            .into_iter()
+            .filter(|a| match agent {
+                Some(one) => a.agent_id == one,
+                None => listed.contains(a.agent_id.as_str()) || a.status == "connected",
+            })
+            .take(query.top)
+            .cloned()
+            .collect();
+        costs.connected = models
+            .agents
+            .latest_first(tenant)
+            .into_iter()
+            .filter(|a| a.status == "connected")
+            .count();
+        costs
     }
 
     /// The observer the broker hands dispatched events to, and what the

@@ -108,9 +108,12 @@ class Broker:
         except OSError:
             return ""
 
-    def token(self, tenant: str, scope: str = "events:publish events:subscribe", ttl: str = "10m") -> str:
+    def token(
+        self, tenant: str, scope: str = "events:publish events:subscribe", ttl: str = "10m", agent_id: str | None = None
+    ) -> str:
+        agent = ["--agent-id", agent_id] if agent_id else []
         proc = subprocess.run(
-            [str(binary_path()), "token", "--tenant", tenant, "--scope", scope, "--ttl", ttl],
+            [str(binary_path()), "token", "--tenant", tenant, "--scope", scope, "--ttl", ttl, *agent],
             env=_env(),
             capture_output=True,
             text=True,

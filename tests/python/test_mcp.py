@@ -673,3 +673,36 @@ def test_mcp_settings_are_per_tenant_checked_and_can_turn_the_tools_off(broker, 
 
     status, _ = rest(broker, "PUT", "/v1/settings/mcp", admin, {"enabled": True})
     assert not run(broker, admin, call).is_error
+
+
+AGENT_AND_SPIKE_EXAMPLES = [
+    ("inference.spike_detected", {"spike_id": "sp-42", "provider": "bedrock", "model": "claude", "increase_pct": 340}),
+    ("agent.connected", {"agent_id": "gpu-agent-7", "transport": "grpc", "stream": "subscribe"}),
+    ("agent.disconnected", {"agent_id": "gpu-agent-7", "reason": "closed", "connected_at": "2026-11-29T14:02:11.120Z", "connected_s": 3605}),
+    ("agent.error", {"agent_id": "gpu-agent-7", "error": "CUDA out of memory"}),
+    ("agent.health_check", {"agent_id": "gpu-agent-7", "status": "healthy", "latency_ms": 12}),
+]
+
+
+def test_the_agent_and_spike_examples_follow_their_schemas():
+    for event_type, data in AGENT_AND_SPIKE_EXAMPLES:
+        schema = json.loads((SCHEMAS / f"{event_type}.json").read_text())
+        jsonschema.Draft202012Validator.check_schema(schema)
+        jsonschema.validate(data, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"agent_id": "a", "reason": "bored"}, json.loads((SCHEMAS / "agent.disconnected.json").read_text()))
+
+
+def test_an_inference_spike_is_an_open_alert_of_its_own(broker, stub, pb, tenant):
+    publisher = broker.token(tenant)
+    publish(stub, pb, publisher, [
+        ("alert.created", {"alert_id": "sp-42", "severity": "low", "title": "a budget"}),
+        AGENT_AND_SPIKE_EXAMPLES[0],
+    ])
+    reader = broker.token(tenant, scope="alert:read")
+    answer = tool_when(broker, reader, "alerts.recent", {}, lambda s: len(s["alerts"]) >= 2)
+    by_id = {a["alert_id"]: a for a in answer.structured_content["alerts"]}
+    assert set(by_id) == {"sp-42", "spike:sp-42"}, by_id
+    spike = by_id["spike:sp-42"]
+    assert (spike["state"], spike["severity"], spike["source"], spike["resource"]) == ("open", "medium", "bedrock", "claude")
+    assert spike["title"] == "inference spend spike: bedrock claude up 340%"
