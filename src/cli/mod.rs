@@ -53,6 +53,9 @@ pub enum Command {
     /// agents): relayed to the broker at TC_SERVER, or with a broker run in
     /// this process when TC_SERVER is not set.
     Mcp(Box<McpArgs>),
+    /// Read or change the tenant's settings (REST on the HTTP listener).
+    #[command(subcommand)]
+    Settings(SettingsCommand),
     /// Print the version.
     Version,
 }
@@ -103,6 +106,35 @@ pub struct TailArgs {
     pub count: Option<u64>,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum SettingsCommand {
+    /// The token's tenant's MCP settings; with options, changed first
+    /// (read, changed, written back) and printed as they now are.
+    Mcp(McpSettingsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct McpSettingsArgs {
+    /// The broker's HTTP address.
+    #[arg(long, env = "TC_HTTP_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub http_server: String,
+    /// Bearer token (scope settings:read to read, settings:write to change).
+    #[arg(long, env = "TC_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The tenant's MCP tools answer at all.
+    #[arg(long)]
+    pub enabled: Option<bool>,
+    /// Write tools may run (with a grant for each).
+    #[arg(long)]
+    pub write_tools_enabled: Option<bool>,
+    /// Grant a write tool, e.g. recommendations.accept (repeatable).
+    #[arg(long, value_name = "TOOL")]
+    pub grant: Vec<String>,
+    /// Take a write tool's grant back (repeatable).
+    #[arg(long, value_name = "TOOL")]
+    pub revoke: Vec<String>,
+}
+
 #[derive(Debug, Args)]
 pub struct McpArgs {
     /// A running broker's HTTP address (`http://127.0.0.1:8080`, or its
@@ -113,6 +145,9 @@ pub struct McpArgs {
     /// Bearer token: whose tenant and scopes the tools act with.
     #[arg(long, env = "TC_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// The tenant to act for, for a Cognito user of several tenants.
+    #[arg(long, env = "TC_ACTIVE_TENANT")]
+    pub active_tenant: Option<String>,
     #[command(flatten)]
     pub settings: Settings,
 }
@@ -184,6 +219,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Token(args) => token(args),
         Command::CheckToken(args) => check_token(args).await,
         Command::Mcp(args) => mcp(*args).await,
+        Command::Settings(SettingsCommand::Mcp(args)) => mcp_settings(args).await,
         Command::Version => {
             println!(
                 "tensorcost-events {} (gRPC API tensorcost.events.v1)",
@@ -251,10 +287,89 @@ async fn mcp(args: McpArgs) -> anyhow::Result<ExitCode> {
         .context(
             "no token: set TC_TOKEN (the tools act with its tenant and scopes; `token` mints one)",
         )?;
+    let tenant = args.active_tenant.as_deref().filter(|t| !t.is_empty());
     match args.server.as_deref().filter(|s| !s.trim().is_empty()) {
-        Some(server) => crate::mcp::stdio::relay(server, token).await?,
-        None => crate::mcp::stdio::in_process(&args.settings, token).await?,
+        Some(server) => crate::mcp::stdio::relay(server, token, tenant).await?,
+        None => crate::mcp::stdio::in_process(&args.settings, token, tenant).await?,
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn mcp_settings(args: McpSettingsArgs) -> anyhow::Result<ExitCode> {
+    let token = args
+        .token
+        .as_deref()
+        .filter(|t| !t.trim().is_empty())
+        .context("no token: pass --token or set TC_TOKEN (scope settings:read, or settings:write to change)")?;
+    let base = reqwest::Url::parse(args.http_server.trim()).with_context(|| {
+        format!(
+            "--http-server {:?} is not a URL like http://127.0.0.1:8080",
+            args.http_server
+        )
+    })?;
+    let url = base
+        .join("/v1/settings/mcp")
+        .context("--http-server: not a base URL")?;
+    let client = reqwest::Client::new();
+    let authorization = format!("Bearer {}", token.trim());
+    let answer = |response: reqwest::Result<reqwest::Response>| async {
+        let response =
+            response.with_context(|| format!("cannot reach {url}: is the broker running?"))?;
+        let status = response.status();
+        let body = response.text().await.context("reading the answer")?;
+        let value: serde_json::Value = serde_json::from_str(&body)
+            .with_context(|| format!("{url} answered {status}, not JSON"))?;
+        if !status.is_success() {
+            let code = value["code"].as_str().unwrap_or("error");
+            let message = value["message"].as_str().unwrap_or(body.as_str());
+            bail!("{code}: {message}");
+        }
+        Ok(value)
+    };
+    let mut settings = answer(
+        client
+            .get(url.clone())
+            .header(reqwest::header::AUTHORIZATION, &authorization)
+            .send()
+            .await,
+    )
+    .await?;
+    let changing = args.enabled.is_some()
+        || args.write_tools_enabled.is_some()
+        || !args.grant.is_empty()
+        || !args.revoke.is_empty();
+    if changing {
+        if let Some(enabled) = args.enabled {
+            settings["enabled"] = enabled.into();
+        }
+        if let Some(write) = args.write_tools_enabled {
+            settings["write_tools_enabled"] = write.into();
+        }
+        let mut grants: Vec<String> = settings["write_grants"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|g| g.as_str().map(str::to_string))
+            .filter(|g| !args.revoke.contains(g))
+            .collect();
+        for grant in args.grant {
+            if !grants.contains(&grant) {
+                grants.push(grant);
+            }
+        }
+        settings["write_grants"] = grants.into();
+        settings = answer(
+            client
+                .put(url.clone())
+                .header(reqwest::header::AUTHORIZATION, &authorization)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(settings.to_string())
+                .send()
+                .await,
+        )
+        .await?;
+    }
+    println!("{settings}");
     Ok(ExitCode::SUCCESS)
 }
 

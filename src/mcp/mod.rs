@@ -33,7 +33,7 @@ use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, Stream
 use rmcp::{ErrorData, ServerHandler, tool, tool_handler, tool_router};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
 
 use crate::app::{
     Accepted, AlertParams, App, CostParams, RECENT_DEFAULT, RECENT_MAX, RecentParams,
@@ -72,7 +72,8 @@ pub fn router(app: App, settings: &McpSettings, shutdown: CancellationToken) -> 
     let config = StreamableHttpServerConfig::default()
         .with_legacy_session_mode(false)
         .with_json_response(true)
-        .with_sse_keep_alive(None)
+        // Comments on quiet listen streams, so proxies keep them.
+        .with_sse_keep_alive(Some(std::time::Duration::from_secs(15)))
         .with_allowed_hosts(settings.mcp_allowed_hosts.iter().cloned())
         .with_max_request_body_bytes(MAX_REQUEST_BYTES)
         .with_cancellation_token(shutdown);
@@ -112,7 +113,16 @@ pub struct Tools {
     fixed: Option<Arc<Identity>>,
     /// `resources/subscribe` followers of a stdio connection, by URI;
     /// dropping one ends it.
-    followed: Arc<Mutex<HashMap<String, DropGuard>>>,
+    followed: Arc<Mutex<HashMap<String, Followed>>>,
+}
+
+/// A stdio follower: ended when dropped; cancelled when it ends by itself.
+struct Followed(CancellationToken);
+
+impl Drop for Followed {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
 }
 
 /// `events.recent` input.
@@ -704,6 +714,7 @@ impl ServerHandler for Tools {
         match ended {
             resources::Ended::Closed => Ok(()),
             resources::Ended::Expired => Err(token_expired()),
+            resources::Ended::Refused(e) => Err(resources::protocol_error(&e)),
         }
     }
 
@@ -719,7 +730,8 @@ impl ServerHandler for Tools {
         if self.fixed.is_none() {
             return Err(ErrorData::invalid_request(
                 "resources/subscribe needs a session, and /mcp keeps none: use \
-                 subscriptions/listen (protocol revision 2026-07-28), or stdio",
+                 subscriptions/listen (protocol revision 2026-07-28), or run \
+                 `tensorcost-events mcp` without TC_SERVER",
                 None,
             ));
         }
@@ -727,6 +739,8 @@ impl ServerHandler for Tools {
         let refused = |e: ApiError| resources::protocol_error(&e);
         self.app.mcp_open(&identity).await.map_err(refused)?;
         let mut followed = self.followed.lock().unwrap_or_else(|e| e.into_inner());
+        // Followers that ended (token expired, cap) no longer count.
+        followed.retain(|_, f| !f.0.is_cancelled());
         if followed.contains_key(&request.uri) {
             return Ok(());
         }
@@ -744,6 +758,7 @@ impl ServerHandler for Tools {
         let peer = context.peer.clone();
         let token = stop.clone();
         tokio::spawn(async move {
+            let _ended = token.clone().drop_guard();
             tokio::select! {
                 _ = follower.run(|uri| {
                     let peer = peer.clone();
@@ -756,7 +771,7 @@ impl ServerHandler for Tools {
                 () = token.cancelled() => {}
             }
         });
-        followed.insert(request.uri, stop.drop_guard());
+        followed.insert(request.uri, Followed(stop));
         Ok(())
     }
 

@@ -111,7 +111,6 @@ pub fn templates() -> Vec<ResourceTemplate> {
 #[derive(Serialize)]
 struct Contents {
     events: Vec<serde_json::Value>,
-    more: bool,
 }
 
 /// `resources/read` of an `events://` URI: the newest matching events.
@@ -132,7 +131,6 @@ pub fn read(app: &App, identity: &Identity, uri: &str) -> Result<ReadResourceRes
             .iter()
             .filter_map(|e| serde_json::from_str(&e.to_json()).ok())
             .collect(),
-        more: page.more,
     };
     let text = serde_json::to_string(&contents).unwrap_or_default();
     Ok(ReadResourceResult::new(vec![
@@ -157,12 +155,15 @@ pub fn accepted(requested: &SubscriptionFilter) -> SubscriptionFilter {
 }
 
 /// How a follow ended, when it was not asked to.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Ended {
     /// The broker is shutting down, or the client stopped reading.
     Closed,
     /// The caller's token expired.
     Expired,
+    /// It fell behind, and following again was refused (the tenant's
+    /// subscriber cap).
+    Refused(ApiError),
 }
 
 /// One broker subscription of the caller's tenant behind a set of URIs.
@@ -223,7 +224,7 @@ impl Follower {
                         changed.iter_mut().for_each(|hit| *hit = true);
                         match subscribe(&self.app, &self.identity, &self.uris) {
                             Ok(subscription) => self.subscription = subscription,
-                            Err(_) => return Ended::Closed,
+                            Err(e) => return Ended::Refused(e),
                         }
                         break;
                     }

@@ -42,7 +42,11 @@ const VERSION_META: &str = "io.modelcontextprotocol/protocolVersion";
 
 /// Runs a broker in this process and serves MCP on stdio to the identity
 /// of `token`, until standard input ends or a signal arrives.
-pub async fn in_process(settings: &Settings, token: &str) -> anyhow::Result<()> {
+pub async fn in_process(
+    settings: &Settings,
+    token: &str,
+    active_tenant: Option<&str>,
+) -> anyhow::Result<()> {
     let given = settings
         .auth
         .jwt_secret
@@ -54,7 +58,7 @@ pub async fn in_process(settings: &Settings, token: &str) -> anyhow::Result<()> 
     let running = server::start(settings, secret.as_bytes()).await?;
     let app = running.app();
     let identity = match app
-        .authenticate(Some(&format!("Bearer {}", token.trim())), None)
+        .authenticate(Some(&format!("Bearer {}", token.trim())), active_tenant)
         .await
     {
         Ok(identity) => identity,
@@ -86,7 +90,7 @@ pub async fn in_process(settings: &Settings, token: &str) -> anyhow::Result<()> 
 }
 
 /// Relays MCP between stdio and the `/mcp` of the broker at `server`.
-pub async fn relay(server: &str, token: &str) -> anyhow::Result<()> {
+pub async fn relay(server: &str, token: &str, active_tenant: Option<&str>) -> anyhow::Result<()> {
     let endpoint = endpoint(server)?;
     let client = reqwest::Client::builder()
         .user_agent(concat!("tensorcost-events-mcp/", env!("CARGO_PKG_VERSION")))
@@ -96,6 +100,7 @@ pub async fn relay(server: &str, token: &str) -> anyhow::Result<()> {
         client,
         endpoint,
         authorization: format!("Bearer {}", token.trim()),
+        active_tenant: active_tenant.map(str::to_string),
         version: Arc::default(),
         in_flight: Arc::default(),
     };
@@ -161,9 +166,11 @@ fn endpoint(server: &str) -> anyhow::Result<reqwest::Url> {
             "TC_SERVER {server:?}: the broker's HTTP address starts with http:// or https://"
         );
     }
-    if !url.path().trim_end_matches('/').ends_with("/mcp") {
-        let path = format!("{}/mcp", url.path().trim_end_matches('/'));
+    let path = url.path().trim_end_matches('/').to_string();
+    if path.ends_with("/mcp") {
         url.set_path(&path);
+    } else {
+        url.set_path(&format!("{path}/mcp"));
     }
     Ok(url)
 }
@@ -172,6 +179,9 @@ struct Relay {
     client: reqwest::Client,
     endpoint: reqwest::Url,
     authorization: String,
+    /// `x-active-tenant-id` on every request (Cognito users of several
+    /// tenants).
+    active_tenant: Option<String>,
     /// The revision the session negotiated (from `initialize`).
     version: Arc<Mutex<Option<String>>>,
     /// Requests waiting for their answer, by JSON-RPC id.
@@ -221,6 +231,12 @@ impl Relay {
         if let Some(version) = version {
             request = request.header(VERSION_HEADER, version);
         }
+        for (name, value) in standard_headers(&message) {
+            request = request.header(name, value);
+        }
+        if let Some(tenant) = &self.active_tenant {
+            request = request.header(crate::app::ACTIVE_TENANT_HEADER, tenant);
+        }
         let initialize = method == Some("initialize");
         let negotiated = Arc::clone(&self.version);
         let in_flight = Arc::clone(&self.in_flight);
@@ -259,6 +275,43 @@ impl Relay {
     }
 }
 
+/// The headers 2026-07-28 requires of a request over HTTP (SEP-2243):
+/// `Mcp-Method`, and `Mcp-Name` for the methods that name something, as
+/// rmcp's own client sends them (earlier revisions ignore them).
+fn standard_headers(message: &Value) -> Vec<(&'static str, String)> {
+    let Some(method) = message.get("method").and_then(Value::as_str) else {
+        return Vec::new();
+    };
+    let mut headers = vec![("mcp-method", method.to_string())];
+    let key = match method {
+        "tools/call" | "prompts/get" => Some("name"),
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => Some("uri"),
+        "tasks/get" | "tasks/update" | "tasks/cancel" => Some("taskId"),
+        _ => None,
+    };
+    if let Some(name) = key
+        .and_then(|k| message.pointer(&format!("/params/{k}")))
+        .and_then(Value::as_str)
+    {
+        // Plain when it can travel as a header value as it is.
+        let needs_base64 = name.starts_with([' ', '\t'])
+            || name.ends_with([' ', '\t'])
+            || !name.chars().all(|c| (' '..='~').contains(&c))
+            || (name.starts_with("=?base64?") && name.ends_with("?="));
+        let value = if needs_base64 {
+            use base64::Engine;
+            format!(
+                "=?base64?{}?=",
+                base64::engine::general_purpose::STANDARD.encode(name)
+            )
+        } else {
+            name.to_string()
+        };
+        headers.push(("mcp-name", value));
+    }
+    headers
+}
+
 /// Sends one message and writes what comes back; `Err` says why nothing
 /// (or not everything) came back.
 async fn exchange(
@@ -294,7 +347,12 @@ async fn exchange(
         message.to_string()
     };
     if !sse {
-        let body = read_some(&mut response, MAX_ANSWER_BYTES).await;
+        let body = read_some(&mut response, MAX_ANSWER_BYTES + 1).await;
+        if body.len() > MAX_ANSWER_BYTES {
+            return Err(format!(
+                "the broker's answer is larger than {MAX_ANSWER_BYTES} bytes"
+            ));
+        }
         let message: Value = serde_json::from_str(&body)
             .map_err(|e| format!("the broker's answer is not JSON: {e}"))?;
         let _ = out.send(encode(message)).await;
@@ -421,7 +479,21 @@ mod tests {
             endpoint("https://events.example.com/mcp").unwrap().as_str(),
             "https://events.example.com/mcp"
         );
+        assert_eq!(
+            endpoint("http://h:1/base/mcp/").unwrap().as_str(),
+            "http://h:1/base/mcp"
+        );
         assert!(endpoint("127.0.0.1:8080").is_err());
+        let call = json!({"method": "resources/read", "params": {"uri": "events://cost.*"}});
+        assert_eq!(
+            standard_headers(&call),
+            vec![
+                ("mcp-method", "resources/read".into()),
+                ("mcp-name", "events://cost.*".into())
+            ]
+        );
+        let odd = json!({"method": "tools/call", "params": {"name": "caf\u{e9}"}});
+        assert_eq!(standard_headers(&odd)[1].1, "=?base64?Y2Fmw6k=?=");
         assert!(endpoint("ftp://x").is_err());
         let stream = b"id: 1\ndata: {\"a\":1}\n\n: keep-alive\n\ndata: {\"b\":\ndata: 2}\r\n\r\n";
         let mut buffer = stream.to_vec();

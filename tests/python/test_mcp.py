@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import subprocess
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -706,3 +707,45 @@ def test_an_inference_spike_is_an_open_alert_of_its_own(broker, stub, pb, tenant
     spike = by_id["spike:sp-42"]
     assert (spike["state"], spike["severity"], spike["source"], spike["resource"]) == ("open", "medium", "bedrock", "claude")
     assert spike["title"] == "inference spend spike: bedrock claude up 340%"
+
+
+def cli(args: list[str], token: str, broker) -> subprocess.CompletedProcess:
+    from conftest import _env, binary_path
+
+    return subprocess.run(
+        [str(binary_path()), *args],
+        env={**_env(), "TC_TOKEN": token, "TC_HTTP_SERVER": f"http://{broker.http_addr}"},
+        capture_output=True,
+        text=True,
+        timeout=RPC_TIMEOUT_S,
+    )
+
+
+def test_the_cli_reads_and_changes_a_tenants_mcp_settings(broker, tenant):
+    writer = broker.token(tenant, scope="settings:read settings:write")
+    shown = cli(["settings", "mcp"], writer, broker)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == {"enabled": True, "write_tools_enabled": False, "write_grants": []}
+    changed = cli(
+        ["settings", "mcp", "--write-tools-enabled", "true", "--grant", "recommendations.accept"], writer, broker
+    )
+    assert changed.returncode == 0, changed.stderr
+    assert json.loads(changed.stdout) == {
+        "enabled": True,
+        "write_tools_enabled": True,
+        "write_grants": ["recommendations.accept"],
+    }
+    # Kept: REST reads what the CLI wrote; another tenant is untouched.
+    status, body = rest(broker, "GET", "/v1/settings/mcp", writer)
+    assert status == 200 and body["write_grants"] == ["recommendations.accept"], body
+    other = broker.token(f"other-{tenant}", scope="settings:read")
+    assert json.loads(cli(["settings", "mcp"], other, broker).stdout)["write_grants"] == []
+    revoked = cli(["settings", "mcp", "--revoke", "recommendations.accept"], writer, broker)
+    assert json.loads(revoked.stdout)["write_grants"] == []
+    # Refusals are the broker's, named; nothing on standard output.
+    bad = cli(["settings", "mcp", "--grant", "no.such_tool"], writer, broker)
+    assert bad.returncode != 0 and "no.such_tool" in bad.stderr, bad.stderr
+    reader = broker.token(tenant, scope="settings:read")
+    denied = cli(["settings", "mcp", "--enabled", "false"], reader, broker)
+    assert denied.returncode != 0 and "settings:write" in denied.stderr, denied.stderr
+    assert denied.stdout == ""

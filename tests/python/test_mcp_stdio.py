@@ -74,6 +74,30 @@ def test_stdio_relay_serves_the_tools_of_a_running_broker(broker, stub, pb, tena
     anyio.run(body)
 
 
+def test_stdio_relay_speaks_the_current_revision_and_relays_a_listen_stream(broker, stub, pb, tenant, tmp_path):
+    reader = broker.token(tenant, scope="cost:read events:subscribe")
+    publisher = broker.token(tenant, scope="events:publish")
+    errlog = open(tmp_path / "relay.log", "w")
+
+    async def body():
+        params = stdio_params({"TC_SERVER": f"http://{broker.http_addr}/mcp/", "TC_TOKEN": reader})
+        async with stdio_client(params, errlog=errlog) as (read, write):
+            async with ClientSession(read, write, read_timeout_seconds=WAIT_S) as session:
+                await session.discover()
+                assert session.protocol_version == "2026-07-28"
+                summary = await session.call_tool("cost.summary", {})
+                assert not summary.is_error, summary.content
+                async with listen(session, resource_subscriptions=["events://cost.*"]) as sub:
+                    publish(stub, pb, publisher, [("cost.updated", {"source": "aws", "amount_usd": 2})])
+                    with anyio.fail_after(WAIT_S):
+                        update = await sub.__anext__()
+                    assert update.uri == "events://cost.*"
+                read_back = await session.read_resource("events://cost.*")
+                assert [e["data"]["amount_usd"] for e in json.loads(read_back.contents[0].text)["events"]] == [2]
+
+    anyio.run(body)
+
+
 def test_stdio_relay_says_why_a_broker_refuses_or_cannot_be_reached(broker, tmp_path):
     errlog = open(tmp_path / "relay.log", "w")
 
