@@ -79,6 +79,8 @@ pub struct App {
     state: Option<State>,
     /// Agents with a gRPC stream open here.
     presence: Presence,
+    /// Each tenant's MCP `enabled`, read at most once a second.
+    mcp_enabled: tenant_settings::EnabledCache,
 }
 
 /// What `recommendations.accept` did.
@@ -180,6 +182,7 @@ impl App {
             projections: Projections::default(),
             state: None,
             presence: Presence::default(),
+            mcp_enabled: tenant_settings::EnabledCache::default(),
         }
     }
 
@@ -259,6 +262,7 @@ impl App {
         identity.require(SETTINGS_WRITE)?;
         let tenant = identity.acting_tenant("")?;
         tenant_settings::set_mcp(self.state()?, &tenant, &settings).await?;
+        self.mcp_enabled.forget(&tenant);
         Ok(settings)
     }
 
@@ -266,7 +270,7 @@ impl App {
     /// `enabled: false`.
     pub async fn mcp_open(&self, identity: &Identity) -> Result<(), ApiError> {
         let tenant = identity.acting_tenant("")?;
-        if tenant_settings::mcp(self.state()?, &tenant).await?.enabled {
+        if self.mcp_enabled.enabled(self.state()?, &tenant).await? {
             Ok(())
         } else {
             Err(ApiError::new(
@@ -479,15 +483,7 @@ impl App {
         let tenant = identity.acting_tenant("")?;
         let filter = TypeFilter::parse(&params.types)?;
         let since = resume_id("since", params.since.as_deref())?;
-        let limit = match params.limit {
-            None => RECENT_DEFAULT,
-            Some(n) if (1..=RECENT_MAX).contains(&n) => n,
-            Some(n) => {
-                return Err(ApiError::invalid(format!(
-                    "limit: {n} is out of range (1 to {RECENT_MAX})"
-                )));
-            }
-        };
+        let limit = in_range("limit", params.limit, RECENT_DEFAULT, RECENT_MAX)?;
         Ok(self
             .broker
             .history_page(&tenant, since.as_deref(), &filter, limit))

@@ -5,7 +5,7 @@ use tracing_subscriber::EnvFilter;
 
 pub fn init() {
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,tower=warn,hyper=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,tower=warn,hyper=warn,rmcp=warn"));
     // A second init (tests start several servers) is harmless: ignore it.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

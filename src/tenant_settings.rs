@@ -134,3 +134,50 @@ mod tests {
         assert!(e.to_string().contains("enable"), "{e}");
     }
 }
+
+/// How long an instance answers a tenant's `enabled` from memory: what a
+/// change made on another instance takes to apply here (a change made on
+/// this instance applies at once).
+pub const ENABLED_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Tenants whose `enabled` is remembered at once; past it the memory is
+/// emptied and refilled from the store.
+const ENABLED_CACHED: usize = 10_000;
+
+/// Each tenant's `enabled`, read from the state store at most once per
+/// [`ENABLED_TTL`]: every MCP call checks it.
+#[derive(Clone, Default)]
+pub struct EnabledCache {
+    seen: std::sync::Arc<
+        std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, bool)>>,
+    >,
+}
+
+impl EnabledCache {
+    pub async fn enabled(&self, state: &State, tenant: &str) -> Result<bool, ApiError> {
+        let now = std::time::Instant::now();
+        if let Some((at, enabled)) = self.lock().get(tenant)
+            && now.duration_since(*at) < ENABLED_TTL
+        {
+            return Ok(*enabled);
+        }
+        let enabled = mcp(state, tenant).await?.enabled;
+        let mut seen = self.lock();
+        if seen.len() >= ENABLED_CACHED {
+            seen.clear();
+        }
+        seen.insert(tenant.to_string(), (now, enabled));
+        Ok(enabled)
+    }
+
+    /// Forgets a tenant (its settings were just changed here).
+    pub fn forget(&self, tenant: &str) {
+        self.lock().remove(tenant);
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (std::time::Instant, bool)>>
+    {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

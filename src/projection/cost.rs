@@ -47,7 +47,6 @@ struct Payload {
     source: Option<serde_json::Value>,
     amount_usd: Option<serde_json::Value>,
     period_start: Option<String>,
-    #[serde(default)]
     tags: Option<serde_json::Map<String, serde_json::Value>>,
     agent_id: Option<String>,
     workflow_id: Option<String>,

@@ -124,12 +124,12 @@ struct Unsaved {
 }
 
 impl Unsaved {
-    fn changed(&mut self, key: Key) {
+    fn mark_changed(&mut self, key: Key) {
         self.removed.remove(&key);
         self.changed.insert(key);
     }
 
-    fn removed(&mut self, key: Key) {
+    fn mark_removed(&mut self, key: Key) {
         self.changed.remove(&key);
         self.removed.insert(key);
     }
@@ -177,6 +177,16 @@ impl Models {
 
 /// The event types the projections read.
 fn observed(event_type: &str) -> bool {
+    // Most events on the publish path end at their first word.
+    let first = event_type
+        .split_once('.')
+        .map_or(event_type, |(first, _)| first);
+    if !matches!(
+        first,
+        "cost" | "alert" | "recommendation" | "instance" | "system" | "agent" | "inference"
+    ) {
+        return false;
+    }
     event_type == cost::COST_UPDATED
         || entities::ALERT_TYPES.contains(&event_type)
         || entities::RECOMMENDATION_TYPES.contains(&event_type)
@@ -354,10 +364,10 @@ impl Projections {
             .add(&c, now_ms, &mut removed);
         let mut unsaved = lock(&self.unsaved);
         for hour in removed {
-            unsaved.removed((COST_HOURS, event.tenant_id.clone(), hour.to_string()));
+            unsaved.mark_removed((COST_HOURS, event.tenant_id.clone(), hour.to_string()));
         }
         if let Some(hour) = changed {
-            unsaved.changed((COST_HOURS, event.tenant_id.clone(), hour.to_string()));
+            unsaved.mark_changed((COST_HOURS, event.tenant_id.clone(), hour.to_string()));
         }
         Ok(())
     }
@@ -378,9 +388,9 @@ impl Projections {
             .upsert(&event.tenant_id, &id, |slot| apply(slot, event, &data, &id));
         let mut unsaved = lock(&self.unsaved);
         for gone in evicted {
-            unsaved.removed((T::TABLE, event.tenant_id.clone(), gone));
+            unsaved.mark_removed((T::TABLE, event.tenant_id.clone(), gone));
         }
-        unsaved.changed((T::TABLE, event.tenant_id.clone(), id));
+        unsaved.mark_changed((T::TABLE, event.tenant_id.clone(), id));
         Ok(())
     }
 

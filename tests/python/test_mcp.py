@@ -749,3 +749,95 @@ def test_the_cli_reads_and_changes_a_tenants_mcp_settings(broker, tenant):
     denied = cli(["settings", "mcp", "--enabled", "false"], reader, broker)
     assert denied.returncode != 0 and "settings:write" in denied.stderr, denied.stderr
     assert denied.stdout == ""
+
+
+def metric(broker, name: str) -> float:
+    host, port = broker.http_addr.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=RPC_TIMEOUT_S)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no metric {name} in /metrics")
+
+
+def test_an_unreadable_cost_event_is_counted_and_left_out(broker, stub, pb, tenant):
+    before = metric(broker, "tc_projection_unreadable_events_total")
+    publish(stub, pb, broker.token(tenant), [("cost.updated", {"source": "aws"}), COSTS[2]])
+    reader = broker.token(tenant, scope="cost:read")
+    answer = cost_summary_when(broker, reader, {"window": "30d"}, lambda s: s["events"] >= 1)
+    # The event without amount_usd was accepted and delivered, but is not in the figures.
+    assert answer.structured_content["events"] == 1
+    deadline = time.monotonic() + 10
+    while metric(broker, "tc_projection_unreadable_events_total") < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(broker, "tc_projection_unreadable_events_total") >= before + 1
+
+
+def test_a_host_not_allowed_and_a_token_without_a_tenant_are_refused(broker, tenant):
+    token = broker.token(tenant, scope="cost:read")
+    headers = {**MCP_HEADERS, "Authorization": f"Bearer {token}", "Host": "rebind.example"}
+    status, _, body = raw_post(broker, INITIALIZE, headers)
+    assert status == 403, (status, body)
+    assert b"host" in body.lower(), body
+
+    from conftest import _env, binary_path
+
+    proc = subprocess.run(
+        [str(binary_path()), "token", "--scope", "events:all_tenants cost:read"],
+        env=_env(), capture_output=True, text=True, timeout=RPC_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr
+    everyone = proc.stdout.strip()
+
+    async def refused(session):
+        return await session.call_tool("cost.summary", {})
+
+    result = run(broker, everyone, refused)
+    assert result.is_error
+    assert "tenant" in result.content[0].text, result.content[0].text
+
+
+def test_a_full_projection_queue_drops_from_the_figures_only(tmp_path):
+    import grpc as grpc_mod
+
+    from conftest import start_broker
+    from tensorcost.events.v1 import events_pb2 as pb2
+    from tensorcost.events.v1 import events_pb2_grpc
+
+    with start_broker(tmp_path, {"TC_PROJECTION_QUEUE": "1"}) as b:
+        channel = grpc_mod.insecure_channel(b.grpc_addr)
+        stub2 = events_pb2_grpc.EventBrokerStub(channel)
+        tenant = f"py-{uuid.uuid4().hex[:12]}"
+        token = b.token(tenant)
+        ids = []
+        for _ in range(20):
+            ids += publish(stub2, pb2, token, [COSTS[3]] * 250)
+        assert len(set(ids)) == 5000, "every event was accepted"
+        deadline = time.monotonic() + 10
+        while metric(b, "tc_projection_dropped_events_total") == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        dropped = metric(b, "tc_projection_dropped_events_total")
+        assert dropped > 0, "a queue of 1 kept up with 5,000 events in 20 calls"
+        # Subscribers still get every event: history holds them all.
+        status, body = rest(b, "GET", "/v1/events?limit=1000", token)
+        assert status == 200 and len(body["events"]) == 1000, body
+        assert "projection" in b.log() and "full" in b.log().lower()
+        channel.close()
+
+
+def test_a_projection_queue_of_zero_is_refused_naming_it(tmp_path):
+    from conftest import _env, binary_path
+
+    proc = subprocess.run(
+        [str(binary_path()), "serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"],
+        env={**_env(), "TC_PROJECTION_QUEUE": "0", "TC_DATA_DIR": str(tmp_path)},
+        capture_output=True, text=True, timeout=RPC_TIMEOUT_S,
+    )
+    assert proc.returncode != 0
+    assert "projection-queue" in proc.stderr or "TC_PROJECTION_QUEUE" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "panicked" not in proc.stderr

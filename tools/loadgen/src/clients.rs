@@ -213,11 +213,21 @@ pub const STREAM_BATCH: u64 = 100;
 /// Publishes `n` events over one stream as fast as the stream allows, in
 /// messages of [`STREAM_BATCH`] events (each acknowledged on its own).
 pub async fn grpc_stream_max(grpc: &str, token: &str, n: u64) -> anyhow::Result<Duration> {
+    grpc_stream_events(grpc, token, n, |_| event(None)).await
+}
+
+/// [`grpc_stream_max`] with event `i` made by `make(i)`.
+pub async fn grpc_stream_events(
+    grpc: &str,
+    token: &str,
+    n: u64,
+    make: impl Fn(u64) -> proto::Event + Send + Sync + 'static,
+) -> anyhow::Result<Duration> {
     let mut client = EventBrokerClient::connect(grpc.to_string()).await?;
     let messages = tokio_stream::iter((0..n.div_ceil(STREAM_BATCH)).map(move |m| {
         let len = STREAM_BATCH.min(n - m * STREAM_BATCH);
         PublishStreamRequest {
-            events: (0..len).map(|_| event(None)).collect(),
+            events: (0..len).map(|i| make(m * STREAM_BATCH + i)).collect(),
             ..Default::default()
         }
     }));

@@ -7,6 +7,7 @@
 //!     tc-loadgen --broker target/release/tensorcost-events --size full --out bench/results/full
 
 mod clients;
+mod mcp;
 mod procs;
 mod report;
 mod scenarios;
@@ -41,7 +42,7 @@ pub struct Config {
     pub size: Size,
     /// Scenarios to run, comma separated (6, the soak run, takes 10
     /// minutes at full size; 7 is webhooks).
-    #[arg(long, default_value = "1,2,3,4,5,6,7")]
+    #[arg(long, default_value = "1,2,3,4,5,6,7,8")]
     pub scenarios: String,
     /// Where results.json and results.md go.
     #[arg(long)]
@@ -96,7 +97,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             5 => scenarios::idle(&config).await?,
             6 => scenarios::soak(&config).await?,
             7 => webhooks::webhooks(&config).await?,
-            other => anyhow::bail!("no scenario {other} (1 to 7)"),
+            8 => mcp::mcp(&config).await?,
+            other => anyhow::bail!("no scenario {other} (1 to 8)"),
         };
         report.scenarios.push(scenario);
         report::write(&report, &config.out)?;
