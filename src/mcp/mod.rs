@@ -371,7 +371,7 @@ impl Tools {
     #[tool(
         name = "cost.summary",
         output_schema = rmcp::handler::server::tool::schema_for_type::<CostSummary>(),
-        description = "The tenant's costs over a window (default the last 7 days): the total in USD, by source (aws, gcp, azure, bedrock, azure_openai, ...) and by tag (application, team, environment, ...), largest first. Built from cost.updated events. Scope: cost:read."
+        description = "The tenant's costs over a window (default the last 7 days): the total in USD, by source (aws, gcp, azure, bedrock, azure_openai, ...), by service or model within a source, and by tag (application, team, environment, ...), largest first; with `source`, what drove that source's bill. Built from cost.updated events. Scope: cost:read."
     )]
     async fn cost_summary(
         &self,
@@ -395,6 +395,9 @@ impl Tools {
         );
         for s in summary.by_source.iter().take(5) {
             text.push_str(&format!("; {} {:.2}", s.source, s.usd));
+        }
+        for s in summary.by_service.iter().take(3) {
+            text.push_str(&format!("; {} {} {:.2}", s.source, s.service, s.usd));
         }
         structured(&summary, text)
     }

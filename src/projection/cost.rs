@@ -1,5 +1,6 @@
 //! Costs per tenant: hourly buckets of `cost.updated` amounts, by source,
-//! by tag, by agent and by workflow (docs/events.md has the payload).
+//! by service within a source, by tag, by agent and by workflow
+//! (docs/events.md has the payload).
 //!
 //! Amounts are kept as whole micro-dollars, so sums are exact. Bounds: 90
 //! days of hours per tenant, and at most [`MAX_KEYS`] (source, tag, agent
@@ -40,6 +41,8 @@ pub struct CostEvent {
     pub tags: Vec<(String, String)>,
     pub agent_id: Option<String>,
     pub workflow_id: Option<String>,
+    /// The model or service billed (`anthropic.claude-3-5-sonnet`, `EC2`).
+    pub service: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -50,6 +53,7 @@ struct Payload {
     tags: Option<serde_json::Map<String, serde_json::Value>>,
     agent_id: Option<String>,
     workflow_id: Option<String>,
+    service: Option<String>,
 }
 
 impl CostEvent {
@@ -100,6 +104,7 @@ impl CostEvent {
             workflow_id: p
                 .workflow_id
                 .filter(|w| !w.is_empty() && w.len() <= MAX_NAME),
+            service: p.service.filter(|s| !s.is_empty() && s.len() <= MAX_NAME),
         })
     }
 }
@@ -114,11 +119,17 @@ struct Hour {
     by_tag: HashMap<(String, String), i64>,
     by_agent: HashMap<String, i64>,
     by_workflow: HashMap<String, i64>,
+    /// (source, service)
+    by_service: HashMap<(String, String), i64>,
 }
 
 impl Hour {
     fn keys(&self) -> usize {
-        self.by_source.len() + self.by_tag.len() + self.by_agent.len() + self.by_workflow.len()
+        self.by_source.len()
+            + self.by_tag.len()
+            + self.by_agent.len()
+            + self.by_workflow.len()
+            + self.by_service.len()
     }
 
     fn folded(&self) -> bool {
@@ -126,6 +137,7 @@ impl Hour {
             || self.by_agent.contains_key(OTHER)
             || self.by_workflow.contains_key(OTHER)
             || self.by_tag.keys().any(|(_, v)| v == OTHER)
+            || self.by_service.keys().any(|(_, v)| v == OTHER)
     }
 
     /// As kept in the state store.
@@ -144,6 +156,11 @@ impl Hour {
                 .collect(),
             agents: pairs(&self.by_agent),
             workflows: pairs(&self.by_workflow),
+            services: self
+                .by_service
+                .iter()
+                .map(|((s, v), m)| (s.clone(), v.clone(), *m))
+                .collect(),
         };
         serde_json::to_string(&record).unwrap_or_default()
     }
@@ -157,6 +174,11 @@ impl Hour {
             by_tag: r.tags.into_iter().map(|(k, v, m)| ((k, v), m)).collect(),
             by_agent: r.agents.into_iter().collect(),
             by_workflow: r.workflows.into_iter().collect(),
+            by_service: r
+                .services
+                .into_iter()
+                .map(|(s, v, m)| ((s, v), m))
+                .collect(),
         })
     }
 }
@@ -170,6 +192,9 @@ struct HourRecord {
     tags: Vec<(String, String, i64)>,
     agents: Vec<(String, i64)>,
     workflows: Vec<(String, i64)>,
+    /// (source, service, micros); absent from hours saved before it was.
+    #[serde(default)]
+    services: Vec<(String, String, i64)>,
 }
 
 /// One tenant's costs, by hour (Unix ms / 1 h).
@@ -245,6 +270,16 @@ impl TenantCosts {
                 &mut hour.by_agent,
                 a.clone(),
                 || OTHER.to_string(),
+                c.micros,
+                keys,
+                folded,
+            );
+        }
+        if let Some(service) = &c.service {
+            add_named(
+                &mut hour.by_service,
+                (c.source.clone(), service.clone()),
+                || (c.source.clone(), OTHER.to_string()),
                 c.micros,
                 keys,
                 folded,
@@ -391,7 +426,13 @@ impl TenantCosts {
         let mut events = 0u64;
         let mut sources: HashMap<&str, i64> = HashMap::new();
         let mut tags: HashMap<(&str, &str), i64> = HashMap::new();
+        let mut services: HashMap<(&str, &str), i64> = HashMap::new();
         for hour in self.window(first, last) {
+            for ((s, v), m) in &hour.by_service {
+                if query.source.as_ref().is_none_or(|want| want == s) {
+                    *services.entry((s.as_str(), v.as_str())).or_default() += m;
+                }
+            }
             if let Some(source) = &query.source {
                 let Some(m) = hour.by_source.get(source) else {
                     continue;
@@ -433,9 +474,25 @@ impl TenantCosts {
                 .then(a.tag.cmp(&b.tag))
                 .then(a.value.cmp(&b.value))
         });
-        let truncated = by_tag.len() > query.top || by_source.len() > query.top;
+        let mut by_service: Vec<ServiceAmount> = services
+            .into_iter()
+            .map(|((s, v), m)| ServiceAmount {
+                source: s.to_string(),
+                service: v.to_string(),
+                usd: usd(m),
+            })
+            .collect();
+        by_service.sort_by(|a, b| {
+            b.usd
+                .total_cmp(&a.usd)
+                .then(a.source.cmp(&b.source))
+                .then(a.service.cmp(&b.service))
+        });
+        let truncated =
+            by_tag.len() > query.top || by_source.len() > query.top || by_service.len() > query.top;
         by_tag.truncate(query.top);
         by_source.truncate(query.top);
+        by_service.truncate(query.top);
         CostSummary {
             from: hour_start(first),
             to: clock::format_timestamp(query.until),
@@ -448,6 +505,7 @@ impl TenantCosts {
             },
             by_source,
             by_tag,
+            by_service,
             truncated,
             folded_into_other: self.folded,
         }
@@ -556,6 +614,10 @@ pub struct CostSummary {
     pub by_source: Vec<SourceAmount>,
     /// Per tag key and value, largest first (empty when filtered by source).
     pub by_tag: Vec<TagAmount>,
+    /// Per source and service (the model or cloud service billed: the
+    /// `service` of `cost.updated`), largest first; with a source filter,
+    /// that source's services: what drove its bill.
+    pub by_service: Vec<ServiceAmount>,
     /// More sources or tag values than `top` exist: only the largest are
     /// listed.
     pub truncated: bool,
@@ -567,6 +629,13 @@ pub struct CostSummary {
 #[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct SourceAmount {
     pub source: String,
+    pub usd: f64,
+}
+
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct ServiceAmount {
+    pub source: String,
+    pub service: String,
     pub usd: f64,
 }
 
@@ -592,6 +661,7 @@ mod tests {
                 .collect(),
             agent_id: None,
             workflow_id: None,
+            service: None,
         }
     }
 

@@ -347,3 +347,39 @@ def test_the_sdk_negotiates_the_current_revision_and_the_handshake_one(broker, t
     from test_mcp import run
 
     assert run(broker, token, legacy) == "2025-11-25"
+
+
+def test_what_drove_last_weeks_bedrock_bill_over_stdio(broker, stub, pb, tenant, tmp_path):
+    """The issue's end: an MCP client over stdio answers "what drove last
+    week's Bedrock bill?" from cost.summary and inference.recommendations,
+    with what producers published."""
+    from test_mcp import hours_ago
+
+    sonnet, haiku = "anthropic.claude-3-5-sonnet", "anthropic.claude-3-haiku"
+    publish(stub, pb, broker.token(tenant), [
+        ("cost.updated", {"source": "bedrock", "service": sonnet, "amount_usd": 310.5, "period_start": hours_ago(30), "tags": {"team": "support-bot"}}),
+        ("cost.updated", {"source": "bedrock", "service": sonnet, "amount_usd": 89.5, "period_start": hours_ago(50), "tags": {"team": "search"}}),
+        ("cost.updated", {"source": "bedrock", "service": haiku, "amount_usd": 12.0, "period_start": hours_ago(70)}),
+        ("cost.updated", {"source": "aws", "service": "EC2", "amount_usd": 55.0, "period_start": hours_ago(20)}),
+        ("recommendation.created", {"recommendation_id": "r-pt", "category": "inference", "provider": "bedrock", "service": sonnet,
+                                    "title": "Provisioned throughput for claude-3-5-sonnet", "estimated_monthly_savings_usd": 420.0}),
+    ])
+    reader = broker.token(tenant, scope="cost:read ai:read")
+    errlog = open(tmp_path / "relay.log", "w")
+
+    async def body():
+        params = stdio_params({"TC_SERVER": f"http://{broker.http_addr}", "TC_TOKEN": reader})
+        async with stdio_client(params, errlog=errlog) as (read, write):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                bill = await call_until(session, "cost.summary", {"source": "bedrock"}, lambda s: s["total_usd"] >= 412)
+                recs = await call_until(session, "inference.recommendations", {"provider": "bedrock"}, lambda s: s["recommendations"])
+                return bill, recs
+
+    bill, recs = anyio.run(body)
+    s = bill.structured_content
+    assert s["total_usd"] == 412.0
+    assert [(x["service"], x["usd"]) for x in s["by_service"]] == [(sonnet, 400.0), (haiku, 12.0)]
+    assert f"bedrock {sonnet} 400.00" in bill.content[0].text
+    [rec] = recs.structured_content["recommendations"]
+    assert (rec["recommendation_id"], rec["estimated_monthly_savings_usd"]) == ("r-pt", 420.0)
