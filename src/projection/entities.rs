@@ -224,27 +224,62 @@ impl Alert {
     pub fn apply_spike(slot: &mut Option<Self>, event: &Event, data: &serde_json::Value, id: &str) {
         let provider = text(data, "provider");
         let model = text(data, "model");
-        let title = text(data, "title").unwrap_or_else(|| {
-            let what = [provider.as_deref(), model.as_deref()]
-                .into_iter()
-                .flatten()
-                .collect::<Vec<_>>()
-                .join(" ");
-            match data.get("increase_pct").and_then(serde_json::Value::as_f64) {
-                Some(pct) => format!("inference spend spike: {what} up {pct:.0}%"),
-                None => format!("inference spend spike: {what}"),
+        let what = [provider.as_deref(), model.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let title = match data.get("increase_pct").and_then(serde_json::Value::as_f64) {
+            Some(pct) => format!("inference spend spike: {what} up {pct:.0}%"),
+            None => format!("inference spend spike: {what}"),
+        };
+        Self::derived(slot, event, data, id, ("medium", title), provider, model);
+    }
+
+    /// Applies a `cost.threshold_exceeded` event: an open alert (id
+    /// `budget:<budget_id>`) about the budget, severity `high` unless the
+    /// event says.
+    pub fn apply_threshold(
+        slot: &mut Option<Self>,
+        event: &Event,
+        data: &serde_json::Value,
+        id: &str,
+    ) {
+        let budget = text(data, "budget_id").unwrap_or_default();
+        let name = text(data, "budget_name").unwrap_or_else(|| budget.clone());
+        let usd = |field| data.get(field).and_then(serde_json::Value::as_f64);
+        let title = match (usd("current_usd"), usd("threshold_usd")) {
+            (Some(current), Some(threshold)) => {
+                format!("cost threshold exceeded: {name} at {current:.2} of {threshold:.2} USD")
             }
-        });
+            _ => format!("cost threshold exceeded: {name}"),
+        };
+        let source = text(data, "source");
+        Self::derived(slot, event, data, id, ("high", title), source, Some(budget));
+    }
+
+    /// An open alert that another event type stands for; the event's own
+    /// `severity` and `title` win over the defaults.
+    fn derived(
+        slot: &mut Option<Self>,
+        event: &Event,
+        data: &serde_json::Value,
+        id: &str,
+        (severity, title): (&str, String),
+        source: Option<String>,
+        resource: Option<String>,
+    ) {
+        let created_at = slot
+            .as_ref()
+            .map_or_else(|| event.timestamp.clone(), |a| a.created_at.clone());
         *slot = Some(Alert {
             alert_id: id.to_string(),
             state: "open".into(),
-            severity: text(data, "severity").or_else(|| Some("medium".into())),
-            title: Some(title),
-            source: provider,
-            resource: model,
-            created_at: slot
-                .as_ref()
-                .map_or_else(|| event.timestamp.clone(), |a| a.created_at.clone()),
+            severity: text(data, "severity").or_else(|| Some(severity.into())),
+            title: text(data, "title").or(Some(title)),
+            source,
+            resource,
+            created_at,
             updated_at: event.timestamp.clone(),
             last_event_id: event.id.clone(),
         });
@@ -252,6 +287,17 @@ impl Alert {
 }
 
 pub const SPIKE_DETECTED: &str = "inference.spike_detected";
+pub const THRESHOLD_EXCEEDED: &str = "cost.threshold_exceeded";
+
+/// The alert id prefix of an event type that stands for an alert, so its
+/// ids never meet `alert_id`s.
+pub fn alert_prefix(event_type: &str) -> &'static str {
+    match event_type {
+        SPIKE_DETECTED => "spike:",
+        THRESHOLD_EXCEEDED => "budget:",
+        _ => "",
+    }
+}
 
 /// A recommendation as it stands now.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]

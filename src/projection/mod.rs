@@ -194,6 +194,7 @@ fn observed(event_type: &str) -> bool {
         || entities::CONNECTION_TYPES.contains(&event_type)
         || entities::AGENT_TYPES.contains(&event_type)
         || event_type == entities::SPIKE_DETECTED
+        || event_type == entities::THRESHOLD_EXCEEDED
 }
 
 impl Projections {
@@ -315,6 +316,13 @@ impl Projections {
             self.apply_entity(event, "alert_id", |m| &mut m.alerts, Alert::apply)
         } else if kind == entities::SPIKE_DETECTED {
             self.apply_entity(event, "spike_id", |m| &mut m.alerts, Alert::apply_spike)
+        } else if kind == entities::THRESHOLD_EXCEEDED {
+            self.apply_entity(
+                event,
+                "budget_id",
+                |m| &mut m.alerts,
+                Alert::apply_threshold,
+            )
         } else if entities::RECOMMENDATION_TYPES.contains(&kind) {
             self.apply_entity(
                 event,
@@ -380,10 +388,8 @@ impl Projections {
         apply: impl FnOnce(&mut Option<T>, &crate::event::Event, &serde_json::Value, &str),
     ) -> Result<(), String> {
         let (data, mut id) = entities::read_id(event, id_field)?;
-        if id_field == "spike_id" {
-            // Spikes are alerts, in an id space of their own.
-            id.insert_str(0, "spike:");
-        }
+        // Spikes and thresholds are alerts, in id spaces of their own.
+        id.insert_str(0, entities::alert_prefix(&event.event_type));
         let evicted = model(&mut self.lock())
             .upsert(&event.tenant_id, &id, |slot| apply(slot, event, &data, &id));
         let mut unsaved = lock(&self.unsaved);

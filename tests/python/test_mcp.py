@@ -677,6 +677,7 @@ def test_mcp_settings_are_per_tenant_checked_and_can_turn_the_tools_off(broker, 
 
 
 AGENT_AND_SPIKE_EXAMPLES = [
+    ("cost.threshold_exceeded", {"budget_id": "b-ml", "budget_name": "ML monthly", "threshold_usd": 10000, "current_usd": 10250.4, "source": "bedrock"}),
     ("inference.spike_detected", {"spike_id": "sp-42", "provider": "bedrock", "model": "claude", "increase_pct": 340}),
     ("agent.connected", {"agent_id": "gpu-agent-7", "transport": "grpc", "stream": "subscribe"}),
     ("agent.disconnected", {"agent_id": "gpu-agent-7", "reason": "closed", "connected_at": "2026-11-29T14:02:11.120Z", "connected_s": 3605}),
@@ -694,16 +695,20 @@ def test_the_agent_and_spike_examples_follow_their_schemas():
         jsonschema.validate({"agent_id": "a", "reason": "bored"}, json.loads((SCHEMAS / "agent.disconnected.json").read_text()))
 
 
-def test_an_inference_spike_is_an_open_alert_of_its_own(broker, stub, pb, tenant):
+def test_an_inference_spike_and_a_threshold_are_open_alerts_of_their_own(broker, stub, pb, tenant):
     publisher = broker.token(tenant)
     publish(stub, pb, publisher, [
         ("alert.created", {"alert_id": "sp-42", "severity": "low", "title": "a budget"}),
+        AGENT_AND_SPIKE_EXAMPLES[1],
         AGENT_AND_SPIKE_EXAMPLES[0],
     ])
     reader = broker.token(tenant, scope="alert:read")
-    answer = tool_when(broker, reader, "alerts.recent", {}, lambda s: len(s["alerts"]) >= 2)
+    answer = tool_when(broker, reader, "alerts.recent", {}, lambda s: len(s["alerts"]) >= 3)
     by_id = {a["alert_id"]: a for a in answer.structured_content["alerts"]}
-    assert set(by_id) == {"sp-42", "spike:sp-42"}, by_id
+    assert set(by_id) == {"sp-42", "spike:sp-42", "budget:b-ml"}, by_id
+    budget = by_id["budget:b-ml"]
+    assert (budget["state"], budget["severity"], budget["source"], budget["resource"]) == ("open", "high", "bedrock", "b-ml")
+    assert budget["title"] == "cost threshold exceeded: ML monthly at 10250.40 of 10000.00 USD"
     spike = by_id["spike:sp-42"]
     assert (spike["state"], spike["severity"], spike["source"], spike["resource"]) == ("open", "medium", "bedrock", "claude")
     assert spike["title"] == "inference spend spike: bedrock claude up 340%"

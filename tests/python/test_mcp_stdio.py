@@ -383,3 +383,43 @@ def test_what_drove_last_weeks_bedrock_bill_over_stdio(broker, stub, pb, tenant,
     assert f"bedrock {sonnet} 400.00" in bill.content[0].text
     [rec] = recs.structured_content["recommendations"]
     assert (rec["recommendation_id"], rec["estimated_monthly_savings_usd"]) == ("r-pt", 420.0)
+
+
+def test_followers_count_against_the_tenants_subscriber_cap(tmp_path):
+    """Abuse: listens are broker subscriptions, so a tenant cannot open more
+    than TC_MAX_SUBSCRIBERS_PER_TENANT of them (gRPC included); the one past
+    the cap ends naming it, and another tenant still follows."""
+    import grpc
+
+    from conftest import start_broker
+    from tensorcost.events.v1 import events_pb2 as pb2
+    from tensorcost.events.v1 import events_pb2_grpc
+
+    with start_broker(tmp_path, {"TC_MAX_SUBSCRIBERS_PER_TENANT": "2"}) as b:
+        tenant = f"py-{uuid.uuid4().hex[:12]}"
+        token = b.token(tenant, scope="events:subscribe")
+        other_tenant = f"other-{tenant}"
+        other = b.token(other_tenant, scope="events:subscribe")
+        publisher = b.token(other_tenant, scope="events:publish")
+        channel = grpc.insecure_channel(b.grpc_addr)
+        stub2 = events_pb2_grpc.EventBrokerStub(channel)
+
+        async def others(session):
+            async with listen(session, resource_subscriptions=["events://*"]) as sub:
+                publish(stub2, pb2, publisher, [("cost.updated", {"source": "aws", "amount_usd": 1})])
+                with anyio.fail_after(WAIT_S):
+                    return (await sub.__anext__()).uri
+
+        async def body(session):
+            async with listen(session, resource_subscriptions=["events://cost.*"]):
+                async with listen(session, resource_subscriptions=["events://alert.*"]):
+                    with pytest.raises(SubscriptionLost) as third:
+                        async with listen(session, resource_subscriptions=["events://*"]) as sub:
+                            with anyio.fail_after(WAIT_S):
+                                await sub.__anext__()
+                    cause = str(third.value.__cause__)
+                    assert "TC_MAX_SUBSCRIBERS_PER_TENANT" in cause, cause
+                    return await _modern(b, other, others)
+
+        assert anyio.run(_modern, b, token, body) == "events://*"
+        channel.close()
