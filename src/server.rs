@@ -153,7 +153,7 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
     }
     background.spawn(release_idle_tenants(broker.clone(), shutdown.clone()));
     // Before anything is relayed: projections see every dispatched event.
-    let projections = Projections::default();
+    let projections = Projections::new(&settings.projections);
     let (observer, projection_queue) = projections.observer(&settings.projections);
     broker.set_observers(vec![observer]);
     let store_metrics = StoreMetrics::default();

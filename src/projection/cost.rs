@@ -19,10 +19,11 @@ use crate::event::Event;
 pub const COST_UPDATED: &str = "cost.updated";
 /// Hours kept per tenant.
 pub const RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
-/// Named entries (a source, a tag value, an agent, a workflow in an hour)
-/// per tenant, at most.
+/// Named entries (a source, a source's service, a tag value, an agent or a
+/// workflow in an hour) per tenant, at most, by default
+/// (`TC_COST_MAX_ENTRIES`).
 pub const MAX_KEYS: usize = 50_000;
-/// What a name past [`MAX_KEYS`] is counted as.
+/// What a name past the bound is counted as.
 pub const OTHER: &str = "(other)";
 /// Tags read per event, and the longest tag key or value kept.
 const MAX_TAGS: usize = 32;
@@ -207,20 +208,20 @@ pub struct TenantCosts {
 }
 
 /// Adds `micros` under `name`, or under `(other)` when the tenant holds
-/// [`MAX_KEYS`] names already.
+/// `max` names already.
 fn add_named<K: std::hash::Hash + Eq>(
     map: &mut HashMap<K, i64>,
     name: K,
     other: impl FnOnce() -> K,
     micros: i64,
-    keys: &mut usize,
+    (keys, max): (&mut usize, usize),
     folded: &mut bool,
 ) {
     if let Some(v) = map.get_mut(&name) {
         *v += micros;
         return;
     }
-    if *keys >= MAX_KEYS {
+    if *keys >= max {
         *folded = true;
         let other = other();
         if !map.contains_key(&other) {
@@ -237,7 +238,15 @@ impl TenantCosts {
     /// Adds one cost; a cost older than [`RETENTION`] or more than a day
     /// ahead of `now_ms` is not kept. Returns the hour it changed, and
     /// adds the hours that aged out to `removed`.
-    pub fn add(&mut self, c: &CostEvent, now_ms: u64, removed: &mut Vec<u64>) -> Option<u64> {
+    /// At most `max_keys` named entries are kept; past it, new names are
+    /// counted under `(other)`.
+    pub fn add(
+        &mut self,
+        c: &CostEvent,
+        now_ms: u64,
+        max_keys: usize,
+        removed: &mut Vec<u64>,
+    ) -> Option<u64> {
         let oldest = now_ms.saturating_sub(RETENTION.as_millis() as u64);
         if c.at_ms < oldest || c.at_ms > now_ms + 24 * HOUR_MS {
             return None;
@@ -252,7 +261,7 @@ impl TenantCosts {
             c.source.clone(),
             || OTHER.to_string(),
             c.micros,
-            keys,
+            (keys, max_keys),
             folded,
         );
         for (k, v) in &c.tags {
@@ -261,7 +270,7 @@ impl TenantCosts {
                 (k.clone(), v.clone()),
                 || (k.clone(), OTHER.to_string()),
                 c.micros,
-                keys,
+                (keys, max_keys),
                 folded,
             );
         }
@@ -271,7 +280,7 @@ impl TenantCosts {
                 a.clone(),
                 || OTHER.to_string(),
                 c.micros,
-                keys,
+                (keys, max_keys),
                 folded,
             );
         }
@@ -281,7 +290,7 @@ impl TenantCosts {
                 (c.source.clone(), service.clone()),
                 || (c.source.clone(), OTHER.to_string()),
                 c.micros,
-                keys,
+                (keys, max_keys),
                 folded,
             );
         }
@@ -291,7 +300,7 @@ impl TenantCosts {
                 w.clone(),
                 || OTHER.to_string(),
                 c.micros,
-                keys,
+                (keys, max_keys),
                 folded,
             );
         }
@@ -666,7 +675,7 @@ mod tests {
     }
 
     fn add(t: &mut TenantCosts, c: &CostEvent, now_ms: u64) -> bool {
-        t.add(c, now_ms, &mut Vec::new()).is_some()
+        t.add(c, now_ms, MAX_KEYS, &mut Vec::new()).is_some()
     }
 
     #[test]

@@ -46,6 +46,13 @@ pub struct ProjectionSettings {
     /// `tc_projection_dropped_events_total` and logged).
     #[arg(long, env = "TC_PROJECTION_QUEUE", default_value_t = 65_536, value_parser = crate::config::parse::positive)]
     pub projection_queue: usize,
+
+    /// Named cost entries (a source, a service, a tag value, an agent or a
+    /// workflow, in one hour) kept per tenant over its 90 days, at most;
+    /// past it new names are counted under `(other)`. About 100 bytes
+    /// each.
+    #[arg(long, env = "TC_COST_MAX_ENTRIES", default_value_t = cost::MAX_KEYS, value_parser = crate::config::parse::positive)]
+    pub cost_max_entries: usize,
 }
 
 #[derive(Default)]
@@ -58,10 +65,21 @@ struct Metrics {
 /// Every tenant's read models. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Projections {
+    /// Named cost entries per tenant, at most.
+    cost_bound: CostBound,
     models: Arc<Mutex<Models>>,
     /// Records changed, and records gone, since the last save.
     unsaved: Arc<Mutex<Unsaved>>,
     metrics: Arc<Metrics>,
+}
+
+#[derive(Clone, Copy)]
+struct CostBound(usize);
+
+impl Default for CostBound {
+    fn default() -> Self {
+        Self(cost::MAX_KEYS)
+    }
 }
 
 /// The models, each per tenant.
@@ -214,6 +232,15 @@ impl Projections {
             "Events of a documented type whose fields a projection needs but could not read (docs/events.md)",
             self.metrics.unreadable.clone(),
         );
+    }
+
+    /// Projections keeping at most `settings`' named cost entries per
+    /// tenant.
+    pub fn new(settings: &ProjectionSettings) -> Self {
+        Self {
+            cost_bound: CostBound(settings.cost_max_entries),
+            ..Self::default()
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Models> {
@@ -369,7 +396,7 @@ impl Projections {
             .costs
             .entry(event.tenant_id.clone())
             .or_default()
-            .add(&c, now_ms, &mut removed);
+            .add(&c, now_ms, self.cost_bound.0, &mut removed);
         let mut unsaved = lock(&self.unsaved);
         for hour in removed {
             unsaved.mark_removed((COST_HOURS, event.tenant_id.clone(), hour.to_string()));

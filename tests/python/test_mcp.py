@@ -846,3 +846,27 @@ def test_a_projection_queue_of_zero_is_refused_naming_it(tmp_path):
     assert proc.returncode != 0
     assert "projection-queue" in proc.stderr or "TC_PROJECTION_QUEUE" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and "panicked" not in proc.stderr
+
+
+def test_a_tenants_cost_entries_stop_at_tc_cost_max_entries(tmp_path):
+    import grpc as grpc_mod
+
+    from conftest import start_broker
+    from tensorcost.events.v1 import events_pb2 as pb2
+    from tensorcost.events.v1 import events_pb2_grpc
+
+    with start_broker(tmp_path, {"TC_COST_MAX_ENTRIES": "3"}) as b:
+        channel = grpc_mod.insecure_channel(b.grpc_addr)
+        stub2 = events_pb2_grpc.EventBrokerStub(channel)
+        tenant = f"py-{uuid.uuid4().hex[:12]}"
+        at = hours_ago(1)
+        publish(stub2, pb2, b.token(tenant), [
+            ("cost.updated", {"source": f"s{i}", "amount_usd": 1 + i, "period_start": at}) for i in range(5)
+        ])
+        reader = b.token(tenant, scope="cost:read")
+        answer = cost_summary_when(b, reader, {}, lambda s: s["events"] >= 5)
+        s = answer.structured_content
+        assert s["total_usd"] == 15.0, "every cent is counted, named or not"
+        assert s["folded_into_other"] is True
+        assert {x["source"]: x["usd"] for x in s["by_source"]} == {"s0": 1.0, "s1": 2.0, "s2": 3.0, "(other)": 9.0}
+        channel.close()
