@@ -366,3 +366,102 @@ impl EventBroker for GrpcService {
         Ok(Response::new(Box::pin(first.chain(events))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{Authenticator, Scopes, TokenKind};
+    use crate::broker::{Broker, TypeFilter};
+    use crate::config::Settings;
+    use crate::tenant::TenantScope;
+
+    fn app() -> (App, Broker) {
+        let settings = Settings::ephemeral("presence-test-secret");
+        let broker = Broker::new(settings.broker());
+        let auth = Arc::new(Authenticator::new(b"s", Scopes::parse("")));
+        (
+            App::new(broker.clone(), auth, settings.limits.clone()),
+            broker,
+        )
+    }
+
+    fn agent(expires_at: u64) -> Identity {
+        Identity {
+            kind: TokenKind::Backend,
+            subject: None,
+            tenant: Some("t".into()),
+            scopes: Scopes::parse("events:subscribe"),
+            expires_at,
+            agent_id: Some("gpu-7".into()),
+        }
+    }
+
+    async fn presence(watcher: &mut crate::broker::Subscription) -> (String, serde_json::Value) {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(5), watcher.next())
+            .await
+            .expect("a presence event");
+        match next {
+            Some(Delivery::Event(e)) => (
+                e.event_type.clone(),
+                serde_json::from_str(e.data.get()).expect("json"),
+            ),
+            other => panic!("not an event: {other:?}"),
+        }
+    }
+
+    async fn subscribe(service: &GrpcService, identity: Identity) -> BoxStream<SubscribeResponse> {
+        let mut request = Request::new(SubscribeRequest {
+            types: vec!["cost.*".into()],
+            ..Default::default()
+        });
+        request.extensions_mut().insert(identity);
+        service
+            .subscribe(request)
+            .await
+            .expect("subscribed")
+            .into_inner()
+    }
+
+    #[tokio::test]
+    async fn a_subscription_ended_by_token_expiry_or_shutdown_says_so() {
+        let (app, broker) = app();
+        let filter = TypeFilter::parse(&["agent.*"]).unwrap();
+        let mut watcher = broker
+            .subscribe(TenantScope::One("t".into()), filter, None)
+            .unwrap();
+        let service = GrpcService::new(app);
+
+        // A token already past its exp and leeway: the stream ends at once.
+        let mut stream = subscribe(&service, agent(1)).await;
+        assert_eq!(presence(&mut watcher).await.0, "agent.connected");
+        while stream.next().await.is_some() {}
+        drop(stream);
+        let (kind, data) = presence(&mut watcher).await;
+        assert_eq!(kind, "agent.disconnected");
+        assert_eq!(data["reason"], "token_expired");
+
+        // A live token, and the broker shutting down.
+        let mut stream = subscribe(&service, agent(crate::clock::unix_secs() + 600)).await;
+        let (kind, data) = presence(&mut watcher).await;
+        assert_eq!(
+            (kind.as_str(), &data["stream"]),
+            ("agent.connected", &serde_json::json!("subscribe"))
+        );
+        let first = stream.next().await;
+        assert!(matches!(
+            first,
+            Some(Ok(SubscribeResponse {
+                message: Some(subscribe_response::Message::Status(_))
+            }))
+        ));
+        broker.close();
+        while stream.next().await.is_some() {}
+        drop(stream);
+        // The watcher was closed too; the event is in history.
+        let page = broker.history_page("t", None, &TypeFilter::parse(&["agent.*"]).unwrap(), 10);
+        let last = page.events.last().expect("presence events in history");
+        assert_eq!(last.event_type, "agent.disconnected");
+        let data: serde_json::Value = serde_json::from_str(last.data.get()).unwrap();
+        assert_eq!(data["reason"], "shutdown");
+    }
+}
