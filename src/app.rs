@@ -199,18 +199,19 @@ impl App {
     ) -> Option<Arc<AgentStream>> {
         let agent = identity.agent_id.clone()?;
         let tenant = identity.tenant.clone()?;
-        let now = SystemTime::now();
-        if self.presence.opened(&tenant, &agent, now) {
-            self.announce(
-                identity,
-                "agent.connected",
-                serde_json::json!({
-                    "agent_id": agent,
-                    "transport": "grpc",
-                    "stream": stream,
-                }),
-            );
-        }
+        self.presence
+            .opened(&tenant, &agent, SystemTime::now(), || {
+                self.announce(
+                    identity,
+                    "agent.connected",
+                    serde_json::json!({
+                        "agent_id": agent,
+                        "transport": "grpc",
+                        "stream": stream,
+                        "instance": self.presence.instance(),
+                    }),
+                );
+            });
         Some(Arc::new(AgentStream {
             app: self.clone(),
             identity: identity.clone(),
@@ -782,22 +783,24 @@ impl Drop for AgentStream {
             None if self.app.broker.is_closed() => Reason::Shutdown,
             None => Reason::Closed,
         };
-        let Some((since, lasted)) =
-            self.app
-                .presence
-                .closed(&self.tenant, &self.agent, SystemTime::now())
-        else {
-            return;
-        };
-        self.app.announce(
-            &self.identity,
-            "agent.disconnected",
-            serde_json::json!({
-                "agent_id": self.agent,
-                "reason": reason.as_str(),
-                "connected_at": clock::format_timestamp(since),
-                "connected_s": lasted.as_secs(),
-            }),
+        let app = &self.app;
+        app.presence.closed(
+            &self.tenant,
+            &self.agent,
+            SystemTime::now(),
+            |since, lasted| {
+                app.announce(
+                    &self.identity,
+                    "agent.disconnected",
+                    serde_json::json!({
+                        "agent_id": self.agent,
+                        "reason": reason.as_str(),
+                        "connected_at": clock::format_timestamp(since),
+                        "connected_s": lasted.as_secs(),
+                        "instance": app.presence.instance(),
+                    }),
+                );
+            },
         );
     }
 }

@@ -269,7 +269,11 @@ impl EventBroker for GrpcService {
         // An agent's presence lasts as long as its stream of publishes.
         let messages = Presenced {
             inner: request.into_inner(),
-            presence: self.app.agent_stream(&identity, "publish"),
+            // Only a caller that may publish is announced by publishing.
+            presence: identity
+                .require(crate::auth::rbac::PUBLISH)
+                .ok()
+                .and_then(|()| self.app.agent_stream(&identity, "publish")),
             reason: |message: &Result<PublishStreamRequest, Status>| {
                 message.is_err().then_some(Reason::BrokenConnection)
             },

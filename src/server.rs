@@ -425,12 +425,12 @@ fn write_ready_file(
 }
 
 impl Running {
-    /// A token that starts shutdown when cancelled.
     /// The door every surface of this server goes through.
     pub fn app(&self) -> App {
         self.app.clone()
     }
 
+    /// A token that starts shutdown when cancelled.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
     }

@@ -150,6 +150,9 @@ pub struct EnabledCache {
     seen: std::sync::Arc<
         std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, bool)>>,
     >,
+    /// Bumped by every [`EnabledCache::forget`]: a read that started before
+    /// one does not remember what it read.
+    changes: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl EnabledCache {
@@ -160,8 +163,12 @@ impl EnabledCache {
         {
             return Ok(*enabled);
         }
+        let before = self.changes.load(std::sync::atomic::Ordering::Acquire);
         let enabled = mcp(state, tenant).await?.enabled;
         let mut seen = self.lock();
+        if self.changes.load(std::sync::atomic::Ordering::Acquire) != before {
+            return Ok(enabled);
+        }
         if seen.len() >= ENABLED_CACHED {
             seen.clear();
         }
@@ -171,7 +178,10 @@ impl EnabledCache {
 
     /// Forgets a tenant (its settings were just changed here).
     pub fn forget(&self, tenant: &str) {
-        self.lock().remove(tenant);
+        let mut seen = self.lock();
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        seen.remove(tenant);
     }
 
     fn lock(

@@ -121,6 +121,9 @@ pub struct McpSettingsArgs {
     /// Bearer token (scope settings:read to read, settings:write to change).
     #[arg(long, env = "TC_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// The tenant to act for, for a Cognito user of several tenants.
+    #[arg(long, env = "TC_ACTIVE_TENANT")]
+    pub active_tenant: Option<String>,
     /// The tenant's MCP tools answer at all.
     #[arg(long)]
     pub enabled: Option<bool>,
@@ -307,11 +310,31 @@ async fn mcp_settings(args: McpSettingsArgs) -> anyhow::Result<ExitCode> {
             args.http_server
         )
     })?;
-    let url = base
-        .join("/v1/settings/mcp")
-        .context("--http-server: not a base URL")?;
-    let client = reqwest::Client::new();
-    let authorization = format!("Bearer {}", token.trim());
+    // Below any path the address has (a broker behind a path prefix).
+    let mut url = base.clone();
+    url.set_path(&format!(
+        "{}/v1/settings/mcp",
+        base.path().trim_end_matches('/')
+    ));
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {}", token.trim())
+            .parse()
+            .context("token: contains characters that cannot go in a header")?,
+    );
+    if let Some(tenant) = args.active_tenant.as_deref().filter(|t| !t.is_empty()) {
+        headers.insert(
+            crate::app::ACTIVE_TENANT_HEADER,
+            tenant
+                .parse()
+                .context("--active-tenant: not a header value")?,
+        );
+    }
+    let client = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .context("HTTP client")?;
     let answer = |response: reqwest::Result<reqwest::Response>| async {
         let response =
             response.with_context(|| format!("cannot reach {url}: is the broker running?"))?;
@@ -326,14 +349,7 @@ async fn mcp_settings(args: McpSettingsArgs) -> anyhow::Result<ExitCode> {
         }
         Ok(value)
     };
-    let mut settings = answer(
-        client
-            .get(url.clone())
-            .header(reqwest::header::AUTHORIZATION, &authorization)
-            .send()
-            .await,
-    )
-    .await?;
+    let mut settings = answer(client.get(url.clone()).send().await).await?;
     let changing = args.enabled.is_some()
         || args.write_tools_enabled.is_some()
         || !args.grant.is_empty()
@@ -361,7 +377,6 @@ async fn mcp_settings(args: McpSettingsArgs) -> anyhow::Result<ExitCode> {
         settings = answer(
             client
                 .put(url.clone())
-                .header(reqwest::header::AUTHORIZATION, &authorization)
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(settings.to_string())
                 .send()

@@ -701,12 +701,23 @@ impl ServerHandler for Tools {
             .clone()
             .unwrap_or_default();
         if uris.is_empty() {
-            subscription.cancelled().await;
-            return Ok(());
+            return Err(ErrorData::invalid_params(
+                "no event resource to follow: resourceSubscriptions takes events://{pattern} URIs, \
+                 e.g. events://cost.*",
+                None,
+            ));
         }
         let follower = resources::Follower::open(&self.app, &identity, &uris)
             .map_err(|e| resources::protocol_error(&e))?;
         let sink = subscription.sink().clone();
+        // rmcp acknowledged before the subscription existed: one
+        // notification per URI now says "read it", so nothing published in
+        // between is missed.
+        for uri in &uris {
+            if sink.notify_resource_updated(uri.clone()).await.is_err() {
+                return Ok(());
+            }
+        }
         let ended = tokio::select! {
             ended = follower.run(|uri| {
                 let sink = sink.clone();

@@ -175,8 +175,9 @@ pub struct Follower {
 }
 
 impl Follower {
-    /// Opens the subscription (checking the scope and every URI) before
-    /// anything is acknowledged to the client.
+    /// Opens the subscription, checking the scope and every URI. (A
+    /// listen is acknowledged by rmcp before this runs; its caller
+    /// notifies every URI once when this succeeds.)
     pub fn open(app: &App, identity: &Identity, uris: &[String]) -> Result<Self, ApiError> {
         if uris.len() > MAX_URIS {
             return Err(ApiError::invalid(format!(

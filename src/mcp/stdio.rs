@@ -134,7 +134,12 @@ pub async fn relay(server: &str, token: &str, active_tenant: Option<&str>) -> an
             continue;
         }
         match serde_json::from_str::<Value>(text) {
-            Ok(message) => relay.forward(message, text.to_string(), out.clone()),
+            Ok(message) => {
+                // Written before reading on: a client that floods waits.
+                if let Some(refusal) = relay.forward(message, text.to_string(), out.clone()) {
+                    let _ = out.send(refusal).await;
+                }
+            }
             Err(e) => {
                 let _ = out
                     .send(error(Value::Null, -32700, format!("not JSON: {e}")))
@@ -189,7 +194,9 @@ struct Relay {
 }
 
 impl Relay {
-    fn forward(&self, message: Value, body: String, out: mpsc::Sender<String>) {
+    /// Sends `message` on its way; returns the refusal to write back when
+    /// it is not sent.
+    fn forward(&self, message: Value, body: String, out: mpsc::Sender<String>) -> Option<String> {
         let method = message.get("method").and_then(Value::as_str);
         let id = message.get("id").cloned().filter(|_| method.is_some());
         // A stateless broker cannot act on a cancellation: end the request
@@ -205,7 +212,7 @@ impl Relay {
                     task.abort();
                 }
             }
-            return;
+            return None;
         }
         let version = message
             .pointer("/params/_meta")
@@ -243,14 +250,15 @@ impl Relay {
         let key = id.as_ref().map(Value::to_string);
         let endpoint = self.endpoint.clone();
         let mut in_flight_now = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        if key.is_some() && in_flight_now.len() >= MAX_IN_FLIGHT {
-            drop(in_flight_now);
-            if let Some(id) = id {
-                let text = format!("more than {MAX_IN_FLIGHT} requests waiting: not sent");
-                // The writer is behind if this is full: drop the refusal.
-                let _ = out.try_send(error(id, -32000, text));
+        if let (Some(key), Some(id)) = (&key, &id) {
+            if in_flight_now.contains_key(key) {
+                let text = format!("id {key} is already waiting for its answer: not sent");
+                return Some(error(id.clone(), -32600, text));
             }
-            return;
+            if in_flight_now.len() >= MAX_IN_FLIGHT {
+                let text = format!("more than {MAX_IN_FLIGHT} requests waiting: not sent");
+                return Some(error(id.clone(), -32000, text));
+            }
         }
         // Registered before the task can end, which unregisters it.
         let task = tokio::spawn({
@@ -272,6 +280,7 @@ impl Relay {
         if let Some(key) = key {
             in_flight_now.insert(key, task.abort_handle());
         }
+        None
     }
 }
 

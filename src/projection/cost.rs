@@ -264,11 +264,19 @@ impl TenantCosts {
             (keys, max_keys),
             folded,
         );
+        // Past the bound a name folds into an `(other)` of a bounded set:
+        // a workload tag's own, else one for every tag key.
         for (k, v) in &c.tags {
             add_named(
                 &mut hour.by_tag,
                 (k.clone(), v.clone()),
-                || (k.clone(), OTHER.to_string()),
+                || {
+                    if WORKLOAD_TAGS.contains(&k.as_str()) {
+                        (k.clone(), OTHER.to_string())
+                    } else {
+                        (OTHER.to_string(), OTHER.to_string())
+                    }
+                },
                 c.micros,
                 (keys, max_keys),
                 folded,
@@ -285,10 +293,17 @@ impl TenantCosts {
             );
         }
         if let Some(service) = &c.service {
+            // Folds under its source when that is named, else under
+            // `(other)` as the source was.
+            let source = if hour.by_source.contains_key(&c.source) {
+                c.source.clone()
+            } else {
+                OTHER.to_string()
+            };
             add_named(
                 &mut hour.by_service,
                 (c.source.clone(), service.clone()),
-                || (c.source.clone(), OTHER.to_string()),
+                || (source, OTHER.to_string()),
                 c.micros,
                 (keys, max_keys),
                 folded,
@@ -776,6 +791,32 @@ mod tests {
         assert_eq!(s.total_usd, (MAX_KEYS + 10) as f64 / 1e6);
         let other = s.by_source.iter().find(|a| a.source == OTHER).unwrap();
         assert_eq!(other.usd, 10.0 / 1e6);
+    }
+
+    #[test]
+    fn past_the_bound_new_sources_and_tag_keys_add_no_entries() {
+        let now = 1_000 * HOUR_MS;
+        let mut t = TenantCosts::default();
+        let max = 4;
+        let mut c = cost("aws", 1, now, &[("team", "a")]);
+        c.service = Some("EC2".into());
+        t.add(&c, now, max, &mut Vec::new());
+        for i in 0..200 {
+            let mut c = cost(
+                &format!("src{i}"),
+                1,
+                now,
+                &[(&format!("key{i}"), "v"), ("team", &format!("t{i}"))],
+            );
+            c.service = Some(format!("svc{i}"));
+            t.add(&c, now, max, &mut Vec::new());
+        }
+        // The named ones, and one (other) per folded kind: never one per name.
+        assert!(t.keys <= max + 5, "{} entries", t.keys);
+        let s = t.summary(&query(now, Duration::from_secs(3600)));
+        assert_eq!(s.total_usd, 201.0 / 1e6);
+        let services: f64 = s.by_service.iter().map(|x| x.usd).sum();
+        assert!(services <= s.total_usd + 1e-12);
     }
 
     #[test]

@@ -101,6 +101,13 @@ impl<T: Entity> Entities<T> {
         list.into_iter().map(|(_, e)| e).collect()
     }
 
+    /// How many of `tenant`'s entities `keep` says yes to.
+    pub fn count(&self, tenant: &str, keep: impl Fn(&T) -> bool) -> usize {
+        self.tenants
+            .get(tenant)
+            .map_or(0, |all| all.values().filter(|(_, e)| keep(e)).count())
+    }
+
     pub fn get(&self, tenant: &str, id: &str) -> Option<&T> {
         self.tenants.get(tenant)?.get(id).map(|(_, e)| e)
     }
@@ -284,6 +291,11 @@ impl Alert {
             last_event_id: event.id.clone(),
         });
     }
+}
+
+/// Whether an alert id is one of those other events stand for.
+pub fn is_derived_alert_id(id: &str) -> bool {
+    id.starts_with("spike:") || id.starts_with("budget:")
 }
 
 pub const SPIKE_DETECTED: &str = "inference.spike_detected";
@@ -551,9 +563,14 @@ impl Connection {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct Agent {
     pub agent_id: String,
-    /// `connected` or `disconnected` (from presence events); `unknown`
-    /// until one arrives.
+    /// `connected` while an instance says it has a stream of the agent
+    /// open, then `disconnected` (from presence events); `unknown` until
+    /// one arrives.
     pub status: String,
+    /// The instances with a stream of the agent open (their presence
+    /// events' `instance`), at most 64.
+    #[serde(default)]
+    pub instances: Vec<String>,
     /// When it last connected (RFC 3339).
     pub connected_at: Option<String>,
     /// When it last disconnected, and why (`closed`, `token_expired`,
@@ -569,6 +586,9 @@ pub struct Agent {
     pub last_seen_at: String,
     pub last_event_id: String,
 }
+
+/// Instances an agent is listed as connected on, at most.
+const MAX_INSTANCES: usize = 64;
 
 pub const AGENT_TYPES: [&str; 4] = [
     "agent.connected",
@@ -591,6 +611,7 @@ impl Agent {
         let a = slot.get_or_insert_with(|| Agent {
             agent_id: id.to_string(),
             status: "unknown".into(),
+            instances: Vec::new(),
             connected_at: None,
             disconnected_at: None,
             disconnect_reason: None,
@@ -600,13 +621,22 @@ impl Agent {
             last_seen_at: event.timestamp.clone(),
             last_event_id: String::new(),
         });
+        let instance = text(data, "instance").unwrap_or_default();
         match event.event_type.as_str() {
             "agent.connected" => {
+                if a.status != "connected" {
+                    a.connected_at = Some(event.timestamp.clone());
+                }
+                if !a.instances.contains(&instance) && a.instances.len() < MAX_INSTANCES {
+                    a.instances.push(instance);
+                }
                 a.status = "connected".into();
-                a.connected_at = Some(event.timestamp.clone());
             }
             "agent.disconnected" => {
-                a.status = "disconnected".into();
+                a.instances.retain(|i| *i != instance);
+                if a.instances.is_empty() {
+                    a.status = "disconnected".into();
+                }
                 a.disconnected_at = Some(event.timestamp.clone());
                 a.disconnect_reason = text(data, "reason");
             }
@@ -635,6 +665,23 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_agent_is_connected_while_any_instance_says_so() {
+        let mut slot = None;
+        let mut at = |kind: &str, instance: &str| {
+            let mut e = crate::broker::tests::event("t", "e", kind);
+            e.timestamp = "2026-11-29T00:00:00.000Z".into();
+            let data =
+                serde_json::json!({"agent_id": "a", "instance": instance, "reason": "closed"});
+            Agent::apply(&mut slot, &e, &data, "a");
+            slot.as_ref().map(|a: &Agent| a.status.clone()).unwrap()
+        };
+        assert_eq!(at("agent.connected", "i1"), "connected");
+        assert_eq!(at("agent.connected", "i2"), "connected");
+        assert_eq!(at("agent.disconnected", "i1"), "connected", "still on i2");
+        assert_eq!(at("agent.disconnected", "i2"), "disconnected");
+    }
 
     #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
     struct Thing {

@@ -415,6 +415,11 @@ impl Projections {
         apply: impl FnOnce(&mut Option<T>, &crate::event::Event, &serde_json::Value, &str),
     ) -> Result<(), String> {
         let (data, mut id) = entities::read_id(event, id_field)?;
+        if event.event_type == "alert.created" && entities::is_derived_alert_id(&id) {
+            return Err(format!(
+                "alert_id: {id:?} starts with the prefix of the alerts other events stand for (spike:, budget:)"
+            ));
+        }
         // Spikes and thresholds are alerts, in id spaces of their own.
         id.insert_str(0, entities::alert_prefix(&event.event_type));
         let evicted = model(&mut self.lock())
@@ -553,24 +558,27 @@ impl Projections {
             None => cost::TenantCosts::default().agents(query, agent),
         };
         // Presence of the agents listed, and of every connected one.
-        let listed: HashSet<&str> = costs.by_agent.iter().map(|a| a.name.as_str()).collect();
-        costs.presence = models
-            .agents
-            .latest_first(tenant)
-            .into_iter()
-            .filter(|a| match agent {
-                Some(one) => a.agent_id == one,
-                None => listed.contains(a.agent_id.as_str()) || a.status == "connected",
-            })
-            .take(query.top)
-            .cloned()
-            .collect();
-        costs.connected = models
-            .agents
-            .latest_first(tenant)
-            .into_iter()
-            .filter(|a| a.status == "connected")
-            .count();
+        costs.presence = match agent {
+            Some(one) => models
+                .agents
+                .get(tenant, one)
+                .cloned()
+                .into_iter()
+                .collect(),
+            None => {
+                let listed: HashSet<&str> =
+                    costs.by_agent.iter().map(|a| a.name.as_str()).collect();
+                models
+                    .agents
+                    .latest_first(tenant)
+                    .into_iter()
+                    .filter(|a| listed.contains(a.agent_id.as_str()) || a.status == "connected")
+                    .take(query.top)
+                    .cloned()
+                    .collect()
+            }
+        };
+        costs.connected = models.agents.count(tenant, |a| a.status == "connected");
         costs
     }
 

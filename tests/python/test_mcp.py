@@ -679,8 +679,8 @@ def test_mcp_settings_are_per_tenant_checked_and_can_turn_the_tools_off(broker, 
 AGENT_AND_SPIKE_EXAMPLES = [
     ("cost.threshold_exceeded", {"budget_id": "b-ml", "budget_name": "ML monthly", "threshold_usd": 10000, "current_usd": 10250.4, "source": "bedrock"}),
     ("inference.spike_detected", {"spike_id": "sp-42", "provider": "bedrock", "model": "claude", "increase_pct": 340}),
-    ("agent.connected", {"agent_id": "gpu-agent-7", "transport": "grpc", "stream": "subscribe"}),
-    ("agent.disconnected", {"agent_id": "gpu-agent-7", "reason": "closed", "connected_at": "2026-11-29T14:02:11.120Z", "connected_s": 3605}),
+    ("agent.connected", {"agent_id": "gpu-agent-7", "transport": "grpc", "stream": "subscribe", "instance": "0196f1c2-0000-7000-8000-000000000001"}),
+    ("agent.disconnected", {"agent_id": "gpu-agent-7", "reason": "closed", "connected_at": "2026-11-29T14:02:11.120Z", "connected_s": 3605, "instance": "0196f1c2-0000-7000-8000-000000000001"}),
     ("agent.error", {"agent_id": "gpu-agent-7", "error": "CUDA out of memory"}),
     ("agent.health_check", {"agent_id": "gpu-agent-7", "status": "healthy", "latency_ms": 12}),
 ]
@@ -712,6 +712,14 @@ def test_an_inference_spike_and_a_threshold_are_open_alerts_of_their_own(broker,
     spike = by_id["spike:sp-42"]
     assert (spike["state"], spike["severity"], spike["source"], spike["resource"]) == ("open", "medium", "bedrock", "claude")
     assert spike["title"] == "inference spend spike: bedrock claude up 340%"
+    # alert.created cannot take a derived alert's id; alert.resolved closes one.
+    publish(stub, pb, publisher, [
+        ("alert.created", {"alert_id": "spike:sp-42", "severity": "info", "title": "impostor"}),
+        ("alert.resolved", {"alert_id": "spike:sp-42"}),
+    ])
+    answer = tool_when(broker, reader, "alerts.recent", {}, lambda s: any(a["state"] == "resolved" for a in s["alerts"]))
+    by_id = {a["alert_id"]: a for a in answer.structured_content["alerts"]}
+    assert (by_id["spike:sp-42"]["state"], by_id["spike:sp-42"]["title"]) == ("resolved", spike["title"])
 
 
 def cli(args: list[str], token: str, broker) -> subprocess.CompletedProcess:
@@ -828,6 +836,9 @@ def test_a_full_projection_queue_drops_from_the_figures_only(tmp_path):
             time.sleep(0.05)
         dropped = metric(b, "tc_projection_dropped_events_total")
         assert dropped > 0, "a queue of 1 kept up with 5,000 events in 20 calls"
+        reader = b.token(tenant, scope="cost:read")
+        figures = cost_summary_when(b, reader, {"window": "30d"}, lambda s: True).structured_content
+        assert 0 < figures["events"] < 5000, figures
         # Subscribers still get every event: history holds them all.
         status, body = rest(b, "GET", "/v1/events?limit=1000", token)
         assert status == 200 and len(body["events"]) == 1000, body

@@ -88,6 +88,8 @@ def test_stdio_relay_speaks_the_current_revision_and_relays_a_listen_stream(brok
                 summary = await session.call_tool("cost.summary", {})
                 assert not summary.is_error, summary.content
                 async with listen(session, resource_subscriptions=["events://cost.*"]) as sub:
+                    with anyio.fail_after(WAIT_S):
+                        assert (await sub.__anext__()).uri == "events://cost.*", "following started"
                     publish(stub, pb, publisher, [("cost.updated", {"source": "aws", "amount_usd": 2})])
                     with anyio.fail_after(WAIT_S):
                         update = await sub.__anext__()
@@ -266,6 +268,10 @@ def test_listen_over_http_notifies_matching_events_of_the_tenant_only(broker, st
         uris = ["events://cost.*", "events://alert.created", "nope://x"]
         async with listen(session, resource_subscriptions=uris) as sub:
             assert set(sub.honored.resource_subscriptions) == {"events://cost.*", "events://alert.created"}
+            # Once per URI as following starts: read it now.
+            with anyio.fail_after(WAIT_S):
+                started = {(await sub.__anext__()).uri, (await sub.__anext__()).uri}
+            assert started == {"events://cost.*", "events://alert.created"}
             publish(stub, pb, other, [("alert.created", {"alert_id": "x", "severity": "high"})])
             publish(stub, pb, publisher, [("cost.updated", {"source": "aws", "amount_usd": 1})])
             with anyio.fail_after(WAIT_S):
@@ -406,6 +412,8 @@ def test_followers_count_against_the_tenants_subscriber_cap(tmp_path):
 
         async def others(session):
             async with listen(session, resource_subscriptions=["events://*"]) as sub:
+                with anyio.fail_after(WAIT_S):
+                    await sub.__anext__()  # following started
                 publish(stub2, pb2, publisher, [("cost.updated", {"source": "aws", "amount_usd": 1})])
                 with anyio.fail_after(WAIT_S):
                     return (await sub.__anext__()).uri

@@ -53,6 +53,8 @@ def test_an_agents_streams_are_announced_once_per_presence_in_its_tenant(broker,
         listening.status()
         [(kind, data)] = presence_events(watcher, 1)
         assert kind == "agent.connected"
+        instance = data.pop("instance")
+        assert len(instance) == 36, instance
         assert data == {"agent_id": "gpu-agent-7", "transport": "grpc", "stream": "subscribe"}
 
         # A second stream of the same agent: still one presence.
@@ -69,6 +71,7 @@ def test_an_agents_streams_are_announced_once_per_presence_in_its_tenant(broker,
         assert kind == "agent.disconnected"
         assert data["agent_id"] == "gpu-agent-7"
         assert data["reason"] == "closed"
+        assert data["instance"] == instance
         assert data["connected_s"] >= 0 and data["connected_at"].endswith("Z")
 
         # Service callers (no agent_id) have no presence.
@@ -99,6 +102,22 @@ def test_an_agents_streams_are_announced_once_per_presence_in_its_tenant(broker,
     assert agent_state["disconnect_reason"] == "closed"
     assert agent_state["health"] == "healthy"
     assert answer.structured_content["connected"] == 0
+
+
+def test_a_publish_stream_without_the_publish_scope_announces_nothing(broker, stub, pb, tenant):
+    import grpc
+
+    watcher = Subscriber(stub, pb, broker.token(tenant), types=["agent.*"])
+    try:
+        watcher.status()
+        reader = broker.token(tenant, scope="events:subscribe", agent_id="reader-agent")
+        stream = PublishStream(stub, pb, reader)
+        ack = stream.publish("cost.updated", {"source": "aws", "amount_usd": 1})
+        assert ack.WhichOneof("outcome") == "error" and "events:publish" in ack.error.message, ack
+        stream.end()
+        watcher.assert_quiet(0.5)
+    finally:
+        watcher.close()
 
 
 def test_an_agent_id_that_is_not_an_identifier_is_refused(broker, stub, pb, tenant):

@@ -186,30 +186,37 @@ pub async fn mcp(config: &Config) -> anyhow::Result<Scenario> {
 
     // 3. Tool calls per second with CLIENTS callers at once.
     let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
     let cpu = procs::CpuWindow::start(&broker.process);
     let until = Instant::now() + Duration::from_secs(secs);
     let mut tasks = Vec::new();
     for _ in 0..CLIENTS {
-        let (client, url, token, done) = (
+        let (client, url, token, done, failed) = (
             reqwest::Client::new(),
             url.clone(),
             token.clone(),
             done.clone(),
+            failed.clone(),
         );
         tasks.push(tokio::spawn(async move {
             while Instant::now() < until {
-                if call(&client, &url, &token, "cost.summary", serde_json::json!({}))
-                    .await
-                    .is_ok()
-                {
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
+                match call(&client, &url, &token, "cost.summary", serde_json::json!({})).await {
+                    Ok(_) => done.fetch_add(1, Ordering::Relaxed),
+                    // A broken run stops, rather than spin on its errors.
+                    Err(_) => return failed.fetch_add(1, Ordering::Relaxed),
+                };
             }
+            0
         }));
     }
     for t in tasks {
         let _ = t.await;
     }
+    let failed = failed.load(Ordering::Relaxed);
+    anyhow::ensure!(
+        failed == 0,
+        "{failed} of {CLIENTS} callers stopped on an error"
+    );
     let rate = done.load(Ordering::Relaxed) as f64 / secs as f64;
     rows.push(Row {
         system: format!("cost.summary (7 days), {CLIENTS} callers at once"),
