@@ -37,6 +37,9 @@ const MAX_IN_FLIGHT: usize = 64;
 const OUT_QUEUE: usize = 256;
 /// The header a stateless Streamable HTTP request carries its revision in.
 const VERSION_HEADER: &str = "mcp-protocol-version";
+/// The revision without sessions, whose `subscriptions/listen` the relay
+/// follows resources with.
+const MODERN: &str = "2026-07-28";
 /// Where 2026-07-28 requests carry their revision.
 const VERSION_META: &str = "io.modelcontextprotocol/protocolVersion";
 
@@ -103,6 +106,7 @@ pub async fn relay(server: &str, token: &str, active_tenant: Option<&str>) -> an
         active_tenant: active_tenant.map(str::to_string),
         version: Arc::default(),
         in_flight: Arc::default(),
+        followed: Arc::default(),
     };
     let (out, lines) = mpsc::channel::<String>(OUT_QUEUE);
     let writer = tokio::spawn(write_lines(lines));
@@ -148,13 +152,10 @@ pub async fn relay(server: &str, token: &str, active_tenant: Option<&str>) -> an
         }
     }
     // Standard input ended: the client is gone, and so is what it waits for.
-    for (_, task) in relay
-        .in_flight
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .drain()
-    {
-        task.abort();
+    for tasks in [&relay.in_flight, &relay.followed] {
+        for (_, task) in tasks.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+            task.abort();
+        }
     }
     drop(out);
     let _ = writer.await;
@@ -191,6 +192,9 @@ struct Relay {
     version: Arc<Mutex<Option<String>>>,
     /// Requests waiting for their answer, by JSON-RPC id.
     in_flight: Arc<Mutex<HashMap<String, AbortHandle>>>,
+    /// `resources/subscribe` at a revision before 2026-07-28, served here
+    /// with one `subscriptions/listen` to the broker each, by URI.
+    followed: Arc<Mutex<HashMap<String, AbortHandle>>>,
 }
 
 impl Relay {
@@ -213,6 +217,26 @@ impl Relay {
                 }
             }
             return None;
+        }
+        let legacy = self
+            .version
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+            .is_some_and(|v| v != MODERN);
+        if legacy && let Some(id) = &id {
+            match method {
+                Some("resources/subscribe") => return self.follow(id, &message, out),
+                Some("resources/unsubscribe") => {
+                    if let Some(uri) = message.pointer("/params/uri").and_then(Value::as_str)
+                        && let Some(task) = lock(&self.followed).remove(uri)
+                    {
+                        task.abort();
+                    }
+                    return Some(answer(id.clone(), json!({})));
+                }
+                _ => {}
+            }
         }
         let version = message
             .pointer("/params/_meta")
@@ -282,6 +306,118 @@ impl Relay {
         }
         None
     }
+}
+
+impl Relay {
+    /// `resources/subscribe` of a client at a revision before 2026-07-28:
+    /// `/mcp` keeps no session for it, so the relay follows the URI with a
+    /// `subscriptions/listen` of its own and passes each update on as that
+    /// revision's `notifications/resources/updated`. The subscribe is
+    /// answered once the broker follows (its first notification), or with
+    /// the broker's refusal.
+    fn follow(&self, id: &Value, message: &Value, out: mpsc::Sender<String>) -> Option<String> {
+        let Some(uri) = message.pointer("/params/uri").and_then(Value::as_str) else {
+            return Some(error(id.clone(), -32602, "params.uri: required".into()));
+        };
+        let mut followed = lock(&self.followed);
+        followed.retain(|_, task| !task.is_finished());
+        if followed.contains_key(uri) {
+            return Some(answer(id.clone(), json!({})));
+        }
+        if followed.len() >= super::resources::MAX_URIS {
+            let text = format!(
+                "uri: this connection already follows {} event resources, the limit; unsubscribe from one first",
+                super::resources::MAX_URIS
+            );
+            return Some(error(id.clone(), -32602, text));
+        }
+        let listen = json!({
+            "jsonrpc": "2.0",
+            "id": format!("relay-follow-{uri}"),
+            "method": "subscriptions/listen",
+            "params": {
+                "_meta": {
+                    VERSION_META: MODERN,
+                    "io.modelcontextprotocol/clientInfo": {
+                        "name": "tensorcost-events-mcp",
+                        "version": env!("CARGO_PKG_VERSION"),
+                    },
+                    "io.modelcontextprotocol/clientCapabilities": {},
+                },
+                "notifications": {"resourceSubscriptions": [uri]},
+            }
+        });
+        let mut request = self
+            .client
+            .post(self.endpoint.clone())
+            .header(reqwest::header::AUTHORIZATION, &self.authorization)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(
+                reqwest::header::ACCEPT,
+                "application/json, text/event-stream",
+            )
+            .header(VERSION_HEADER, MODERN)
+            .body(listen.to_string());
+        for (name, value) in standard_headers(&listen) {
+            request = request.header(name, value);
+        }
+        if let Some(tenant) = &self.active_tenant {
+            request = request.header(crate::app::ACTIVE_TENANT_HEADER, tenant);
+        }
+        let (id, uri_owned, endpoint) = (id.clone(), uri.to_string(), self.endpoint.clone());
+        let task = tokio::spawn(async move {
+            let (tx, mut rx) = mpsc::channel::<String>(OUT_QUEUE);
+            let stream = tokio::spawn(async move { exchange(request, &tx, None).await });
+            let mut answered = false;
+            let updated = json!({
+                "jsonrpc": "2.0",
+                "method": "notifications/resources/updated",
+                "params": {"uri": uri_owned},
+            })
+            .to_string();
+            while let Some(line) = rx.recv().await {
+                let Ok(message) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if message.get("method").and_then(Value::as_str)
+                    == Some("notifications/resources/updated")
+                {
+                    if !answered {
+                        answered = true;
+                        let _ = out.send(answer(id.clone(), json!({}))).await;
+                    }
+                    if out.send(updated.clone()).await.is_err() {
+                        break;
+                    }
+                } else if let Some(e) = message.get("error") {
+                    let text = e["message"].as_str().unwrap_or("refused").to_string();
+                    if answered {
+                        tracing::warn!(uri = %uri_owned, "no longer following: {text}");
+                    } else {
+                        answered = true;
+                        let code = e["code"].as_i64().unwrap_or(-32000);
+                        let _ = out.send(error(id.clone(), code, text)).await;
+                    }
+                }
+            }
+            if let (Ok(Err(why)), false) = (stream.await, answered) {
+                let _ = out
+                    .send(error(id, -32000, format!("{endpoint}: {why}")))
+                    .await;
+            }
+        });
+        followed.insert(uri.to_string(), task.abort_handle());
+        None
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A JSON-RPC answer to `id`.
+fn answer(id: Value, result: Value) -> String {
+    json!({"jsonrpc": "2.0", "id": id, "result": result}).to_string()
 }
 
 /// The headers 2026-07-28 requires of a request over HTTP (SEP-2243):

@@ -431,3 +431,57 @@ def test_followers_count_against_the_tenants_subscriber_cap(tmp_path):
 
         assert anyio.run(_modern, b, token, body) == "events://*"
         channel.close()
+
+
+def test_stdio_relay_serves_resources_subscribe_of_earlier_revisions(broker, stub, pb, tenant, tmp_path):
+    """Claude Desktop's path: the relay at 2025-11-25 follows a resource
+    with a listen of its own, per URI, and passes updates on."""
+    reader = broker.token(tenant, scope="events:subscribe")
+    publisher = broker.token(tenant, scope="events:publish")
+    other = broker.token(f"other-{tenant}", scope="events:publish")
+    no_scope = broker.token(tenant, scope="cost:read")
+    errlog = open(tmp_path / "relay.log", "w")
+    updates: list[str] = []
+
+    async def on_message(message):
+        if getattr(message, "method", "") == "notifications/resources/updated":
+            updates.append(message.params.uri)
+
+    async def settle(n):
+        deadline = anyio.current_time() + WAIT_S
+        while len(updates) < n and anyio.current_time() < deadline:
+            await anyio.sleep(0.05)
+        return len(updates) >= n
+
+    async def body(token):
+        params = stdio_params({"TC_SERVER": f"http://{broker.http_addr}", "TC_TOKEN": token})
+        async with stdio_client(params, errlog=errlog) as (read, write):
+            async with ClientSession(read, write, message_handler=on_message, read_timeout_seconds=WAIT_S) as session:
+                init = await session.initialize()
+                assert init.protocol_version == "2025-11-25"
+                await session.subscribe_resource("events://alert.*")
+                # Answered once the broker follows: its "read it now".
+                assert await settle(1) and updates == ["events://alert.*"]
+                publish(stub, pb, other, [("alert.created", {"alert_id": "x", "severity": "high"})])
+                publish(stub, pb, publisher, [("cost.updated", {"source": "aws", "amount_usd": 1})])
+                await anyio.sleep(0.5)
+                assert updates == ["events://alert.*"], "notified for another tenant or another type"
+                publish(stub, pb, publisher, [("alert.created", {"alert_id": "a", "severity": "low"})])
+                assert await settle(2), "no update through the relay"
+                await session.unsubscribe_resource("events://alert.*")
+                publish(stub, pb, publisher, [("alert.created", {"alert_id": "b", "severity": "low"})])
+                await anyio.sleep(0.5)
+                assert len(updates) == 2, "notified after unsubscribing"
+
+    anyio.run(body, reader)
+
+    async def refused():
+        params = stdio_params({"TC_SERVER": f"http://{broker.http_addr}", "TC_TOKEN": no_scope})
+        async with stdio_client(params, errlog=errlog) as (read, write):
+            async with ClientSession(read, write, read_timeout_seconds=WAIT_S) as session:
+                await session.initialize()
+                with pytest.raises(MCPError) as e:
+                    await session.subscribe_resource("events://alert.*")
+                return str(e.value)
+
+    assert "events:subscribe" in anyio.run(refused)
