@@ -700,3 +700,102 @@ async fn two_instances_answer_cost_summary_alike_and_after_both_restart() {
         "after a restart"
     );
 }
+
+/// `agent.cost` through one instance's `/mcp`: the agent's presence entry.
+async fn agent_presence(http: &str, token: &str, want: &str) -> serde_json::Value {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let call = serde_json::json!({
+            "jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": "agent.cost", "arguments": {"agent_id": "gpu-9"}}
+        });
+        let text = client
+            .post(format!("http://{http}/mcp"))
+            .bearer_auth(token)
+            .header("accept", "application/json, text/event-stream")
+            .header("content-type", "application/json")
+            .body(call.to_string())
+            .send()
+            .await
+            .expect("MCP request")
+            .text()
+            .await
+            .expect("MCP answer");
+        let answer: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("MCP answer is not JSON ({e}): {text}"));
+        let presence = answer["result"]["structuredContent"]["presence"][0].clone();
+        if presence["status"] == want || Instant::now() > deadline {
+            return presence;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An agent with a stream on each of two instances is connected, on both
+/// instances' answers, until both streams have ended: each instance
+/// announces its own, and the projections count instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_on_two_instances_is_connected_until_both_streams_end() {
+    let redis = RedisServer::start();
+    let env = instance_env(&redis.url());
+    let (a, b) = (spawn(&env), spawn(&env));
+    let tenant = "tenant-agents";
+    let now = tensorcost_testkit::token::unix_now();
+    let agent = tensorcost_testkit::token::sign(
+        SECRET,
+        &serde_json::json!({
+            "tenantId": tenant, "scope": "events:subscribe", "agent_id": "gpu-9",
+            "iat": now, "exp": now + 600,
+        }),
+    );
+    let reader = token_opt(Some(tenant), "agent:read");
+    let open = |grpc: String, agent: String| async move {
+        let mut client = EventBrokerClient::connect(grpc).await.expect("connect");
+        let mut stream = client
+            .subscribe(authed(SubscribeRequest::default(), &agent))
+            .await
+            .expect("subscribe")
+            .into_inner();
+        stream.next().await.expect("status").expect("status");
+        stream
+    };
+    let on_a = open(a.grpc.clone(), agent.clone()).await;
+    let on_b = open(b.grpc.clone(), agent.clone()).await;
+    let both = agent_presence(&b.http, &reader, "connected").await;
+    assert_eq!(both["status"], "connected", "{both}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = both.clone();
+    while seen["instances"].as_array().map_or(0, Vec::len) < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        seen = agent_presence(&a.http, &reader, "connected").await;
+    }
+    assert_eq!(
+        seen["instances"].as_array().map(Vec::len),
+        Some(2),
+        "{seen}"
+    );
+
+    drop(on_a);
+    // A's disconnection arrives; B's stream keeps the agent connected.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut after_a = seen.clone();
+    while after_a["instances"].as_array().map_or(0, Vec::len) != 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        after_a = agent_presence(&b.http, &reader, "connected").await;
+    }
+    assert_eq!(after_a["status"], "connected", "{after_a}");
+    assert_eq!(
+        after_a["instances"].as_array().map(Vec::len),
+        Some(1),
+        "{after_a}"
+    );
+    assert_eq!(after_a["disconnect_reason"], "closed", "{after_a}");
+
+    drop(on_b);
+    for http in [&a.http, &b.http] {
+        let gone = agent_presence(http, &reader, "disconnected").await;
+        assert_eq!(gone["status"], "disconnected", "{gone}");
+        assert_eq!(gone["instances"], serde_json::json!([]), "{gone}");
+    }
+}

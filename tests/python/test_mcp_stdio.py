@@ -485,3 +485,50 @@ def test_stdio_relay_serves_resources_subscribe_of_earlier_revisions(broker, stu
                 return str(e.value)
 
     assert "events:subscribe" in anyio.run(refused)
+
+
+def test_stdio_relay_answers_bad_lines_and_keeps_going(broker, tenant):
+    """Abuse of the relay's input: an over-long line and a line that is not
+    JSON are answered with errors naming them, and the relay goes on."""
+    import select
+    import subprocess
+
+    token = broker.token(tenant, scope="cost:read")
+    proc = subprocess.Popen(
+        [str(binary_path()), "mcp"],
+        env={**_env(), "TC_SERVER": f"http://{broker.http_addr}", "TC_TOKEN": token},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def send(line: bytes):
+        proc.stdin.write(line + b"\n")
+        proc.stdin.flush()
+
+    def answer():
+        ready, _, _ = select.select([proc.stdout], [], [], WAIT_S)
+        assert ready, "no answer from the relay"
+        return json.loads(proc.stdout.readline())
+
+    try:
+        send(json.dumps(json.loads(INITIALIZE)).encode())
+        assert answer()["result"]["protocolVersion"] == "2025-06-18"
+        send(b'{"jsonrpc":"2.0","id":2,"method":"tools/list","params":{"pad":"' + b"x" * 300_000 + b'"}}')
+        too_long = answer()
+        assert too_long["error"]["code"] == -32600 and "262144 bytes" in too_long["error"]["message"], too_long
+        send(b"this is not json")
+        assert answer()["error"]["code"] == -32700
+        send(b'{"jsonrpc":"2.0","id":3,"method":"tools/list"}')
+        listed = answer()
+        assert listed["id"] == 3
+        tools = {t["name"]: t for t in listed["result"]["tools"]}
+        assert len(tools) == 9
+        for name, tool in tools.items():
+            assert tool["inputSchema"]["type"] == "object", name
+            assert tool["outputSchema"]["type"] == "object", name
+            assert "Scope: " in tool["description"], name
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=RPC_TIMEOUT_S)
+    assert proc.returncode == 0
