@@ -270,6 +270,16 @@ impl Collector for BrokerCollector {
             let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
             counter.encode(metric)?;
         }
+        let open = prometheus_client::metrics::gauge::ConstGauge::new(
+            i64::try_from(self.0.subscriber_count()).unwrap_or(i64::MAX),
+        );
+        let metric = encoder.encode_descriptor(
+            "subscribers",
+            "Broker subscriptions open: gRPC Subscribe streams and MCP resource followers (sockets are counted in sockets)",
+            None,
+            open.metric_type(),
+        )?;
+        open.encode(metric)?;
         Ok(())
     }
 }

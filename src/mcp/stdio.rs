@@ -367,42 +367,48 @@ impl Relay {
         let (id, uri_owned, endpoint) = (id.clone(), uri.to_string(), self.endpoint.clone());
         let task = tokio::spawn(async move {
             let (tx, mut rx) = mpsc::channel::<String>(OUT_QUEUE);
-            let stream = tokio::spawn(async move { exchange(request, &tx, None).await });
-            let mut answered = false;
+            // One task for the stream and its reading: aborting it (an
+            // unsubscribe) ends the listen at the broker too.
+            let stream = async move { exchange(request, &tx, None).await };
             let updated = json!({
                 "jsonrpc": "2.0",
                 "method": "notifications/resources/updated",
                 "params": {"uri": uri_owned},
             })
             .to_string();
-            while let Some(line) = rx.recv().await {
-                let Ok(message) = serde_json::from_str::<Value>(&line) else {
-                    continue;
-                };
-                if message.get("method").and_then(Value::as_str)
-                    == Some("notifications/resources/updated")
-                {
-                    if !answered {
-                        answered = true;
-                        let _ = out.send(answer(id.clone(), json!({}))).await;
-                    }
-                    if out.send(updated.clone()).await.is_err() {
-                        break;
-                    }
-                } else if let Some(e) = message.get("error") {
-                    let text = e["message"].as_str().unwrap_or("refused").to_string();
-                    if answered {
-                        tracing::warn!(uri = %uri_owned, "no longer following: {text}");
-                    } else {
-                        answered = true;
-                        let code = e["code"].as_i64().unwrap_or(-32000);
-                        let _ = out.send(error(id.clone(), code, text)).await;
+            let read = async {
+                let mut answered = false;
+                while let Some(line) = rx.recv().await {
+                    let Ok(message) = serde_json::from_str::<Value>(&line) else {
+                        continue;
+                    };
+                    if message.get("method").and_then(Value::as_str)
+                        == Some("notifications/resources/updated")
+                    {
+                        if !answered {
+                            answered = true;
+                            let _ = out.send(answer(id.clone(), json!({}))).await;
+                        }
+                        if out.send(updated.clone()).await.is_err() {
+                            break;
+                        }
+                    } else if let Some(e) = message.get("error") {
+                        let text = e["message"].as_str().unwrap_or("refused").to_string();
+                        if answered {
+                            tracing::warn!(uri = %uri_owned, "no longer following: {text}");
+                        } else {
+                            answered = true;
+                            let code = e["code"].as_i64().unwrap_or(-32000);
+                            let _ = out.send(error(id.clone(), code, text)).await;
+                        }
                     }
                 }
-            }
-            if let (Ok(Err(why)), false) = (stream.await, answered) {
+                answered
+            };
+            let (streamed, answered) = tokio::join!(stream, read);
+            if let (Err(why), false) = (streamed, answered) {
                 let _ = out
-                    .send(error(id, -32000, format!("{endpoint}: {why}")))
+                    .send(error(id.clone(), -32000, format!("{endpoint}: {why}")))
                     .await;
             }
         });

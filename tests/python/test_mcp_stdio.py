@@ -22,7 +22,7 @@ from mcp.client.subscriptions import SubscriptionLost, listen
 from mcp.shared.exceptions import MCPError
 
 from conftest import JWT_SECRET, RPC_TIMEOUT_S, _env, binary_path
-from test_mcp import INITIALIZE, MCP_HEADERS, cost_events, mcp_url, publish, raw_post
+from test_mcp import INITIALIZE, MCP_HEADERS, cost_events, mcp_url, metric, publish, raw_post
 
 WAIT_S = 10.0
 # resources/subscribe is the previous revisions' way, tested on purpose.
@@ -459,9 +459,11 @@ def test_stdio_relay_serves_resources_subscribe_of_earlier_revisions(broker, stu
             async with ClientSession(read, write, message_handler=on_message, read_timeout_seconds=WAIT_S) as session:
                 init = await session.initialize()
                 assert init.protocol_version == "2025-11-25"
+                base = metric(broker, "tc_subscribers")
                 await session.subscribe_resource("events://alert.*")
                 # Answered once the broker follows: its "read it now".
                 assert await settle(1) and updates == ["events://alert.*"]
+                assert metric(broker, "tc_subscribers") == base + 1, "one broker subscription per URI"
                 publish(stub, pb, other, [("alert.created", {"alert_id": "x", "severity": "high"})])
                 publish(stub, pb, publisher, [("cost.updated", {"source": "aws", "amount_usd": 1})])
                 await anyio.sleep(0.5)
@@ -469,6 +471,12 @@ def test_stdio_relay_serves_resources_subscribe_of_earlier_revisions(broker, stu
                 publish(stub, pb, publisher, [("alert.created", {"alert_id": "a", "severity": "low"})])
                 assert await settle(2), "no update through the relay"
                 await session.unsubscribe_resource("events://alert.*")
+                # Unsubscribing ends the relay's listen at the broker, with
+                # no event needed to notice.
+                deadline = anyio.current_time() + WAIT_S
+                while metric(broker, "tc_subscribers") != base and anyio.current_time() < deadline:
+                    await anyio.sleep(0.05)
+                assert metric(broker, "tc_subscribers") == base, "the relay's listen outlived the unsubscribe"
                 publish(stub, pb, publisher, [("alert.created", {"alert_id": "b", "severity": "low"})])
                 await anyio.sleep(0.5)
                 assert len(updates) == 2, "notified after unsubscribing"
