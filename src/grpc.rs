@@ -380,7 +380,8 @@ mod tests {
     use crate::tenant::TenantScope;
 
     fn app() -> (App, Broker) {
-        let settings = Settings::ephemeral("presence-test-secret");
+        let mut settings = Settings::ephemeral("presence-test-secret");
+        settings.broker.subscriber_buffer = 4;
         let broker = Broker::new(settings.broker());
         let auth = Arc::new(Authenticator::new(b"s", Scopes::parse("")));
         (
@@ -467,5 +468,31 @@ mod tests {
         assert_eq!(last.event_type, "agent.disconnected");
         let data: serde_json::Value = serde_json::from_str(last.data.get()).unwrap();
         assert_eq!(data["reason"], "shutdown");
+    }
+
+    #[tokio::test]
+    async fn a_subscription_dropped_as_too_slow_says_so() {
+        let (app, broker) = app();
+        let filter = TypeFilter::parse(&["agent.*"]).unwrap();
+        let mut watcher = broker
+            .subscribe(TenantScope::One("t".into()), filter, None)
+            .unwrap();
+        let service = GrpcService::new(app);
+        let mut stream = subscribe(&service, agent(crate::clock::unix_secs() + 600)).await;
+        assert_eq!(presence(&mut watcher).await.0, "agent.connected");
+        stream.next().await.expect("status").expect("status");
+        // More cost events than its buffer of 4, unread: it is dropped.
+        for i in 0..10 {
+            broker.publish_one(crate::broker::tests::event(
+                "t",
+                &format!("c{i}"),
+                "cost.updated",
+            ));
+        }
+        while stream.next().await.is_some() {}
+        drop(stream);
+        let (kind, data) = presence(&mut watcher).await;
+        assert_eq!(kind, "agent.disconnected");
+        assert_eq!(data["reason"], "too_slow");
     }
 }

@@ -540,3 +540,53 @@ def test_stdio_relay_answers_bad_lines_and_keeps_going(broker, tenant):
         proc.stdin.close()
         proc.wait(timeout=RPC_TIMEOUT_S)
     assert proc.returncode == 0
+
+
+def hs256(claims: dict) -> str:
+    """A token signed here with the suite's secret (any claims, any exp)."""
+    import base64
+    import hashlib
+    import hmac
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps(claims).encode())
+    sig = hmac.new(JWT_SECRET.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(sig)}"
+
+
+def test_stdio_in_process_bounds_subscriptions_and_refuses_an_expired_token(tmp_path):
+    tenant = f"py-{uuid.uuid4().hex[:12]}"
+    # Valid at start for about 12 s: exp 18 s ago, within the 30 s leeway.
+    exp = int(time.time()) - 18
+    expiring = hs256({"tenantId": tenant, "scope": "events:subscribe", "exp": exp})
+    env = {
+        "TC_JWT_SECRET": JWT_SECRET,
+        "TC_TOKEN": expiring,
+        "TC_GRPC_ADDR": "127.0.0.1:0",
+        "TC_HTTP_ADDR": "127.0.0.1:0",
+        "TC_DATA_DIR": str(tmp_path / "data"),
+    }
+    errlog = open(tmp_path / "in-process.log", "w")
+
+    async def body():
+        async with stdio_client(stdio_params(env), errlog=errlog) as (read, write):
+            async with ClientSession(read, write, read_timeout_seconds=WAIT_S) as session:
+                await session.initialize()
+                for i in range(16):
+                    await session.subscribe_resource(f"events://kind{i}.*")
+                # Again to one already followed: nothing changes.
+                await session.subscribe_resource("events://kind0.*")
+                with pytest.raises(MCPError) as seventeenth:
+                    await session.subscribe_resource("events://kind16.*")
+                assert "16" in str(seventeenth.value) and "limit" in str(seventeenth.value)
+                # Past exp and the leeway, every call is refused.
+                await anyio.sleep(max(0.0, expiring_at - time.time()) + 0.5)
+                with pytest.raises(MCPError) as expired:
+                    await session.call_tool("events.recent", {})
+                return str(expired.value)
+
+    expiring_at = exp + 30 + 1
+    assert "TC_TOKEN has expired" in anyio.run(body)
