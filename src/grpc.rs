@@ -390,6 +390,17 @@ mod tests {
         )
     }
 
+    /// The service, its broker, and a subscription to tenant `t`'s
+    /// presence events.
+    fn watched() -> (GrpcService, Broker, crate::broker::Subscription) {
+        let (app, broker) = app();
+        let filter = TypeFilter::parse(&["agent.*"]).unwrap();
+        let watcher = broker
+            .subscribe(TenantScope::One("t".into()), filter, None)
+            .unwrap();
+        (GrpcService::new(app), broker, watcher)
+    }
+
     fn agent(expires_at: u64) -> Identity {
         Identity {
             kind: TokenKind::Backend,
@@ -429,12 +440,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_subscription_ended_by_token_expiry_or_shutdown_says_so() {
-        let (app, broker) = app();
-        let filter = TypeFilter::parse(&["agent.*"]).unwrap();
-        let mut watcher = broker
-            .subscribe(TenantScope::One("t".into()), filter, None)
-            .unwrap();
-        let service = GrpcService::new(app);
+        let (service, broker, mut watcher) = watched();
 
         // A token already past its exp and leeway: the stream ends at once.
         let mut stream = subscribe(&service, agent(1)).await;
@@ -472,12 +478,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_subscription_dropped_as_too_slow_says_so() {
-        let (app, broker) = app();
-        let filter = TypeFilter::parse(&["agent.*"]).unwrap();
-        let mut watcher = broker
-            .subscribe(TenantScope::One("t".into()), filter, None)
-            .unwrap();
-        let service = GrpcService::new(app);
+        let (service, broker, mut watcher) = watched();
         let mut stream = subscribe(&service, agent(crate::clock::unix_secs() + 600)).await;
         assert_eq!(presence(&mut watcher).await.0, "agent.connected");
         stream.next().await.expect("status").expect("status");

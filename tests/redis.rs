@@ -606,30 +606,46 @@ async fn redis_is_a_peer_not_an_oracle_poisoned_keys_and_bad_entries_are_skipped
 
 /// `cost.summary` over MCP (a JSON-RPC `tools/call` to the stateless
 /// `/mcp`), asked until its total reaches `want` or 10 s pass.
+/// One MCP tool call through an instance's `/mcp`: its structured answer.
+async fn mcp_tool(
+    http: &str,
+    token: &str,
+    name: &str,
+    args: serde_json::Value,
+) -> serde_json::Value {
+    let call = serde_json::json!({
+        "jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": name, "arguments": args}
+    });
+    let text = reqwest::Client::new()
+        .post(format!("http://{http}/mcp"))
+        .bearer_auth(token)
+        .header("accept", "application/json, text/event-stream")
+        .header("content-type", "application/json")
+        .body(call.to_string())
+        .send()
+        .await
+        .expect("MCP request")
+        .text()
+        .await
+        .expect("MCP answer");
+    let answer: serde_json::Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("MCP answer is not JSON ({e}): {text}"));
+    let structured = answer["result"]["structuredContent"].clone();
+    assert!(structured.is_object(), "no structured answer: {answer}");
+    structured
+}
+
 async fn cost_summary(http: &str, token: &str, want: f64) -> serde_json::Value {
-    let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let call = serde_json::json!({
-            "jsonrpc": "2.0", "id": 1, "method": "tools/call",
-            "params": {"name": "cost.summary", "arguments": {"window": "30d"}}
-        });
-        let text = client
-            .post(format!("http://{http}/mcp"))
-            .bearer_auth(token)
-            .header("accept", "application/json, text/event-stream")
-            .header("content-type", "application/json")
-            .body(call.to_string())
-            .send()
-            .await
-            .expect("MCP request")
-            .text()
-            .await
-            .expect("MCP answer");
-        let answer: serde_json::Value = serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("MCP answer is not JSON ({e}): {text}"));
-        let mut summary = answer["result"]["structuredContent"].clone();
-        assert!(summary.is_object(), "no structured answer: {answer}");
+        let mut summary = mcp_tool(
+            http,
+            token,
+            "cost.summary",
+            serde_json::json!({"window": "30d"}),
+        )
+        .await;
         if summary["total_usd"].as_f64() >= Some(want) || Instant::now() > deadline {
             // The window's ends move with the time of asking.
             if let Some(o) = summary.as_object_mut() {
@@ -701,30 +717,19 @@ async fn two_instances_answer_cost_summary_alike_and_after_both_restart() {
     );
 }
 
-/// `agent.cost` through one instance's `/mcp`: the agent's presence entry.
+/// `agent.cost` through one instance's `/mcp`: the agent's presence entry,
+/// asked again until its status is `want`.
 async fn agent_presence(http: &str, token: &str, want: &str) -> serde_json::Value {
-    let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let call = serde_json::json!({
-            "jsonrpc": "2.0", "id": 1, "method": "tools/call",
-            "params": {"name": "agent.cost", "arguments": {"agent_id": "gpu-9"}}
-        });
-        let text = client
-            .post(format!("http://{http}/mcp"))
-            .bearer_auth(token)
-            .header("accept", "application/json, text/event-stream")
-            .header("content-type", "application/json")
-            .body(call.to_string())
-            .send()
-            .await
-            .expect("MCP request")
-            .text()
-            .await
-            .expect("MCP answer");
-        let answer: serde_json::Value = serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("MCP answer is not JSON ({e}): {text}"));
-        let presence = answer["result"]["structuredContent"]["presence"][0].clone();
+        let costs = mcp_tool(
+            http,
+            token,
+            "agent.cost",
+            serde_json::json!({"agent_id": "gpu-9"}),
+        )
+        .await;
+        let presence = costs["presence"][0].clone();
         if presence["status"] == want || Instant::now() > deadline {
             return presence;
         }

@@ -249,25 +249,7 @@ impl Relay {
                     .unwrap_or_else(|e| e.into_inner())
                     .clone()
             });
-        let mut request = self
-            .client
-            .post(self.endpoint.clone())
-            .header(reqwest::header::AUTHORIZATION, &self.authorization)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(
-                reqwest::header::ACCEPT,
-                "application/json, text/event-stream",
-            )
-            .body(body);
-        if let Some(version) = version {
-            request = request.header(VERSION_HEADER, version);
-        }
-        for (name, value) in standard_headers(&message) {
-            request = request.header(name, value);
-        }
-        if let Some(tenant) = &self.active_tenant {
-            request = request.header(crate::app::ACTIVE_TENANT_HEADER, tenant);
-        }
+        let request = self.post(&message, body, version.as_deref());
         let initialize = method == Some("initialize");
         let negotiated = Arc::clone(&self.version);
         let in_flight = Arc::clone(&self.in_flight);
@@ -309,6 +291,37 @@ impl Relay {
 }
 
 impl Relay {
+    /// The POST of `message` (its text `body`) to the broker's `/mcp`, with
+    /// the token, the revision, the headers 2026-07-28 wants and the active
+    /// tenant.
+    fn post(
+        &self,
+        message: &Value,
+        body: String,
+        version: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let mut request = self
+            .client
+            .post(self.endpoint.clone())
+            .header(reqwest::header::AUTHORIZATION, &self.authorization)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(
+                reqwest::header::ACCEPT,
+                "application/json, text/event-stream",
+            )
+            .body(body);
+        if let Some(version) = version {
+            request = request.header(VERSION_HEADER, version);
+        }
+        for (name, value) in standard_headers(message) {
+            request = request.header(name, value);
+        }
+        if let Some(tenant) = &self.active_tenant {
+            request = request.header(crate::app::ACTIVE_TENANT_HEADER, tenant);
+        }
+        request
+    }
+
     /// `resources/subscribe` of a client at a revision before 2026-07-28:
     /// `/mcp` keeps no session for it, so the relay follows the URI with a
     /// `subscriptions/listen` of its own and passes each update on as that
@@ -347,23 +360,7 @@ impl Relay {
                 "notifications": {"resourceSubscriptions": [uri]},
             }
         });
-        let mut request = self
-            .client
-            .post(self.endpoint.clone())
-            .header(reqwest::header::AUTHORIZATION, &self.authorization)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(
-                reqwest::header::ACCEPT,
-                "application/json, text/event-stream",
-            )
-            .header(VERSION_HEADER, MODERN)
-            .body(listen.to_string());
-        for (name, value) in standard_headers(&listen) {
-            request = request.header(name, value);
-        }
-        if let Some(tenant) = &self.active_tenant {
-            request = request.header(crate::app::ACTIVE_TENANT_HEADER, tenant);
-        }
+        let request = self.post(&listen, listen.to_string(), Some(MODERN));
         let (id, uri_owned, endpoint) = (id.clone(), uri.to_string(), self.endpoint.clone());
         let task = tokio::spawn(async move {
             let (tx, mut rx) = mpsc::channel::<String>(OUT_QUEUE);

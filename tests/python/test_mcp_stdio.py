@@ -303,6 +303,12 @@ def test_resources_need_events_subscribe_and_a_session_for_resources_subscribe(b
                 with anyio.fail_after(WAIT_S):
                     await sub.__anext__()
         assert "events:subscribe" in str(listened.value.__cause__)
+        # A listen with no event URI at all is refused, naming the form.
+        with pytest.raises(SubscriptionLost) as empty:
+            async with listen(session, resource_subscriptions=["nope://x"]) as sub:
+                with anyio.fail_after(WAIT_S):
+                    await sub.__anext__()
+        assert "events://{pattern}" in str(empty.value.__cause__)
         templates = await session.list_resource_templates()
         assert [t.uri_template for t in templates.resource_templates] == ["events://{pattern}"]
         return True
