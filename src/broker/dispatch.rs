@@ -32,6 +32,10 @@ use super::{BrokerConfig, Outcome, Persist, Stats};
 use crate::event::{Event, SharedEvent};
 use crate::tenant::TenantScope;
 
+/// Most events [`Broker::publish_minted_many`] dispatches under one taking
+/// of a tenant's lock.
+const LOCK_RUN: usize = 64;
+
 /// A subscription refused because its tenant has as many as allowed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
@@ -174,28 +178,61 @@ impl Broker {
         }
     }
 
+    /// [`Broker::publish_minted`] for several events (a batch of delivery
+    /// trace events): events of one tenant that follow each other are
+    /// dispatched under one taking of its lock, at most [`LOCK_RUN`] at a
+    /// time so that publishers of that tenant do not wait long behind it.
+    pub fn publish_minted_many(&self, events: Vec<Event>) {
+        let shared = &self.shared;
+        let persist = shared.persist.get().map(Vec::as_slice);
+        let mut events = events.into_iter().map(Arc::new).peekable();
+        while let Some(first) = events.next() {
+            self.with_tenant(&first.tenant_id, |state| {
+                shared.stats.published.inc();
+                self.dispatch_locked(state, &first, persist, true);
+                for _ in 1..LOCK_RUN {
+                    let Some(next) = events.next_if(|e| e.tenant_id == first.tenant_id) else {
+                        break;
+                    };
+                    shared.stats.published.inc();
+                    self.dispatch_locked(state, &next, persist, true);
+                }
+            });
+        }
+    }
+
     /// History, subscribers and persistence, under the tenant's lock so
     /// every one of them sees the tenant's events in the same order.
     fn dispatch(&self, event: &SharedEvent, persist: Option<&[Box<dyn Persist>]>, observed: bool) {
-        let shared = &self.shared;
         self.with_tenant(&event.tenant_id, |state| {
-            state
-                .history
-                .push(Arc::clone(event), Instant::now(), &shared.config);
-            state.subscribers.retain(|s| s.offer(event, &shared.stats));
-            let mut everyone = lock(&shared.all_tenants);
-            if !everyone.is_empty() {
-                everyone.retain(|s| s.offer(event, &shared.stats));
-            }
-            drop(everyone);
-            for sink in persist.unwrap_or_default() {
-                sink.offer(event);
-            }
-            let observers = shared.observers.get().filter(|_| observed);
-            for observer in observers.map(Vec::as_slice).unwrap_or_default() {
-                observer.offer(event);
-            }
+            self.dispatch_locked(state, event, persist, observed);
         });
+    }
+
+    fn dispatch_locked(
+        &self,
+        state: &mut TenantState,
+        event: &SharedEvent,
+        persist: Option<&[Box<dyn Persist>]>,
+        observed: bool,
+    ) {
+        let shared = &self.shared;
+        state
+            .history
+            .push(Arc::clone(event), Instant::now(), &shared.config);
+        state.subscribers.retain(|s| s.offer(event, &shared.stats));
+        let mut everyone = lock(&shared.all_tenants);
+        if !everyone.is_empty() {
+            everyone.retain(|s| s.offer(event, &shared.stats));
+        }
+        drop(everyone);
+        for sink in persist.unwrap_or_default() {
+            sink.offer(event);
+        }
+        let observers = shared.observers.get().filter(|_| observed);
+        for observer in observers.map(Vec::as_slice).unwrap_or_default() {
+            observer.offer(event);
+        }
     }
 
     /// Follows `scope`'s events matching `filter`. With `since_id`, history

@@ -17,12 +17,27 @@
 //!
 //! New jobs are written behind: they wait in memory (with their bodies,
 //! at most [`MAX_UNWRITTEN`] bytes; a flush of that much holds a few times
-//! it while redb writes it) and go into the file at the next
-//! durable flush, at most [`FLUSH`] later, the same bound as a
-//! non-durable commit. A job finished before that flush never touches
-//! the file: a delivery that succeeds at once costs no job write at all.
-//! Job ids are never enqueued again once finished (a retry re-enqueues an
-//! unfinished job; a replay is a new job).
+//! it while redb writes it) and go into the file at the next durable
+//! flush, at most [`FLUSH`] later, the same bound as a non-durable commit.
+//! A job finished before that flush never touches the file: a delivery
+//! that succeeds at once costs no job write at all.
+//!
+//! A flush writes the jobs waiting as batches, one row of up to
+//! [`BATCH_JOBS`] jobs each (a job's place in it is its slot). A job
+//! finished later, or written again in a newer version (a retry), marks
+//! its slot done with a small row of its own instead of deleting a row;
+//! once every slot of a batch is done, the batch and its marks are
+//! deleted. Per delivery of a backlog that is one small insert, where a
+//! row per job written and then deleted made the writer a quarter of the
+//! broker's CPU (docs/benchmarks.md, scenario 7).
+//!
+//! Logs are kept in groups: the entries one write appends to one log (the
+//! attempts a batch of deliveries recorded) are one row, and the oldest
+//! groups are dropped while the rest still hold `keep` entries, so a log
+//! keeps between `keep` and `keep` plus one group's entries.
+//!
+//! Files of earlier versions (a row per job, a row per log entry) are
+//! moved to this layout when opened.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -32,11 +47,22 @@ use std::sync::{Arc, Mutex};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Capacity, Job, Result, StateError};
+use super::{Capacity, Finished, Job, Result, StateError};
 
 const RECORDS: TableDefinition<(&str, &str, &str), &str> = TableDefinition::new("records");
-const LOGS: TableDefinition<(&str, u64), &str> = TableDefinition::new("logs");
-const JOBS: TableDefinition<&str, &str> = TableDefinition::new("jobs");
+/// (log key, group number) → the group's entries, oldest first.
+const LOGS: TableDefinition<(&str, u64), Vec<&str>> = TableDefinition::new("log_groups");
+/// Batch number → (job id, queue, due ms, body) in each slot.
+const BATCHES: TableDefinition<u64, Vec<(&str, &str, u64, &str)>> =
+    TableDefinition::new("job_batches");
+/// (batch, slot) of jobs finished or written again since.
+const DONE: TableDefinition<(u64, u32), ()> = TableDefinition::new("job_slots_done");
+/// The layout of earlier versions, moved at open.
+const OLD_LOGS: TableDefinition<(&str, u64), &str> = TableDefinition::new("logs");
+const OLD_JOBS: TableDefinition<&str, &str> = TableDefinition::new("jobs");
+
+/// A job row of the batch layout: id, queue, due ms, body.
+type Row<'a> = (&'a str, &'a str, u64, &'a str);
 
 /// Writes waiting for the writer thread at most; callers wait beyond it.
 const WRITE_QUEUE: usize = 4096;
@@ -56,6 +82,18 @@ pub const FLUSH: std::time::Duration = std::time::Duration::from_millis(50);
 /// enqueue past it waits for a flush.
 const MAX_UNWRITTEN: usize = 4 << 20;
 
+/// Jobs in one batch row at most, and their bodies' bytes: a claim reads
+/// the whole row of each job it takes from the file.
+const BATCH_JOBS: usize = 256;
+const BATCH_BYTES: usize = 256 << 10;
+
+/// Where a job's version is in the file: a batch and its place in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Slot {
+    batch: u64,
+    slot: u32,
+}
+
 /// One write for the writer thread.
 enum Write {
     Record {
@@ -70,9 +108,16 @@ enum Write {
     LogClear {
         key: String,
     },
-    /// Jobs finished or dropped, deleted from the file.
-    DeleteJobs {
-        ids: Vec<String>,
+    /// Jobs finished or dropped: their slots marked done.
+    Done {
+        slots: Vec<Slot>,
+    },
+    /// Jobs done (their slots, when in the file) and a log entry for each:
+    /// (log key, value).
+    Finished {
+        slots: Vec<Slot>,
+        entries: Vec<(String, String)>,
+        keep: usize,
     },
     /// A durable commit of everything before it, and of the new jobs
     /// waiting in memory.
@@ -107,29 +152,36 @@ impl Op {
     }
 }
 
+/// What the index knows of a job.
+struct Meta {
+    queue: String,
+    due: u64,
+    /// Its latest version written to the file.
+    stored: Option<Slot>,
+}
+
 #[derive(Default)]
 struct Index {
     /// queue → (due, id), leased jobs at their lease's end.
     queues: HashMap<String, BTreeSet<(u64, String)>>,
-    /// id → (queue, due) for every job.
-    jobs: HashMap<String, (String, u64)>,
+    /// id → its queue, due time and place in the file.
+    jobs: HashMap<String, Meta>,
     /// Jobs whose latest version is not in the file yet.
     unwritten: HashMap<String, Unwritten>,
     /// Bytes of their bodies.
     unwritten_bytes: usize,
     /// Generation of the next unwritten version.
     generation: u64,
+    /// Number of the next batch written.
+    next_batch: u64,
 }
 
 /// A job's latest version, waiting for the next flush.
 struct Unwritten {
     job: Job,
     generation: u64,
-    /// An older version is in the file (or being written): finishing it
-    /// must delete it there.
-    stored: bool,
-    /// The writer is writing this version now.
-    writing: bool,
+    /// The slot the writer is writing this version to now.
+    writing: Option<Slot>,
 }
 
 impl Unwritten {
@@ -139,63 +191,66 @@ impl Unwritten {
 }
 
 impl Index {
-    fn insert(&mut self, job: &Job) {
-        self.remove(&job.id);
+    /// Files `id` under `queue` at `due` (moved when it was filed).
+    fn place(&mut self, id: &str, queue: &str, due: u64) {
+        let stored = self.unfile(id).and_then(|m| m.stored);
         self.queues
-            .entry(job.queue.clone())
+            .entry(queue.to_string())
             .or_default()
-            .insert((job.due_ms, job.id.clone()));
-        self.jobs
-            .insert(job.id.clone(), (job.queue.clone(), job.due_ms));
+            .insert((due, id.to_string()));
+        self.jobs.insert(
+            id.to_string(),
+            Meta {
+                queue: queue.to_string(),
+                due,
+                stored,
+            },
+        );
     }
 
-    fn remove(&mut self, id: &str) {
-        if let Some((queue, due)) = self.jobs.remove(id)
-            && let Some(set) = self.queues.get_mut(&queue)
-        {
-            set.remove(&(due, id.to_string()));
+    /// Takes `id` out of its queue; what was known of it.
+    fn unfile(&mut self, id: &str) -> Option<Meta> {
+        let meta = self.jobs.remove(id)?;
+        if let Some(set) = self.queues.get_mut(&meta.queue) {
+            set.remove(&(meta.due, id.to_string()));
             if set.is_empty() {
-                self.queues.remove(&queue);
+                self.queues.remove(&meta.queue);
             }
         }
+        Some(meta)
     }
 
     /// A new version of `job`, to be written at the next flush.
     fn hold(&mut self, job: Job) {
-        let stored = match self.unwritten.get(&job.id) {
-            Some(old) => old.stored || old.writing,
-            None => self.jobs.contains_key(&job.id),
-        };
-        self.insert(&Job {
-            id: job.id.clone(),
-            queue: job.queue.clone(),
-            due_ms: job.due_ms,
-            body: String::new(),
-        });
+        self.place(&job.id, &job.queue, job.due_ms);
         self.generation += 1;
         let entry = Unwritten {
             job,
             generation: self.generation,
-            stored,
-            writing: false,
+            writing: None,
         };
         self.unwritten_bytes += entry.bytes();
         if let Some(old) = self.unwritten.insert(entry.job.id.clone(), entry) {
             self.unwritten_bytes -= old.bytes();
+            // A version being written now: its slot is superseded.
+            if let (Some(slot), Some(meta)) = (old.writing, self.jobs.get_mut(&old.job.id)) {
+                meta.stored = Some(slot);
+            }
         }
     }
 
-    /// Forgets a job; whether the file may hold a version of it (then it
-    /// must be deleted there).
-    fn finish(&mut self, id: &str) -> bool {
-        self.remove(id);
-        match self.unwritten.remove(id) {
+    /// Forgets a job; the slots of the file that held it, to mark done.
+    fn finish(&mut self, id: &str, done: &mut Vec<Slot>) {
+        let stored = self.unfile(id).and_then(|m| m.stored);
+        let writing = match self.unwritten.remove(id) {
             Some(old) => {
                 self.unwritten_bytes -= old.bytes();
-                old.stored || old.writing
+                old.writing
             }
-            None => true,
-        }
+            None => None,
+        };
+        done.extend(stored);
+        done.extend(writing);
     }
 }
 
@@ -245,28 +300,8 @@ impl Embedded {
     }
 
     fn with_database(db: Database, path: PathBuf) -> Result<Self> {
-        // Create the tables, so that reads find them.
-        let txn = db.begin_write().map_err(|e| err("begin", e))?;
-        {
-            txn.open_table(RECORDS).map_err(|e| err("records", e))?;
-            txn.open_table(LOGS).map_err(|e| err("logs", e))?;
-            txn.open_table(JOBS).map_err(|e| err("jobs", e))?;
-        }
-        txn.commit().map_err(|e| err("commit", e))?;
-        let mut index = Index::default();
-        {
-            let read = db.begin_read().map_err(|e| err("read", e))?;
-            let jobs = read.open_table(JOBS).map_err(|e| err("jobs", e))?;
-            for row in jobs.iter().map_err(|e| err("jobs", e))? {
-                let (_, value) = row.map_err(|e| err("jobs", e))?;
-                match serde_json::from_str::<Job>(value.value()) {
-                    Ok(job) => index.insert(&job),
-                    Err(e) => {
-                        tracing::warn!("skipped an unreadable job in {}: {e}", path.display())
-                    }
-                }
-            }
-        }
+        upgrade(&db)?;
+        let (index, live) = load(&db)?;
         let db = Arc::new(db);
         let index = Arc::new(Mutex::new(index));
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
@@ -276,7 +311,7 @@ impl Embedded {
         let writer_dirty = Arc::clone(&dirty);
         std::thread::Builder::new()
             .name("tc-state-writer".into())
-            .spawn(move || writer(&writer_db, &writer_index, rx, &writer_dirty))
+            .spawn(move || writer(&writer_db, &writer_index, live, rx, &writer_dirty))
             .map_err(|e| err("cannot start the state writer", e))?;
         // Asks for a durable commit every FLUSH while there is something
         // not yet durable; ends with the writer.
@@ -305,7 +340,6 @@ impl Embedded {
             next_version: AtomicU64::new(1),
         })
     }
-
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -420,9 +454,14 @@ impl Embedded {
                 .range((key.as_str(), 0)..=(key.as_str(), u64::MAX))
                 .map_err(|e| err("logs", e))?;
             let mut out = Vec::new();
-            for row in rows.rev().take(limit) {
-                let (_, v) = row.map_err(|e| err("logs", e))?;
-                out.push(v.value().to_string());
+            for row in rows.rev() {
+                if out.len() >= limit {
+                    break;
+                }
+                let (_, group) = row.map_err(|e| err("logs", e))?;
+                let group = group.value();
+                let room = limit - out.len();
+                out.extend(group.iter().rev().take(room).map(|v| v.to_string()));
             }
             Ok(out)
         })
@@ -458,24 +497,26 @@ impl Embedded {
         max: usize,
     ) -> Result<Vec<Job>> {
         let mut out = Vec::new();
-        let claimed: Vec<(String, String)> = {
+        // Jobs whose body is in the file: (slot, id, queue).
+        let mut stored: Vec<(Slot, String, String)> = Vec::new();
+        {
             let mut index = lock(&self.index);
-            let mut picked = Vec::new();
             let limited: HashMap<&str, usize> = capacity
                 .limited
                 .iter()
                 .map(|(q, n)| (q.as_str(), *n))
                 .collect();
             let queues: Vec<String> = index.queues.keys().cloned().collect();
+            let lease_end = now_ms.saturating_add(lease_ms);
             for queue in queues {
-                if picked.len() >= max {
+                if out.len() + stored.len() >= max {
                     break;
                 }
                 let cap = limited
                     .get(queue.as_str())
                     .copied()
                     .unwrap_or(capacity.default);
-                let room = cap.min(max - picked.len());
+                let room = cap.min(max - out.len() - stored.len());
                 let due: Vec<(u64, String)> = index.queues[&queue]
                     .iter()
                     .take_while(|(d, _)| *d <= now_ms)
@@ -483,34 +524,40 @@ impl Embedded {
                     .cloned()
                     .collect();
                 for (_, id) in due {
-                    let due_ms = now_ms.saturating_add(lease_ms);
-                    index.insert(&Job {
-                        id: id.clone(),
-                        queue: queue.clone(),
-                        due_ms,
-                        body: String::new(),
-                    });
+                    index.place(&id, &queue, lease_end);
                     // Its body from memory when it is not in the file yet.
-                    match index.unwritten.get(&id) {
-                        Some(u) => out.push(u.job.clone()),
-                        None => picked.push((queue.clone(), id)),
+                    if let Some(u) = index.unwritten.get(&id) {
+                        out.push(u.job.clone());
+                    } else if let Some(slot) = index.jobs.get(&id).and_then(|m| m.stored) {
+                        stored.push((slot, id, queue.clone()));
                     }
                 }
             }
-            picked
-        };
-        if claimed.is_empty() {
+        }
+        if stored.is_empty() {
             return Ok(out);
         }
+        stored.sort();
         self.read(move |db| {
             let read = db.begin_read().map_err(|e| err("read", e))?;
-            let t = read.open_table(JOBS).map_err(|e| err("jobs", e))?;
-            for (_, id) in claimed {
-                if let Some(v) = t.get(id.as_str()).map_err(|e| err("jobs", e))? {
-                    match serde_json::from_str::<Job>(v.value()) {
-                        Ok(job) => out.push(job),
-                        Err(e) => tracing::warn!(job = %id, "skipped an unreadable job: {e}"),
+            let t = read.open_table(BATCHES).map_err(|e| err("jobs", e))?;
+            let mut i = 0;
+            while i < stored.len() {
+                let batch = stored[i].0.batch;
+                let row = t.get(batch).map_err(|e| err("jobs", e))?;
+                let rows = row.as_ref().map(|r| r.value()).unwrap_or_default();
+                while i < stored.len() && stored[i].0.batch == batch {
+                    let (slot, id, queue) = &stored[i];
+                    match rows.get(slot.slot as usize) {
+                        Some((row_id, _, due, body)) if row_id == id => out.push(Job {
+                            id: id.clone(),
+                            queue: queue.clone(),
+                            due_ms: *due,
+                            body: body.to_string(),
+                        }),
+                        _ => tracing::warn!(job = %id, "skipped a job missing from the file"),
                     }
+                    i += 1;
                 }
             }
             Ok(out)
@@ -519,49 +566,42 @@ impl Embedded {
     }
 
     pub async fn finish(&self, _queue: &str, id: &str) -> Result<()> {
-        if !lock(&self.index).finish(id) {
+        let mut slots = Vec::new();
+        lock(&self.index).finish(id, &mut slots);
+        if slots.is_empty() {
             return Ok(());
         }
-        self.write(Write::DeleteJobs {
-            ids: vec![id.to_string()],
-        })
-        .await
-        .map(|_| ())
+        self.write(Write::Done { slots }).await.map(|_| ())
     }
 
-    /// A job done and its log entry, as one write not waited for: the
+    /// Jobs done and their log entries, as one write not waited for: the
     /// caller goes on at once (a crash within [`FLUSH`] loses it, and the
-    /// job is done again).
-    pub async fn finish_logged(
-        &self,
-        id: &str,
-        log: &str,
-        key: &str,
-        value: String,
-        keep: usize,
-    ) -> Result<()> {
-        let stored = lock(&self.index).finish(id);
-        let done = stored.then(|| {
-            Op::detached(Write::DeleteJobs {
-                ids: vec![id.to_string()],
-            })
-        });
-        let logged = Op::detached(Write::LogPush {
-            key: log_key(log, key),
-            value,
-            keep: keep.max(1),
-        });
-        for op in done.into_iter().chain([logged]) {
-            self.tx
-                .send(op)
-                .await
-                .map_err(|_| StateError("the state writer has stopped".into()))?;
+    /// jobs are done again).
+    pub async fn finish_logged(&self, log: &str, done: Vec<Finished>, keep: usize) -> Result<()> {
+        let mut slots = Vec::new();
+        {
+            let mut index = lock(&self.index);
+            for d in &done {
+                index.finish(&d.id, &mut slots);
+            }
         }
-        Ok(())
+        let entries = done
+            .into_iter()
+            .map(|d| (log_key(log, &d.key), d.value))
+            .collect();
+        self.tx
+            .send(Op::detached(Write::Finished {
+                slots,
+                entries,
+                keep: keep.max(1),
+            }))
+            .await
+            .map_err(|_| StateError("the state writer has stopped".into()))
     }
 
     pub async fn drop_queue(&self, queue: &str) -> Result<()> {
-        let ids: Vec<String> = {
+        let mut slots = Vec::new();
+        {
             let mut index = lock(&self.index);
             let ids: Vec<String> = index
                 .queues
@@ -569,11 +609,10 @@ impl Embedded {
                 .map(|s| s.iter().map(|(_, id)| id.clone()).collect())
                 .unwrap_or_default();
             for id in &ids {
-                index.finish(id);
+                index.finish(id, &mut slots);
             }
-            ids
-        };
-        self.write(Write::DeleteJobs { ids }).await.map(|_| ())
+        }
+        self.write(Write::Done { slots }).await.map(|_| ())
     }
 
     pub fn queue_len(&self, queue: &str) -> usize {
@@ -604,12 +643,106 @@ fn log_key(log: &str, key: &str) -> String {
     format!("{log}\0{key}")
 }
 
+/// Moves a file of an earlier version to this layout: each log entry a
+/// group of its own, the jobs into batches. One durable transaction.
+fn upgrade(db: &Database) -> Result<()> {
+    let txn = db.begin_write().map_err(|e| err("begin", e))?;
+    {
+        txn.open_table(RECORDS).map_err(|e| err("records", e))?;
+        let mut logs = txn.open_table(LOGS).map_err(|e| err("logs", e))?;
+        let mut batches = txn.open_table(BATCHES).map_err(|e| err("jobs", e))?;
+        txn.open_table(DONE).map_err(|e| err("jobs", e))?;
+        let old_logs = txn.open_table(OLD_LOGS).map_err(|e| err("logs", e))?;
+        for row in old_logs.iter().map_err(|e| err("logs", e))? {
+            let (k, v) = row.map_err(|e| err("logs", e))?;
+            let (key, seq) = k.value();
+            logs.insert((key, seq), vec![v.value()])
+                .map_err(|e| err("logs", e))?;
+        }
+        let old_jobs = txn.open_table(OLD_JOBS).map_err(|e| err("jobs", e))?;
+        let mut jobs = Vec::new();
+        for row in old_jobs.iter().map_err(|e| err("jobs", e))? {
+            let (_, v) = row.map_err(|e| err("jobs", e))?;
+            match serde_json::from_str::<Job>(v.value()) {
+                Ok(job) => jobs.push(job),
+                Err(e) => tracing::warn!("skipped an unreadable job: {e}"),
+            }
+        }
+        let first = batches
+            .last()
+            .map_err(|e| err("jobs", e))?
+            .map_or(0, |(k, _)| k.value() + 1);
+        for (number, chunk) in (first..).zip(jobs.chunks(BATCH_JOBS)) {
+            let rows: Vec<Row> = chunk
+                .iter()
+                .map(|j| (j.id.as_str(), j.queue.as_str(), j.due_ms, j.body.as_str()))
+                .collect();
+            batches.insert(number, rows).map_err(|e| err("jobs", e))?;
+        }
+    }
+    txn.delete_table(OLD_LOGS).map_err(|e| err("logs", e))?;
+    txn.delete_table(OLD_JOBS).map_err(|e| err("jobs", e))?;
+    txn.commit().map_err(|e| err("commit", e))
+}
+
+/// The index of the jobs in the file, and each batch's slots not done.
+/// A job found in several batches (a crash between writing a newer version
+/// and marking the older one) is the newest.
+fn load(db: &Database) -> Result<(Index, HashMap<u64, u32>)> {
+    let read = db.begin_read().map_err(|e| err("read", e))?;
+    let batches = read.open_table(BATCHES).map_err(|e| err("jobs", e))?;
+    let done_table = read.open_table(DONE).map_err(|e| err("jobs", e))?;
+    let mut done = std::collections::HashSet::new();
+    for row in done_table.iter().map_err(|e| err("jobs", e))? {
+        let (k, _) = row.map_err(|e| err("jobs", e))?;
+        let (batch, slot) = k.value();
+        done.insert(Slot { batch, slot });
+    }
+    let mut index = Index::default();
+    let mut live: HashMap<u64, u32> = HashMap::new();
+    for row in batches.iter().map_err(|e| err("jobs", e))? {
+        let (k, v) = row.map_err(|e| err("jobs", e))?;
+        let batch = k.value();
+        index.next_batch = batch + 1;
+        let mut left = 0;
+        for (n, (id, queue, due, _)) in v.value().into_iter().enumerate() {
+            let slot = Slot {
+                batch,
+                slot: n as u32,
+            };
+            if done.contains(&slot) {
+                continue;
+            }
+            // Batches are read oldest first: a newer version replaces.
+            if let Some(older) = index.jobs.get(id).and_then(|m| m.stored)
+                && let Some(n) = live.get_mut(&older.batch)
+            {
+                *n -= 1;
+            }
+            index.place(id, queue, due);
+            if let Some(meta) = index.jobs.get_mut(id) {
+                meta.stored = Some(slot);
+            }
+            left += 1;
+        }
+        live.insert(batch, left);
+    }
+    Ok((index, live))
+}
+
 /// The writer thread: every write waiting, one transaction, one commit;
 /// durable when a write in it asks for it (records, flushes), else
-/// durable at the next flush (`dirty` tells the flusher).
-fn writer(db: &Database, index: &Mutex<Index>, mut rx: mpsc::Receiver<Op>, dirty: &AtomicBool) {
-    // Per log key: (oldest seq, next seq), learned on first use.
-    let mut logs: HashMap<String, (u64, u64)> = HashMap::new();
+/// durable at the next flush (`dirty` tells the flusher). `live`: the
+/// slots not done of each batch in the file.
+fn writer(
+    db: &Database,
+    index: &Mutex<Index>,
+    mut live: HashMap<u64, u32>,
+    mut rx: mpsc::Receiver<Op>,
+    dirty: &AtomicBool,
+) {
+    // Per log key: its groups and entries, learned on first use.
+    let mut logs: HashMap<String, LogSpan> = HashMap::new();
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         let mut lingered = false;
@@ -625,17 +758,19 @@ fn writer(db: &Database, index: &Mutex<Index>, mut rx: mpsc::Receiver<Op>, dirty
         }
         let durable = batch.iter().any(Op::durable);
         let flush = batch.iter().any(|op| matches!(op.write, Write::Flush));
-        let (versions, rows) = if flush {
+        let new_jobs = if flush {
             take_unwritten(index)
         } else {
-            (Vec::new(), Vec::new())
+            NewJobs::default()
         };
-        let mut log_seen = logs.clone();
-        let result = apply(db, &batch, &mut log_seen, durable, rows);
-        written(index, versions, result.is_ok());
+        let mut tx_logs = logs.clone();
+        let mut tx_live = live.clone();
+        let result = apply(db, &batch, &mut tx_logs, &mut tx_live, durable, &new_jobs);
+        written(index, new_jobs, result.is_ok());
         match result {
             Ok(results) => {
-                logs = log_seen;
+                logs = tx_logs;
+                live = tx_live;
                 dirty.store(!durable, Ordering::Release);
                 for (op, existed) in batch.into_iter().zip(results) {
                     op.answer(Ok(existed));
@@ -651,12 +786,22 @@ fn writer(db: &Database, index: &Mutex<Index>, mut rx: mpsc::Receiver<Op>, dirty
     }
 }
 
+/// A log as stored: its oldest and next group numbers, the entries it
+/// holds, and the entries of each group from the oldest.
+#[derive(Clone, Default)]
+struct LogSpan {
+    next: u64,
+    entries: usize,
+    groups: std::collections::VecDeque<(u64, usize)>,
+}
+
 fn apply(
     db: &Database,
     batch: &[Op],
-    logs: &mut HashMap<String, (u64, u64)>,
+    logs: &mut HashMap<String, LogSpan>,
+    live: &mut HashMap<u64, u32>,
     durable: bool,
-    new_jobs: Rows,
+    new_jobs: &NewJobs,
 ) -> Result<Vec<bool>> {
     let mut txn = db.begin_write().map_err(|e| err("begin", e))?;
     if !durable {
@@ -667,7 +812,25 @@ fn apply(
     {
         let mut records = txn.open_table(RECORDS).map_err(|e| err("records", e))?;
         let mut log_table = txn.open_table(LOGS).map_err(|e| err("logs", e))?;
-        let mut jobs = txn.open_table(JOBS).map_err(|e| err("jobs", e))?;
+        let mut jobs = Jobs {
+            batches: txn.open_table(BATCHES).map_err(|e| err("jobs", e))?,
+            done: txn.open_table(DONE).map_err(|e| err("jobs", e))?,
+            live,
+        };
+        // The new jobs first: a job finished while they were written marks
+        // its new slot done in this same transaction or a later one.
+        for (number, rows) in &new_jobs.batches {
+            let rows: Vec<Row> = rows
+                .iter()
+                .map(|(id, queue, due, body)| (id.as_str(), queue.as_str(), *due, body.as_str()))
+                .collect();
+            let count = rows.len() as u32;
+            jobs.batches
+                .insert(*number, rows)
+                .map_err(|e| err("jobs", e))?;
+            jobs.live.insert(*number, count);
+        }
+        jobs.done(&new_jobs.superseded)?;
         for op in batch {
             let existed = match &op.write {
                 Write::Record { key, value, .. } => {
@@ -680,122 +843,237 @@ fn apply(
                         None => records.remove(k).map_err(|e| err("records", e))?.is_some(),
                     }
                 }
-                Write::LogPush {
-                    key, value, keep, ..
-                } => {
-                    let (oldest, next) = match logs.get(key) {
-                        Some(span) => *span,
-                        None => log_span(&log_table, key)?,
-                    };
-                    log_table
-                        .insert((key.as_str(), next), value.as_str())
-                        .map_err(|e| err("logs", e))?;
-                    let next = next + 1;
-                    let mut oldest = oldest;
-                    while next - oldest > *keep as u64 {
-                        log_table
-                            .remove((key.as_str(), oldest))
-                            .map_err(|e| err("logs", e))?;
-                        oldest += 1;
-                    }
-                    logs.insert(key.clone(), (oldest, next));
+                Write::LogPush { key, value, keep } => {
+                    log_append(&mut log_table, logs, key, &[value.as_str()], *keep)?;
                     true
                 }
-                Write::LogClear { key, .. } => {
-                    let (oldest, next) = match logs.get(key) {
-                        Some(span) => *span,
-                        None => log_span(&log_table, key)?,
-                    };
-                    for seq in oldest..next {
-                        log_table
-                            .remove((key.as_str(), seq))
-                            .map_err(|e| err("logs", e))?;
+                Write::Finished {
+                    slots,
+                    entries,
+                    keep,
+                } => {
+                    jobs.done(slots)?;
+                    // One group per log: the entries in order, per key.
+                    let mut by_key: Vec<(&str, Vec<&str>)> = Vec::new();
+                    for (key, value) in entries {
+                        match by_key.iter_mut().find(|(k, _)| k == key) {
+                            Some((_, values)) => values.push(value),
+                            None => by_key.push((key, vec![value])),
+                        }
                     }
-                    logs.insert(key.clone(), (next, next));
+                    for (key, values) in by_key {
+                        log_append(&mut log_table, logs, key, &values, *keep)?;
+                    }
+                    true
+                }
+                Write::LogClear { key } => {
+                    log_table
+                        .retain_in((key.as_str(), 0)..=(key.as_str(), u64::MAX), |_, _| false)
+                        .map_err(|e| err("logs", e))?;
+                    let next = logs.get(key).map_or(0, |span| span.next);
+                    logs.insert(
+                        key.clone(),
+                        LogSpan {
+                            next,
+                            ..LogSpan::default()
+                        },
+                    );
                     true
                 }
                 Write::Flush => true,
-                Write::DeleteJobs { ids } => {
-                    for id in ids {
-                        jobs.remove(id.as_str()).map_err(|e| err("jobs", e))?;
-                    }
+                Write::Done { slots } => {
+                    jobs.done(slots)?;
                     true
                 }
             };
             results.push(existed);
-        }
-        // After every delete before it: the new jobs waiting in memory.
-        for (id, text) in new_jobs {
-            jobs.insert(id.as_str(), text.as_str())
-                .map_err(|e| err("jobs", e))?;
         }
     }
     txn.commit().map_err(|e| err("commit", e))?;
     Ok(results)
 }
 
-/// Job ids and the generations written.
-type Versions = Vec<(String, u64)>;
-/// Job ids and their rows.
-type Rows = Vec<(String, String)>;
+/// The job tables within a write transaction.
+struct Jobs<'t, 'l> {
+    batches: redb::Table<'t, u64, Vec<Row<'static>>>,
+    done: redb::Table<'t, (u64, u32), ()>,
+    live: &'l mut HashMap<u64, u32>,
+}
 
-/// At a flush: the new jobs waiting in memory, marked as being written,
-/// with their generations and their rows.
-fn take_unwritten(index: &Mutex<Index>) -> (Versions, Rows) {
-    let mut index = lock(index);
-    let mut written = Vec::new();
-    let mut rows = Vec::new();
-    for (id, u) in index.unwritten.iter_mut() {
-        if u.writing {
-            continue;
-        }
-        match serde_json::to_string(&u.job) {
-            Ok(text) => {
-                u.writing = true;
-                written.push((id.clone(), u.generation));
-                rows.push((id.clone(), text));
+impl Jobs<'_, '_> {
+    /// Marks slots done; a batch whose every slot is done goes, with its
+    /// marks. Slots of batches not in the file (a flush that failed) are
+    /// ignored.
+    fn done(&mut self, slots: &[Slot]) -> Result<()> {
+        for slot in slots {
+            let Some(left) = self.live.get_mut(&slot.batch) else {
+                continue;
+            };
+            let fresh = self
+                .done
+                .insert((slot.batch, slot.slot), ())
+                .map_err(|e| err("jobs", e))?
+                .is_none();
+            if !fresh {
+                continue;
             }
-            Err(e) => tracing::warn!(job = %id, "job not written: {e}"),
+            *left = left.saturating_sub(1);
+            if *left == 0 {
+                self.live.remove(&slot.batch);
+                self.batches
+                    .remove(slot.batch)
+                    .map_err(|e| err("jobs", e))?;
+                self.done
+                    .retain_in((slot.batch, 0)..=(slot.batch, u32::MAX), |_, _| false)
+                    .map_err(|e| err("jobs", e))?;
+            }
         }
+        Ok(())
     }
-    (written, rows)
+}
+
+/// Appends a group of entries to a log and drops its oldest groups while
+/// the rest hold `keep` entries.
+fn log_append(
+    table: &mut redb::Table<(&str, u64), Vec<&str>>,
+    logs: &mut HashMap<String, LogSpan>,
+    key: &str,
+    values: &[&str],
+    keep: usize,
+) -> Result<()> {
+    if !logs.contains_key(key) {
+        let span = log_span(table, key)?;
+        logs.insert(key.to_string(), span);
+    }
+    let Some(span) = logs.get_mut(key) else {
+        return Ok(());
+    };
+    table
+        .insert((key, span.next), values.to_vec())
+        .map_err(|e| err("logs", e))?;
+    span.groups.push_back((span.next, values.len()));
+    span.entries += values.len();
+    span.next += 1;
+    while let Some(&(oldest, len)) = span.groups.front() {
+        if span.entries - len < keep {
+            break;
+        }
+        table.remove((key, oldest)).map_err(|e| err("logs", e))?;
+        span.groups.pop_front();
+        span.entries -= len;
+    }
+    Ok(())
+}
+
+/// A log as stored.
+fn log_span(table: &redb::Table<(&str, u64), Vec<&str>>, key: &str) -> Result<LogSpan> {
+    let mut span = LogSpan::default();
+    for row in table
+        .range((key, 0)..=(key, u64::MAX))
+        .map_err(|e| err("logs", e))?
+    {
+        let (k, v) = row.map_err(|e| err("logs", e))?;
+        let (_, seq) = k.value();
+        let len = v.value().len();
+        span.groups.push_back((seq, len));
+        span.entries += len;
+        span.next = seq + 1;
+    }
+    Ok(span)
+}
+
+/// A job row to write: id, queue, due ms, body.
+type NewRow = (String, String, u64, String);
+
+/// What a flush writes: the new jobs in numbered batches, and the slots
+/// their older versions held (marked done in the same transaction).
+#[derive(Default)]
+struct NewJobs {
+    batches: Vec<(u64, Vec<NewRow>)>,
+    superseded: Vec<Slot>,
+    /// (id, generation, the slot it supersedes) of each version written.
+    versions: Vec<(String, u64, Option<Slot>)>,
+}
+
+/// At a flush: the new jobs waiting in memory, each given its slot and
+/// marked as being written.
+fn take_unwritten(index: &Mutex<Index>) -> NewJobs {
+    let mut index = lock(index);
+    let index = &mut *index;
+    // In queue and due order, so that a claim of a queue's next jobs
+    // reads few batches.
+    let mut waiting: Vec<(&String, &mut Unwritten)> = index
+        .unwritten
+        .iter_mut()
+        .filter(|(_, u)| u.writing.is_none())
+        .collect();
+    waiting.sort_unstable_by(|a, b| {
+        (&a.1.job.queue, a.1.job.due_ms, a.0).cmp(&(&b.1.job.queue, b.1.job.due_ms, b.0))
+    });
+    let mut out = NewJobs::default();
+    let mut rows: Vec<NewRow> = Vec::new();
+    let mut bytes = 0;
+    let mut number = index.next_batch;
+    for (id, u) in waiting {
+        if rows.len() >= BATCH_JOBS || bytes >= BATCH_BYTES {
+            out.batches.push((number, std::mem::take(&mut rows)));
+            number += 1;
+            bytes = 0;
+        }
+        let slot = Slot {
+            batch: number,
+            slot: rows.len() as u32,
+        };
+        u.writing = Some(slot);
+        let older = index.jobs.get(id).and_then(|m| m.stored);
+        out.superseded.extend(older);
+        bytes += u.job.body.len();
+        rows.push((
+            id.clone(),
+            u.job.queue.clone(),
+            u.job.due_ms,
+            u.job.body.clone(),
+        ));
+        out.versions.push((id.clone(), u.generation, older));
+    }
+    if !rows.is_empty() {
+        out.batches.push((number, rows));
+        number += 1;
+    }
+    index.next_batch = number;
+    out
 }
 
 /// After the commit that wrote them: versions still the latest are in the
-/// file now; when it failed, they wait for the next flush.
-fn written(index: &Mutex<Index>, versions: Versions, ok: bool) {
+/// file now and leave memory; when it failed, they wait for the next
+/// flush (their slots are never used: batch numbers are not reused).
+fn written(index: &Mutex<Index>, new_jobs: NewJobs, ok: bool) {
     let mut index = lock(index);
     let index = &mut *index;
-    for (id, generation) in versions {
+    for (id, generation, older) in new_jobs.versions {
         let Some(u) = index.unwritten.get_mut(&id) else {
+            // Finished meanwhile: its slots were marked done.
             continue;
         };
         if u.generation != generation {
-            // Enqueued again meanwhile: that version waits.
+            // Enqueued again meanwhile: `hold` took the written slot as
+            // the stored one; that version waits for the next flush. Had
+            // the write failed, the older slot is still the stored one.
+            if !ok && let Some(meta) = index.jobs.get_mut(&id) {
+                meta.stored = older;
+            }
             continue;
         }
+        let slot = u.writing.take();
         if ok {
             if let Some(u) = index.unwritten.remove(&id) {
                 index.unwritten_bytes -= u.bytes();
             }
-        } else {
-            u.writing = false;
+            if let Some(meta) = index.jobs.get_mut(&id) {
+                meta.stored = slot;
+            }
         }
     }
-}
-
-/// A log's (oldest seq, next seq) as stored.
-fn log_span(table: &redb::Table<(&str, u64), &str>, key: &str) -> Result<(u64, u64)> {
-    let mut rows = table
-        .range((key, 0)..=(key, u64::MAX))
-        .map_err(|e| err("logs", e))?;
-    let first = rows.next().transpose().map_err(|e| err("logs", e))?;
-    let last = rows.next_back().transpose().map_err(|e| err("logs", e))?;
-    Ok(match (first, last) {
-        (None, _) => (0, 0),
-        (Some(f), None) => (f.0.value().1, f.0.value().1 + 1),
-        (Some(f), Some(l)) => (f.0.value().1, l.0.value().1 + 1),
-    })
 }
 
 #[cfg(test)]
@@ -885,9 +1163,10 @@ mod tests {
         let jobs: Vec<Job> = (0..5).map(|i| job(&format!("big{i}"), &body)).collect();
         // 5 MiB held past the 4 MiB bound: the call returns once written.
         store.enqueue(jobs).await.unwrap();
-        let rows = {
+        let rows: usize = {
             let read = store.db.begin_read().unwrap();
-            redb::ReadableTableMetadata::len(&read.open_table(JOBS).unwrap()).unwrap()
+            let t = read.open_table(BATCHES).unwrap();
+            t.iter().unwrap().map(|r| r.unwrap().1.value().len()).sum()
         };
         assert_eq!(rows, 5, "in the file when enqueue returned");
         assert!(lock(&store.index).unwritten_bytes <= MAX_UNWRITTEN);
@@ -949,6 +1228,163 @@ mod tests {
         // Logs keep counting after a restart.
         state.push_log("l", "other", "y".into(), 1).await.unwrap();
         assert_eq!(state.read_log("l", "other", 10).await.unwrap(), vec!["y"]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn finished(id: &str, value: &str) -> Finished {
+        Finished {
+            queue: "q".into(),
+            id: id.into(),
+            key: "ep".into(),
+            value: value.into(),
+        }
+    }
+
+    /// Rows of the batch and done tables.
+    fn job_rows(store: &Embedded) -> (usize, usize) {
+        let read = store.db.begin_read().unwrap();
+        let batches = read.open_table(BATCHES).unwrap();
+        let done = read.open_table(DONE).unwrap();
+        (
+            batches.iter().unwrap().count(),
+            done.iter().unwrap().count(),
+        )
+    }
+
+    #[tokio::test]
+    async fn batches_go_once_every_job_in_them_is_done() {
+        let dir = scratch();
+        let store = Embedded::open(dir.clone(), DEFAULT_CACHE_BYTES).unwrap();
+        let jobs: Vec<Job> = (0..300)
+            .map(|i| job(&format!("j{i:03}"), &format!("{{\"n\":{i}}}")))
+            .collect();
+        store.enqueue(jobs).await.unwrap();
+        store.close().await;
+        assert_eq!(job_rows(&store), (2, 0), "300 jobs in two batches");
+        let every = Capacity {
+            default: 300,
+            limited: Vec::new(),
+        };
+        let claimed = store.claim(10, 1000, &every, 300).await.unwrap();
+        assert_eq!(claimed.len(), 300);
+        for j in &claimed {
+            let n: u32 = j.id[1..].parse().unwrap();
+            assert_eq!(j.body, format!("{{\"n\":{n}}}"), "read back from its batch");
+        }
+        // A retry writes a newer version: the older slot is done.
+        let mut retried = job("j007", "{\"attempt\":2}");
+        retried.due_ms = 5;
+        store.enqueue(vec![retried]).await.unwrap();
+        store.close().await;
+        assert_eq!(job_rows(&store), (3, 1));
+        let done: Vec<Finished> = claimed
+            .iter()
+            .filter(|j| j.id != "j007")
+            .map(|j| finished(&j.id, &j.id))
+            .collect();
+        store.finish_logged("log", done, 1000).await.unwrap();
+        store.close().await;
+        assert_eq!(
+            job_rows(&store),
+            (1, 0),
+            "only the retried version's batch is left"
+        );
+        drop(store);
+        let store = reopen(&dir).await;
+        let left = store.claim(10, 1000, &all(), 10).await.unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].body, "{\"attempt\":2}");
+        store.finish("q", "j007").await.unwrap();
+        store.close().await;
+        assert_eq!(job_rows(&store), (0, 0), "nothing left in the file");
+        assert_eq!(store.read_log("log", "ep", 1000).await.unwrap().len(), 299);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_log_keeps_between_keep_and_keep_plus_a_group() {
+        let store = Embedded::in_memory().unwrap();
+        for g in 0..3 {
+            let group: Vec<Finished> = (0..3)
+                .map(|i| finished(&format!("none{g}{i}"), &format!("v{}", g * 3 + i)))
+                .collect();
+            store.finish_logged("log", group, 5).await.unwrap();
+        }
+        store.close().await;
+        // 9 entries in groups of 3, keep 5: the oldest group goes (6 left,
+        // still at least 5), the next would leave 3.
+        assert_eq!(
+            store.read_log("log", "ep", 100).await.unwrap(),
+            vec!["v8", "v7", "v6", "v5", "v4", "v3"]
+        );
+        assert_eq!(
+            store.read_log("log", "ep", 4).await.unwrap(),
+            vec!["v8", "v7", "v6", "v5"],
+            "the limit cuts within a group"
+        );
+        store.delete_log("log", "ep").await.unwrap();
+        assert!(store.read_log("log", "ep", 100).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_file_of_the_earlier_layout_is_moved_when_opened() {
+        let dir = scratch();
+        {
+            let db = Database::create(dir.join("state.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut jobs = txn.open_table(OLD_JOBS).unwrap();
+                for (id, due) in [("old1", 1u64), ("old2", 2)] {
+                    let row = serde_json::to_string(&Job {
+                        id: id.into(),
+                        queue: "q".into(),
+                        due_ms: due,
+                        body: format!("{{\"id\":\"{id}\"}}"),
+                    })
+                    .unwrap();
+                    jobs.insert(id, row.as_str()).unwrap();
+                }
+                let mut logs = txn.open_table(OLD_LOGS).unwrap();
+                let key = log_key("log", "ep");
+                for seq in 4..7u64 {
+                    logs.insert((key.as_str(), seq), format!("e{seq}").as_str())
+                        .unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let store = reopen(&dir).await;
+        let mut claimed = store.claim(10, 1000, &all(), 10).await.unwrap();
+        claimed.sort_by(|a, b| a.id.cmp(&b.id));
+        assert_eq!(
+            claimed
+                .iter()
+                .map(|j| (j.id.as_str(), j.body.as_str()))
+                .collect::<Vec<_>>(),
+            vec![("old1", "{\"id\":\"old1\"}"), ("old2", "{\"id\":\"old2\"}")]
+        );
+        assert_eq!(
+            store.read_log("log", "ep", 10).await.unwrap(),
+            vec!["e6", "e5", "e4"]
+        );
+        // Logs go on counting after the moved entries.
+        store.push_log("log", "ep", "e7".into(), 3).await.unwrap();
+        assert_eq!(
+            store.read_log("log", "ep", 10).await.unwrap(),
+            vec!["e7", "e6", "e5"]
+        );
+        {
+            let read = store.db.begin_read().unwrap();
+            let names: Vec<String> = read
+                .list_tables()
+                .unwrap()
+                .map(|t| redb::TableHandle::name(&t).to_string())
+                .collect();
+            assert!(
+                !names.contains(&"jobs".to_string()) && !names.contains(&"logs".to_string()),
+                "the old tables are gone: {names:?}"
+            );
+        }
         let _ = std::fs::remove_dir_all(dir);
     }
 }

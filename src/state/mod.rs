@@ -81,6 +81,16 @@ pub struct Job {
     pub body: String,
 }
 
+/// A job done, and what its log gets: see [`State::finish_logged`].
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub queue: String,
+    pub id: String,
+    /// The log's key (for webhooks, the endpoint).
+    pub key: String,
+    pub value: String,
+}
+
 /// A `String` field holding JSON text, written into the enclosing JSON as
 /// is (not escaped as a string) and read back as text: a payload kept
 /// inside a job is neither escaped nor unescaped on its way through.
@@ -247,25 +257,17 @@ impl State {
         }
     }
 
-    /// A job done, and `value` appended to log (`log`, `key`). The embedded
+    /// Jobs done, each with a value appended to its log (`log`, its
+    /// `key`), as one write: the deliveries a batch recorded. The embedded
     /// store does not wait for the commit (lost only with a crash within
-    /// its flush interval, and the job is then done again).
-    pub async fn finish_logged(
-        &self,
-        queue: &str,
-        id: &str,
-        log: &str,
-        key: &str,
-        value: String,
-        keep: usize,
-    ) -> Result<()> {
+    /// its flush interval, and those jobs are then done again).
+    pub async fn finish_logged(&self, log: &str, done: Vec<Finished>, keep: usize) -> Result<()> {
+        if done.is_empty() {
+            return Ok(());
+        }
         match self {
-            State::Embedded(e) => e.finish_logged(id, log, key, value, keep).await,
-            State::Redis(r) => {
-                let (done, logged) =
-                    tokio::join!(r.finish(queue, id), r.push_log(log, key, value, keep));
-                done.and(logged)
-            }
+            State::Embedded(e) => e.finish_logged(log, done, keep).await,
+            State::Redis(r) => r.finish_logged(log, done, keep).await,
         }
     }
 
@@ -408,8 +410,14 @@ pub(crate) mod contract {
             vec!["a2"]
         );
         assert_eq!(got[0].body, "{\"id\":\"a2\"}");
+        let finished = |id: &str, value: &str| Finished {
+            queue: "qa".into(),
+            id: id.into(),
+            key: "qa".into(),
+            value: value.into(),
+        };
         state
-            .finish_logged("qa", "a1", "done", "qa", "a1 delivered".into(), 10)
+            .finish_logged("done", vec![finished("a1", "a1 delivered")], 10)
             .await
             .unwrap();
         // A rescheduled job keeps its id and takes its new body and time.

@@ -15,7 +15,7 @@
 //! Queue operations are Lua scripts, so a claim (take the due jobs, lease
 //! them, update the ready index) is atomic across instances.
 
-use super::{Capacity, Job, Result, StateError};
+use super::{Capacity, Finished, Job, Result, StateError};
 use crate::store::{Lazy, Target};
 
 const PREFIX: &str = "tc:{tc-state}:";
@@ -292,6 +292,31 @@ impl RedisState {
             .script("finish", FINISH, vec![queue.into(), id.into()])
             .await?;
         Ok(())
+    }
+
+    /// The jobs finished, concurrently (the connection pipelines them),
+    /// and every log entry in one pipeline, each log trimmed once.
+    pub async fn finish_logged(&self, log: &str, done: Vec<Finished>, keep: usize) -> Result<()> {
+        let mut pipe = redis::pipe();
+        let mut trimmed = std::collections::HashSet::new();
+        for d in &done {
+            let list = key(&["log", log, &d.key]);
+            pipe.cmd("LPUSH").arg(&list).arg(&d.value).ignore();
+        }
+        for d in &done {
+            if trimmed.insert(d.key.as_str()) {
+                pipe.cmd("LTRIM")
+                    .arg(key(&["log", log, &d.key]))
+                    .arg(0)
+                    .arg(keep.max(1) as i64 - 1)
+                    .ignore();
+            }
+        }
+        let finished =
+            futures_util::future::join_all(done.iter().map(|d| self.finish(&d.queue, &d.id)));
+        let (finished, logged) = tokio::join!(finished, self.query_pipe("log", &pipe));
+        finished.into_iter().collect::<Result<Vec<()>>>()?;
+        logged
     }
 
     pub async fn drop_queue(&self, queue: &str) -> Result<()> {

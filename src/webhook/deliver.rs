@@ -15,10 +15,11 @@ use tokio_util::task::TaskTracker;
 
 use super::client::{Conn, SendError, Target};
 use super::endpoint::Endpoint;
+use super::record::{self, Delivered};
 use super::{ATTEMPTS, DEAD, OutcomeLabel, Webhooks, format_ms, sign};
 use crate::clock;
 use crate::event::Event;
-use crate::state::{Capacity, Job};
+use crate::state::{Capacity, Finished, Job};
 
 /// How often the dispatcher looks for due jobs when nothing woke it.
 const POLL: Duration = Duration::from_millis(250);
@@ -104,15 +105,15 @@ pub struct Requested<'a> {
 
 /// The data of `notification.sent` and `notification.failed`.
 #[derive(Serialize)]
-struct Attempted<'a> {
-    webhook_id: &'a str,
-    event_id: &'a str,
-    event_type: &'a str,
-    attempt: u32,
-    status: &'a str,
-    status_code: Option<u16>,
-    error: Option<&'a str>,
-    next_attempt_at: Option<&'a str>,
+pub(super) struct Attempted<'a> {
+    pub webhook_id: &'a str,
+    pub event_id: &'a str,
+    pub event_type: &'a str,
+    pub attempt: u32,
+    pub status: &'a str,
+    pub status_code: Option<u16>,
+    pub error: Option<&'a str>,
+    pub next_attempt_at: Option<&'a str>,
 }
 
 /// A delivery given up, kept (bounded) so it can be listed and replayed.
@@ -391,6 +392,8 @@ async fn worker(hooks: &Webhooks, place: Place, stop: &CancellationToken) {
         .saturating_sub(inner.settings.webhook_timeout + Duration::from_secs(1));
     // One connection to the receiver, used for each job in turn.
     let mut conn = inner.client.take(&place.endpoint);
+    // Whether the last delivery was fast: set with the next job's taking.
+    let mut fast = None;
     while !stop.is_cancelled() {
         let next = {
             let mut f = inner
@@ -398,8 +401,16 @@ async fn worker(hooks: &Webhooks, place: Place, stop: &CancellationToken) {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             let f = &mut *f;
-            let Some(lane) = f.lanes.get_mut(&place.endpoint) else {
-                break;
+            let lane = match fast.take() {
+                Some(fast) => {
+                    let lane = f.lane(&place.endpoint, &place.tenant);
+                    lane.fast = fast;
+                    lane
+                }
+                None => match f.lanes.get_mut(&place.endpoint) {
+                    Some(lane) => lane,
+                    None => break,
+                },
             };
             let next = lane.jobs.pop_front();
             if lane.fast && lane.jobs.len() == PREFETCH / 2 {
@@ -416,7 +427,9 @@ async fn worker(hooks: &Webhooks, place: Place, stop: &CancellationToken) {
             tracing::debug!(job = %c.job.id, "claimed job left to its lease's end");
             continue;
         }
-        let fast = run(hooks, c.job, c.delivery, &mut conn).await;
+        fast = Some(run(hooks, c.job, c.delivery, &mut conn).await);
+    }
+    if let Some(fast) = fast {
         let mut f = inner
             .in_flight
             .lock()
@@ -493,9 +506,21 @@ async fn run(hooks: &Webhooks, job: Job, delivery: Delivery, conn: &mut Option<C
     let started = Instant::now();
     let outcome = send(hooks, endpoint, &cached.target, &delivery, conn).await;
     let latency = started.elapsed();
-    let fast = matches!(outcome, Outcome::Succeeded(_)) && latency < FAST;
+    if let Outcome::Succeeded(status) = outcome {
+        // Recorded with others while the next request goes out.
+        let delivered = Delivered {
+            job,
+            delivery,
+            endpoint: Arc::clone(&cached),
+            status,
+            latency,
+            at_ms: clock::unix_millis(),
+        };
+        record::delivered(hooks, delivered).await;
+        return latency < FAST;
+    }
     follow_up(hooks, endpoint, Some(&job), delivery, outcome, latency).await;
-    fast
+    false
 }
 
 /// `POST /v1/webhooks/{id}/test`: one attempt now, no retry.
@@ -761,9 +786,15 @@ async fn follow_up(
     let value = serde_json::to_string(&attempt).unwrap_or_default();
     let keep = settings.webhook_log_keep;
     if let Some(job) = done {
+        let finished = Finished {
+            queue: job.queue.clone(),
+            id: job.id.clone(),
+            key: endpoint.id.clone(),
+            value,
+        };
         if let Err(e) = inner
             .state
-            .finish_logged(&job.queue, &job.id, ATTEMPTS, &endpoint.id, value, keep)
+            .finish_logged(ATTEMPTS, vec![finished], keep)
             .await
         {
             tracing::warn!(webhook = %endpoint.id, "delivered, but not marked done (it may be delivered again): {e}");
@@ -863,7 +894,7 @@ async fn disable(hooks: &Webhooks, endpoint: &Endpoint, reason: &str) {
 
 /// Reads the endpoint again, changes it and writes it (a deleted one
 /// stays deleted).
-async fn update_endpoint(
+pub(super) async fn update_endpoint(
     hooks: &Webhooks,
     endpoint: &Endpoint,
     change: impl FnOnce(&mut Endpoint),

@@ -22,6 +22,7 @@ pub mod client;
 pub mod deliver;
 pub mod endpoint;
 pub mod guard;
+mod record;
 pub mod rest;
 pub mod sign;
 
@@ -214,6 +215,8 @@ pub(crate) struct Inner {
     wake: Notify,
     metrics: WebhookMetrics,
     in_flight: std::sync::Mutex<deliver::InFlight>,
+    /// Delivered attempts waiting to be recorded.
+    waiting: record::Waiting,
 }
 
 /// The webhook service. Cheap to clone.
@@ -236,6 +239,7 @@ impl Running {
     pub async fn stop(self) {
         self.stop.cancel();
         self.tasks.wait().await;
+        record::record(&self.hooks).await;
         deliver::release_lanes(&self.hooks).await;
     }
 }
@@ -287,6 +291,7 @@ impl Webhooks {
                 wake: Notify::new(),
                 metrics,
                 in_flight: std::sync::Mutex::new(deliver::InFlight::default()),
+                waiting: record::Waiting::default(),
             }),
         })
     }
@@ -307,6 +312,7 @@ impl Webhooks {
             tasks.clone(),
         ));
         tasks.spawn(self.clone().refresher(stop.clone()));
+        tasks.spawn(record::recorder(self.clone(), stop.clone()));
         // Closed for `wait`; the dispatcher still spawns deliveries on it.
         tasks.close();
         let tap = Tap {
@@ -799,20 +805,22 @@ impl Webhooks {
                 wait = (wait * 2).min(Duration::from_secs(5));
             }
             self.inner.wake.notify_one();
-            for d in requested {
-                self.publish(
-                    &d.tenant,
-                    "notification.requested",
-                    &deliver::Requested {
+            let events = requested
+                .iter()
+                .filter_map(|d| {
+                    let data = deliver::Requested {
                         webhook_id: &d.endpoint,
                         event_id: &d.event_id,
                         event_type: &d.event_type,
                         attempt: 0,
                         status: "pending",
-                    },
-                    &d.trace_id,
-                );
-            }
+                    };
+                    self.make_event(&d.tenant, "notification.requested", &data, &d.trace_id)
+                        .inspect_err(|e| tracing::warn!(tenant = %d.tenant, "notification.requested not published: {e}"))
+                        .ok()
+                })
+                .collect();
+            self.inner.broker.publish_minted_many(events);
         }
     }
 
