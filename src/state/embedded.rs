@@ -152,9 +152,13 @@ impl Op {
     }
 }
 
+/// A job id or queue name in the index: shared between its maps, so that
+/// filing a job again allocates nothing.
+type Name = Arc<str>;
+
 /// What the index knows of a job.
 struct Meta {
-    queue: String,
+    queue: Name,
     due: u64,
     /// Its latest version written to the file.
     stored: Option<Slot>,
@@ -163,9 +167,9 @@ struct Meta {
 #[derive(Default)]
 struct Index {
     /// queue → (due, id), leased jobs at their lease's end.
-    queues: HashMap<String, BTreeSet<(u64, String)>>,
+    queues: HashMap<Name, BTreeSet<(u64, Name)>>,
     /// id → its queue, due time and place in the file.
-    jobs: HashMap<String, Meta>,
+    jobs: HashMap<Name, Meta>,
     /// Jobs whose latest version is not in the file yet.
     unwritten: HashMap<String, Unwritten>,
     /// Bytes of their bodies.
@@ -193,31 +197,31 @@ impl Unwritten {
 impl Index {
     /// Files `id` under `queue` at `due` (moved when it was filed).
     fn place(&mut self, id: &str, queue: &str, due: u64) {
-        let stored = self.unfile(id).and_then(|m| m.stored);
+        let (id, stored) = match self.unfile(id) {
+            Some((id, meta)) => (id, meta.stored),
+            None => (Name::from(id), None),
+        };
+        let queue = match self.queues.get_key_value(queue) {
+            Some((name, _)) => Arc::clone(name),
+            None => Name::from(queue),
+        };
         self.queues
-            .entry(queue.to_string())
+            .entry(Arc::clone(&queue))
             .or_default()
-            .insert((due, id.to_string()));
-        self.jobs.insert(
-            id.to_string(),
-            Meta {
-                queue: queue.to_string(),
-                due,
-                stored,
-            },
-        );
+            .insert((due, Arc::clone(&id)));
+        self.jobs.insert(id, Meta { queue, due, stored });
     }
 
     /// Takes `id` out of its queue; what was known of it.
-    fn unfile(&mut self, id: &str) -> Option<Meta> {
-        let meta = self.jobs.remove(id)?;
+    fn unfile(&mut self, id: &str) -> Option<(Name, Meta)> {
+        let (id, meta) = self.jobs.remove_entry(id)?;
         if let Some(set) = self.queues.get_mut(&meta.queue) {
-            set.remove(&(meta.due, id.to_string()));
+            set.remove(&(meta.due, Arc::clone(&id)));
             if set.is_empty() {
                 self.queues.remove(&meta.queue);
             }
         }
-        Some(meta)
+        Some((id, meta))
     }
 
     /// A new version of `job`, to be written at the next flush.
@@ -233,7 +237,8 @@ impl Index {
         if let Some(old) = self.unwritten.insert(entry.job.id.clone(), entry) {
             self.unwritten_bytes -= old.bytes();
             // A version being written now: its slot is superseded.
-            if let (Some(slot), Some(meta)) = (old.writing, self.jobs.get_mut(&old.job.id)) {
+            if let (Some(slot), Some(meta)) = (old.writing, self.jobs.get_mut(old.job.id.as_str()))
+            {
                 meta.stored = Some(slot);
             }
         }
@@ -241,7 +246,7 @@ impl Index {
 
     /// Forgets a job; the slots of the file that held it, to mark done.
     fn finish(&mut self, id: &str, done: &mut Vec<Slot>) {
-        let stored = self.unfile(id).and_then(|m| m.stored);
+        let stored = self.unfile(id).and_then(|(_, m)| m.stored);
         let writing = match self.unwritten.remove(id) {
             Some(old) => {
                 self.unwritten_bytes -= old.bytes();
@@ -506,18 +511,15 @@ impl Embedded {
                 .iter()
                 .map(|(q, n)| (q.as_str(), *n))
                 .collect();
-            let queues: Vec<String> = index.queues.keys().cloned().collect();
+            let queues: Vec<Name> = index.queues.keys().cloned().collect();
             let lease_end = now_ms.saturating_add(lease_ms);
             for queue in queues {
                 if out.len() + stored.len() >= max {
                     break;
                 }
-                let cap = limited
-                    .get(queue.as_str())
-                    .copied()
-                    .unwrap_or(capacity.default);
+                let cap = limited.get(&*queue).copied().unwrap_or(capacity.default);
                 let room = cap.min(max - out.len() - stored.len());
-                let due: Vec<(u64, String)> = index.queues[&queue]
+                let due: Vec<(u64, Name)> = index.queues[&queue]
                     .iter()
                     .take_while(|(d, _)| *d <= now_ms)
                     .take(room)
@@ -526,10 +528,10 @@ impl Embedded {
                 for (_, id) in due {
                     index.place(&id, &queue, lease_end);
                     // Its body from memory when it is not in the file yet.
-                    if let Some(u) = index.unwritten.get(&id) {
+                    if let Some(u) = index.unwritten.get(&*id) {
                         out.push(u.job.clone());
-                    } else if let Some(slot) = index.jobs.get(&id).and_then(|m| m.stored) {
-                        stored.push((slot, id, queue.clone()));
+                    } else if let Some(slot) = index.jobs.get(&*id).and_then(|m| m.stored) {
+                        stored.push((slot, id.to_string(), queue.to_string()));
                     }
                 }
             }
@@ -606,7 +608,7 @@ impl Embedded {
             let ids: Vec<String> = index
                 .queues
                 .get(queue)
-                .map(|s| s.iter().map(|(_, id)| id.clone()).collect())
+                .map(|s| s.iter().map(|(_, id)| id.to_string()).collect())
                 .unwrap_or_default();
             for id in &ids {
                 index.finish(id, &mut slots);
@@ -1025,7 +1027,7 @@ fn take_unwritten(index: &Mutex<Index>) -> NewJobs {
             slot: rows.len() as u32,
         };
         u.writing = Some(slot);
-        let older = index.jobs.get(id).and_then(|m| m.stored);
+        let older = index.jobs.get(id.as_str()).and_then(|m| m.stored);
         out.superseded.extend(older);
         bytes += u.job.body.len();
         rows.push((
@@ -1059,7 +1061,7 @@ fn written(index: &Mutex<Index>, new_jobs: NewJobs, ok: bool) {
             // Enqueued again meanwhile: `hold` took the written slot as
             // the stored one; that version waits for the next flush. Had
             // the write failed, the older slot is still the stored one.
-            if !ok && let Some(meta) = index.jobs.get_mut(&id) {
+            if !ok && let Some(meta) = index.jobs.get_mut(id.as_str()) {
                 meta.stored = older;
             }
             continue;
@@ -1069,7 +1071,7 @@ fn written(index: &Mutex<Index>, new_jobs: NewJobs, ok: bool) {
             if let Some(u) = index.unwritten.remove(&id) {
                 index.unwritten_bytes -= u.bytes();
             }
-            if let Some(meta) = index.jobs.get_mut(&id) {
+            if let Some(meta) = index.jobs.get_mut(id.as_str()) {
                 meta.stored = slot;
             }
         }
