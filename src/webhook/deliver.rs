@@ -10,6 +10,7 @@ use bytes::Bytes;
 use hyper::StatusCode;
 use hyper::header::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -44,8 +45,8 @@ pub struct Delivery {
     pub event_type: String,
     pub trace_id: String,
     /// The envelope as JSON: the request body, byte for byte what is signed.
-    #[serde(with = "crate::state::raw_json")]
-    pub payload: String,
+    /// Raw: written into the job as it is, never parsed into a tree.
+    pub payload: Box<RawValue>,
     /// This attempt's number, from 1.
     pub attempt: u32,
     /// When the first attempt was due, Unix ms.
@@ -60,7 +61,7 @@ impl Delivery {
             event_id: event.id.clone(),
             event_type: event.event_type.clone(),
             trace_id: event.trace_id.clone(),
-            payload: event.to_json(),
+            payload: envelope(event),
             attempt,
             first_ms: clock::unix_millis(),
         }
@@ -75,6 +76,13 @@ impl Delivery {
             body: serde_json::to_string(self).unwrap_or_default(),
         }
     }
+}
+
+/// An event's envelope as raw JSON, what [`Event::to_json`] writes.
+pub fn envelope(event: &Event) -> Box<RawValue> {
+    // Plain strings and raw JSON already checked: this cannot fail (it
+    // would give `null` rather than a panic).
+    serde_json::value::to_raw_value(event).unwrap_or_default()
 }
 
 /// One attempt, as `GET /v1/webhooks/{id}/deliveries` lists it.
@@ -504,7 +512,7 @@ async fn run(hooks: &Webhooks, job: Job, delivery: Delivery, conn: &mut Option<C
         return false;
     }
     let started = Instant::now();
-    let outcome = send(hooks, endpoint, &cached.target, &delivery, conn).await;
+    let outcome = send(hooks, &cached.signer, &cached.target, &delivery, conn).await;
     let latency = started.elapsed();
     if let Outcome::Succeeded(status) = outcome {
         // Recorded with others while the next request goes out.
@@ -528,7 +536,8 @@ pub async fn attempt_once(hooks: &Webhooks, endpoint: &Endpoint, delivery: Deliv
     let started = Instant::now();
     let target = Target::checked(&hooks.inner.guard, &endpoint.url);
     let mut conn = hooks.inner.client.take(&endpoint.id);
-    let outcome = send(hooks, endpoint, &target, &delivery, &mut conn).await;
+    let signer = sign::Signer::new(endpoint);
+    let outcome = send(hooks, &signer, &target, &delivery, &mut conn).await;
     if let Some(conn) = conn {
         hooks.inner.client.give_back(&endpoint.id, conn);
     }
@@ -539,7 +548,7 @@ pub async fn attempt_once(hooks: &Webhooks, endpoint: &Endpoint, delivery: Deliv
 /// guard checked it), on `conn` when it holds a usable connection.
 async fn send(
     hooks: &Webhooks,
-    endpoint: &Endpoint,
+    signer: &sign::Signer,
     target: &Result<Target, super::guard::Refused>,
     d: &Delivery,
     conn: &mut Option<Conn>,
@@ -557,11 +566,7 @@ async fn send(
         }
     };
     let now_ms = clock::unix_millis();
-    let signature = sign::header_value(
-        endpoint.signing_secrets(now_ms),
-        now_ms / 1000,
-        d.payload.as_bytes(),
-    );
+    let signature = signer.header_value(now_ms, d.payload.get().as_bytes());
     let value = |text: String| HeaderValue::from_maybe_shared(Bytes::from(text));
     let headers = match (
         value(signature),
@@ -586,7 +591,7 @@ async fn send(
             };
         }
     };
-    let body = Bytes::from(d.payload.clone());
+    let body = Bytes::copy_from_slice(d.payload.get().as_bytes());
     let posted = tokio::time::timeout(
         inner.settings.webhook_timeout,
         inner.client.post(conn, target, &headers, body),

@@ -43,6 +43,14 @@ pub struct Secret {
     pub expires_at_ms: Option<u64>,
 }
 
+impl Secret {
+    /// Whether a secret that expires at `expires_at_ms` signs at `now_ms`:
+    /// the current one always, a rotated-out one until it expires.
+    pub fn signs_at(expires_at_ms: Option<u64>, now_ms: u64) -> bool {
+        expires_at_ms.is_none_or(|t| t > now_ms)
+    }
+}
+
 /// What clients see of an endpoint.
 #[derive(Debug, Clone, Serialize)]
 pub struct View {
@@ -79,15 +87,6 @@ impl Endpoint {
     /// parses, which matches nothing).
     pub fn filter(&self) -> Option<TypeFilter> {
         TypeFilter::parse(&self.types).ok()
-    }
-
-    /// Secrets that sign at `now_ms`: the current one, and a rotated-out
-    /// one until it expires.
-    pub fn signing_secrets(&self, now_ms: u64) -> impl Iterator<Item = &str> {
-        self.secrets
-            .iter()
-            .filter(move |s| s.expires_at_ms.is_none_or(|t| t > now_ms))
-            .map(|s| s.value.as_str())
     }
 
     /// Makes `secret` current; the current one signs for `overlap` more.
@@ -239,14 +238,15 @@ mod tests {
         };
         let expires = e.rotate("whsec_new".into(), 1_000, Duration::from_secs(60));
         assert_eq!(expires, Some(61_000));
-        assert_eq!(
-            e.signing_secrets(2_000).collect::<Vec<_>>(),
-            vec!["whsec_new", "whsec_old"]
-        );
-        assert_eq!(
-            e.signing_secrets(61_000).collect::<Vec<_>>(),
-            vec!["whsec_new"]
-        );
+        let signing = |now| {
+            e.secrets
+                .iter()
+                .filter(|s| Secret::signs_at(s.expires_at_ms, now))
+                .map(|s| s.value.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(signing(2_000), vec!["whsec_new", "whsec_old"]);
+        assert_eq!(signing(61_000), vec!["whsec_new"]);
         assert_eq!(e.rotate("whsec_3".into(), 2_000, Duration::ZERO), None);
         assert_eq!(e.secrets.len(), 1);
         assert!(parse_overlap(Some("8d")).is_err());

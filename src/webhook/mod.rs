@@ -36,6 +36,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
+use serde_json::value::RawValue;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -194,6 +195,8 @@ struct Cached {
     filter: Option<TypeFilter>,
     /// Its URL parsed and checked by the guard once, not per attempt.
     target: Result<client::Target, guard::Refused>,
+    /// Its secrets as keys, made once.
+    signer: sign::Signer,
 }
 
 impl Cached {
@@ -349,6 +352,7 @@ impl Webhooks {
                     let filter = TypeFilter::parse(&endpoint.types).ok();
                     cache.entry(tenant).or_default().push(Arc::new(Cached {
                         target: client::Target::checked(&inner.guard, &endpoint.url),
+                        signer: sign::Signer::new(&endpoint),
                         endpoint,
                         filter,
                     }));
@@ -659,7 +663,8 @@ impl Webhooks {
         let filter = endpoint.filter().ok_or_else(|| {
             ApiError::new(Code::Internal, format!("webhook {id} has unreadable types"))
         })?;
-        let events: Vec<(String, String, String, String)> = match (body.event_id, body.since) {
+        let events: Vec<(String, String, String, Box<RawValue>)> = match (body.event_id, body.since)
+        {
             (Some(event_id), None) => {
                 crate::event::check_identifier(&event_id)
                     .map_err(|r| ApiError::invalid(format!("event_id: {r}")))?;
@@ -686,7 +691,7 @@ impl Webhooks {
                             e.id.clone(),
                             e.event_type.clone(),
                             e.trace_id.clone(),
-                            e.to_json(),
+                            deliver::envelope(e),
                         )
                     })
                     .collect()
@@ -730,7 +735,7 @@ impl Webhooks {
         tenant: &str,
         endpoint: &str,
         event_id: &str,
-    ) -> Result<(String, String, String, String), ApiError> {
+    ) -> Result<(String, String, String, Box<RawValue>), ApiError> {
         let dead = self
             .inner
             .state
@@ -750,7 +755,7 @@ impl Webhooks {
                 e.id.clone(),
                 e.event_type.clone(),
                 e.trace_id.clone(),
-                e.to_json(),
+                deliver::envelope(&e),
             )),
             None => Err(ApiError::new(
                 Code::NotFound,
