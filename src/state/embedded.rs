@@ -39,7 +39,7 @@
 //! Files of earlier versions (a row per job, a row per log entry) are
 //! moved to this layout when opened.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -160,14 +160,19 @@ type Name = Arc<str>;
 struct Meta {
     queue: Name,
     due: u64,
+    /// Its order among jobs due at the same time (filing order).
+    seq: u64,
     /// Its latest version written to the file.
     stored: Option<Slot>,
 }
 
 #[derive(Default)]
 struct Index {
-    /// queue → (due, id), leased jobs at their lease's end.
-    queues: HashMap<Name, BTreeSet<(u64, Name)>>,
+    /// queue → (due, seq) → id, leased jobs at their lease's end. Keyed by
+    /// numbers: filing a job compares no strings.
+    queues: HashMap<Name, BTreeMap<(u64, u64), Name>>,
+    /// The seq of the next job filed.
+    next_seq: u64,
     /// id → its queue, due time and place in the file.
     jobs: HashMap<Name, Meta>,
     /// Jobs whose latest version is not in the file yet.
@@ -205,18 +210,28 @@ impl Index {
             Some((name, _)) => Arc::clone(name),
             None => Name::from(queue),
         };
+        self.next_seq += 1;
+        let seq = self.next_seq;
         self.queues
             .entry(Arc::clone(&queue))
             .or_default()
-            .insert((due, Arc::clone(&id)));
-        self.jobs.insert(id, Meta { queue, due, stored });
+            .insert((due, seq), Arc::clone(&id));
+        self.jobs.insert(
+            id,
+            Meta {
+                queue,
+                due,
+                seq,
+                stored,
+            },
+        );
     }
 
     /// Takes `id` out of its queue; what was known of it.
     fn unfile(&mut self, id: &str) -> Option<(Name, Meta)> {
         let (id, meta) = self.jobs.remove_entry(id)?;
         if let Some(set) = self.queues.get_mut(&meta.queue) {
-            set.remove(&(meta.due, Arc::clone(&id)));
+            set.remove(&(meta.due, meta.seq));
             if set.is_empty() {
                 self.queues.remove(&meta.queue);
             }
@@ -519,13 +534,13 @@ impl Embedded {
                 }
                 let cap = limited.get(&*queue).copied().unwrap_or(capacity.default);
                 let room = cap.min(max - out.len() - stored.len());
-                let due: Vec<(u64, Name)> = index.queues[&queue]
+                let due: Vec<Name> = index.queues[&queue]
                     .iter()
-                    .take_while(|(d, _)| *d <= now_ms)
+                    .take_while(|((d, _), _)| *d <= now_ms)
                     .take(room)
-                    .cloned()
+                    .map(|(_, id)| Arc::clone(id))
                     .collect();
-                for (_, id) in due {
+                for id in due {
                     index.place(&id, &queue, lease_end);
                     // Its body from memory when it is not in the file yet.
                     if let Some(u) = index.unwritten.get(&*id) {
@@ -608,7 +623,7 @@ impl Embedded {
             let ids: Vec<String> = index
                 .queues
                 .get(queue)
-                .map(|s| s.iter().map(|(_, id)| id.to_string()).collect())
+                .map(|s| s.values().map(|id| id.to_string()).collect())
                 .unwrap_or_default();
             for id in &ids {
                 index.finish(id, &mut slots);
@@ -618,7 +633,7 @@ impl Embedded {
     }
 
     pub fn queue_len(&self, queue: &str) -> usize {
-        lock(&self.index).queues.get(queue).map_or(0, BTreeSet::len)
+        lock(&self.index).queues.get(queue).map_or(0, BTreeMap::len)
     }
 
     pub fn queued(&self) -> u64 {

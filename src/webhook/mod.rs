@@ -833,43 +833,40 @@ impl Webhooks {
     /// pending limit gets its delivery given up at once instead.
     async fn jobs_for(&self, events: &[SharedEvent]) -> (Vec<Job>, Vec<Delivery>) {
         let now = clock::unix_millis();
-        let mut jobs = Vec::new();
-        let mut deliveries = Vec::new();
-        let mut counts: HashMap<String, usize> = HashMap::new();
-        for event in events {
-            let endpoints: Vec<Arc<Cached>> = lock_read(&self.inner.cache)
-                .get(&event.tenant_id)
-                .map(|eps| {
-                    eps.iter()
-                        .filter(|c| c.wants(&event.event_type))
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default();
-            for cached in endpoints {
-                let delivery = Delivery::new(&cached.endpoint.id, event, 1);
-                let pending = match counts.get(&cached.endpoint.id) {
-                    Some(n) => *n,
-                    None => self
-                        .inner
-                        .state
-                        .queue_len(&cached.endpoint.id)
-                        .await
-                        .unwrap_or(0),
-                };
-                if pending >= self.inner.settings.webhook_max_pending {
-                    deliver::give_up(
-                        self,
-                        delivery,
-                        "pending limit (TC_WEBHOOK_MAX_PENDING) reached: delivery given up; replay it when the endpoint has caught up",
-                    )
-                    .await;
-                    continue;
+        // The endpoints that want each event, from one look at the cache.
+        let mut wanted: Vec<(&SharedEvent, Arc<Cached>)> = Vec::with_capacity(events.len());
+        {
+            let cache = lock_read(&self.inner.cache);
+            for event in events {
+                for cached in cache.get(&event.tenant_id).into_iter().flatten() {
+                    if cached.wants(&event.event_type) {
+                        wanted.push((event, Arc::clone(cached)));
+                    }
                 }
-                counts.insert(cached.endpoint.id.clone(), pending + 1);
-                jobs.push(delivery.job(now));
-                deliveries.push(delivery);
             }
+        }
+        let mut jobs = Vec::with_capacity(wanted.len());
+        let mut deliveries = Vec::with_capacity(wanted.len());
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for (event, cached) in &wanted {
+            let id = cached.endpoint.id.as_str();
+            let delivery = Delivery::new(id, event, 1);
+            let pending = match counts.get(id) {
+                Some(n) => *n,
+                None => self.inner.state.queue_len(id).await.unwrap_or(0),
+            };
+            if pending >= self.inner.settings.webhook_max_pending {
+                deliver::give_up(
+                    self,
+                    delivery,
+                    "pending limit (TC_WEBHOOK_MAX_PENDING) reached: delivery given up; replay it when the endpoint has caught up",
+                )
+                .await;
+                continue;
+            }
+            counts.insert(id, pending + 1);
+            jobs.push(delivery.job(now));
+            deliveries.push(delivery);
         }
         (jobs, deliveries)
     }
