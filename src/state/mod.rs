@@ -7,7 +7,9 @@
 //! Three kinds of thing are kept:
 //! - **records**: a value per (table, tenant, id), listed per tenant or for
 //!   every tenant;
-//! - **logs**: the newest `keep` values per (log, key), read newest first;
+//! - **logs**: the newest `keep` values per (log, key), read newest first
+//!   (the embedded store drops whole groups of entries written together, so
+//!   it may keep up to one group more);
 //! - **queues**: jobs with a due time in named queues (one per webhook
 //!   endpoint). [`State::claim`] takes due jobs fairly across queues, at
 //!   most a given number per queue, and leases them: a claimed job that is
