@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use crate::auth::rbac::{
-    AGENT_READ, AI_READ, ALERT_READ, COST_READ, GPU_READ, INTEGRATION_READ, INTEGRATION_WRITE,
-    PUBLISH, RECOMMENDATION_WRITE, SETTINGS_READ, SETTINGS_WRITE, SUBSCRIBE, WORKLOAD_READ,
+    AGENT_READ, AI_READ, ALERT_READ, COST_READ, ENFORCEMENT_READ, ENFORCEMENT_WRITE, GPU_READ,
+    INTEGRATION_READ, INTEGRATION_WRITE, PUBLISH, RECOMMENDATION_WRITE, SETTINGS_READ,
+    SETTINGS_WRITE, SUBSCRIBE, WORKLOAD_READ,
 };
 use crate::auth::{AuthError, Authenticator, Identity, TokenKind};
 use crate::broker::{Broker, Outcome, Page, Subscription, TypeFilter};
@@ -17,6 +18,8 @@ use crate::clock;
 use crate::config::parse::positive;
 use crate::error::{ApiError, Code};
 use crate::event::{self, EventDraft, EventError, Stamp, check_identifier};
+use crate::policy::spec::Policy;
+use crate::policy::{Policies, Simulation};
 use crate::presence::{Presence, Reason};
 use crate::projection::{
     AgentCosts, Alert, Connection, CostSummary, Fleet, FleetFilter, Projections, Recommendation,
@@ -74,6 +77,7 @@ pub struct App {
     auth: Arc<Authenticator>,
     limits: Limits,
     webhooks: Option<Webhooks>,
+    policies: Option<Policies>,
     projections: Projections,
     /// Kept state (per-tenant settings).
     state: Option<State>,
@@ -89,6 +93,28 @@ pub struct Accepted {
     pub recommendation_id: String,
     /// The `recommendation.accepted` event published.
     pub event_id: String,
+}
+
+/// `policies.simulate` parameters, as any surface receives them.
+#[derive(Debug, Clone, Default)]
+pub struct SimulateParams {
+    /// A policy document (not stored), or
+    pub policy: Option<serde_json::Value>,
+    /// the id of a stored one.
+    pub policy_id: Option<String>,
+    /// How far back from `until` (`24h`, `90m`); none: 24 hours; at most
+    /// 7 days (and only what history holds).
+    pub window: Option<String>,
+    /// RFC 3339 end; none: now.
+    pub until: Option<String>,
+}
+
+/// What changing a policy did.
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+pub struct PolicyWritten {
+    pub policy: Policy,
+    /// It did not exist before.
+    pub created: bool,
 }
 
 /// Reading or changing a tenant's integrations.
@@ -179,6 +205,7 @@ impl App {
             auth,
             limits,
             webhooks: None,
+            policies: None,
             projections: Projections::default(),
             state: None,
             presence: Presence::default(),
@@ -331,6 +358,132 @@ impl App {
             recommendation_id: recommendation_id.to_string(),
             event_id: outcome.id,
         })
+    }
+
+    /// This instance's presence (its id names the instance in the events
+    /// it publishes).
+    pub fn with_presence(mut self, presence: Presence) -> Self {
+        self.presence = presence;
+        self
+    }
+
+    /// The policy service the policy surfaces reach.
+    pub fn with_policies(mut self, policies: Policies) -> Self {
+        self.policies = Some(policies);
+        self
+    }
+
+    /// The policy service for `identity`'s tenant: `enforcement:read` (or
+    /// `:write`) to read and simulate, `enforcement:write` to change.
+    fn policies(
+        &self,
+        identity: &Identity,
+        access: Access,
+    ) -> Result<(String, &Policies), ApiError> {
+        match access {
+            Access::Read => identity.require_any(&[ENFORCEMENT_READ, ENFORCEMENT_WRITE])?,
+            Access::Write => identity.require(ENFORCEMENT_WRITE)?,
+        }
+        let tenant = identity.acting_tenant("")?;
+        let policies = self.policies.as_ref().ok_or_else(|| {
+            ApiError::new(
+                Code::Unavailable,
+                "policies are not running on this instance",
+            )
+        })?;
+        Ok((tenant, policies))
+    }
+
+    /// The caller's tenant's policies.
+    pub async fn list_policies(&self, identity: &Identity) -> Result<Vec<Policy>, ApiError> {
+        let (tenant, policies) = self.policies(identity, Access::Read)?;
+        policies.list(&tenant).await
+    }
+
+    /// One of the caller's tenant's policies (another tenant's is not found).
+    pub async fn get_policy(&self, identity: &Identity, id: &str) -> Result<Policy, ApiError> {
+        let (tenant, policies) = self.policies(identity, Access::Read)?;
+        policies.get(&tenant, id).await
+    }
+
+    /// Creates or replaces a policy from its JSON document; `path_id` is
+    /// the id a REST path names (the document may leave its id out, or
+    /// must say the same).
+    pub async fn put_policy(
+        &self,
+        identity: &Identity,
+        path_id: Option<&str>,
+        document: &[u8],
+    ) -> Result<PolicyWritten, ApiError> {
+        let (tenant, policies) = self.policies(identity, Access::Write)?;
+        let policy = read_policy(path_id, document)?;
+        let (policy, created) = policies.put(&tenant, policy).await?;
+        Ok(PolicyWritten { policy, created })
+    }
+
+    /// `policies.create` over MCP: [`App::put_policy`], and a write tool:
+    /// the tenant's `write_tools_enabled` and its grant of the tool too.
+    pub async fn create_policy_tool(
+        &self,
+        identity: &Identity,
+        document: &serde_json::Value,
+    ) -> Result<PolicyWritten, ApiError> {
+        const TOOL: &str = "policies.create";
+        identity.require(ENFORCEMENT_WRITE)?;
+        let tenant = identity.acting_tenant("")?;
+        let settings = tenant_settings::mcp(self.state()?, &tenant).await?;
+        if let Some(why) = settings.refuses_write(TOOL) {
+            return Err(ApiError::new(Code::PermissionDenied, why));
+        }
+        self.put_policy(identity, None, document.to_string().as_bytes())
+            .await
+    }
+
+    pub async fn delete_policy(&self, identity: &Identity, id: &str) -> Result<(), ApiError> {
+        let (tenant, policies) = self.policies(identity, Access::Write)?;
+        policies.delete(&tenant, id).await
+    }
+
+    /// Runs a policy (a document, or a stored one by id) over the caller's
+    /// tenant's history with the live evaluator; publishes nothing.
+    pub async fn simulate_policy(
+        &self,
+        identity: &Identity,
+        params: &SimulateParams,
+    ) -> Result<Simulation, ApiError> {
+        let (tenant, policies) = self.policies(identity, Access::Read)?;
+        let policy = match (&params.policy, params.policy_id.as_deref()) {
+            (Some(document), None) => read_policy(None, document.to_string().as_bytes())?,
+            (None, Some(id)) => policies.get(&tenant, id).await?,
+            _ => {
+                return Err(ApiError::invalid(
+                    "give either policy (a policy document) or policy_id (a stored policy)",
+                ));
+            }
+        };
+        let window = match params.window.as_deref().map(str::trim) {
+            None | Some("") => Duration::from_secs(24 * 3600),
+            Some(text) => humantime::parse_duration(text).map_err(|e| {
+                ApiError::invalid(format!(
+                    "window: {text:?} is not a duration like 24h or 90m ({e})"
+                ))
+            })?,
+        };
+        if window.is_zero() || window > crate::policy::spec::MAX_WINDOW {
+            return Err(ApiError::invalid(
+                "window: out of range (up to 7d, and only what history holds)",
+            ));
+        }
+        let until = match params.until.as_deref().map(str::trim) {
+            None | Some("") => SystemTime::now(),
+            Some(text) => clock::parse_timestamp(text).ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "until: {text:?} is not an RFC 3339 time like 2026-11-28T12:00:00Z"
+                ))
+            })?,
+        };
+        let from = until.checked_sub(window).unwrap_or(SystemTime::UNIX_EPOCH);
+        policies.simulate(&tenant, policy, from, until)
     }
 
     /// The read models the MCP tools answer from.
@@ -671,6 +824,32 @@ impl App {
     pub fn type_filter(&self, types: &[String]) -> Result<TypeFilter, ApiError> {
         Ok(TypeFilter::parse(types)?)
     }
+}
+
+/// A policy document; `path_id`, when a path names one, fills its id or
+/// must equal it.
+fn read_policy(path_id: Option<&str>, document: &[u8]) -> Result<Policy, ApiError> {
+    let Some(path_id) = path_id else {
+        return crate::policy::spec::read(document);
+    };
+    crate::policy::spec::check_id(path_id)?;
+    let mut value: serde_json::Value = serde_json::from_slice(document)
+        .map_err(|e| ApiError::invalid(format!("body: not a policy document: {e}")))?;
+    let Some(object) = value.as_object_mut() else {
+        return Err(ApiError::invalid("body: a policy is a JSON object"));
+    };
+    match object.get("id") {
+        None => {
+            object.insert("id".into(), path_id.into());
+        }
+        Some(id) if id.as_str() == Some(path_id) => {}
+        Some(id) => {
+            return Err(ApiError::invalid(format!(
+                "id: {id} is not the id the path names ({path_id:?})"
+            )));
+        }
+    }
+    crate::policy::spec::read(value.to_string().as_bytes())
 }
 
 /// A resume id named `field`: none when absent or blank.

@@ -13,6 +13,7 @@ pub use crate::auth::settings::AuthSettings;
 pub use crate::broker::BrokerConfig;
 pub use crate::edge::{EdgeSettings, Overrides};
 pub use crate::mcp::McpSettings;
+pub use crate::policy::PolicySettings;
 pub use crate::projection::ProjectionSettings;
 pub use crate::server::ListenSettings;
 pub use crate::state::StateSettings;
@@ -41,6 +42,8 @@ pub struct Settings {
     pub mcp: McpSettings,
     #[command(flatten, next_help_heading = "MCP")]
     pub projections: ProjectionSettings,
+    #[command(flatten, next_help_heading = "Policies")]
+    pub policies: PolicySettings,
 }
 
 impl Settings {

@@ -99,6 +99,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/events", post(publish).get(recent))
         .route("/metrics", get(metrics))
         .merge(crate::webhook::rest::routes())
+        .merge(crate::policy::rest::routes())
         .route("/v1/settings/mcp", get(mcp_settings).put(set_mcp_settings))
         .fallback(not_found)
         .with_state(state)

@@ -66,9 +66,11 @@ impl Metrics {
         admission: &AdmissionMetrics,
         webhooks: &WebhookMetrics,
         projections: &crate::projection::Projections,
+        policies: &crate::policy::Policies,
     ) -> Self {
         let mut registry = Registry::with_prefix("tc");
         projections.register_metrics(&mut registry);
+        policies.register_metrics(&mut registry);
         registry.register(
             "webhook_attempts",
             "Webhook delivery attempts by outcome (succeeded, failed, refused by the destination guard, gone)",

@@ -155,7 +155,9 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
     // Before anything is relayed: projections see every dispatched event.
     let projections = Projections::new(&settings.projections);
     let (observer, projection_queue) = projections.observer(&settings.projections);
-    broker.set_observers(vec![observer]);
+    let (policy_observer, policy_queue, policy_gate) =
+        crate::policy::Gate::observer(&settings.policies);
+    broker.set_observers(vec![observer, policy_observer]);
     let store_metrics = StoreMetrics::default();
     let store = match redis {
         Some((target, config)) => {
@@ -186,6 +188,17 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
             .clone()
             .run(projection_queue, state.clone(), shutdown.clone()),
     );
+    let presence = crate::presence::Presence::default();
+    let policies = crate::policy::Policies::new(
+        state.clone(),
+        broker.clone(),
+        settings.policies.clone(),
+        presence.instance().to_string(),
+        policy_gate,
+    );
+    let loaded = policies.load().await?;
+    tracing::info!(policies = loaded, "policies loaded");
+    background.spawn(policies.clone().run(policy_queue, shutdown.clone()));
     let webhook_metrics = WebhookMetrics::default();
     let webhooks = Webhooks::new(
         state.clone(),
@@ -199,6 +212,8 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
     let app = App::new(broker.clone(), Arc::clone(&auth), settings.limits.clone())
         .with_webhooks(webhooks)
         .with_projections(projections.clone())
+        .with_policies(policies.clone())
+        .with_presence(presence)
         .with_state(state.clone());
     let edge_metrics = EdgeMetrics::default();
     let admission_metrics = AdmissionMetrics::default();
@@ -219,6 +234,7 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         &admission_metrics,
         &webhook_metrics,
         &projections,
+        &policies,
     ));
     let edge_config = settings
         .edge

@@ -14,7 +14,7 @@ const MCP: &str = "mcp";
 
 /// The MCP tools that change something: they run only with
 /// `write_tools_enabled`, a grant for the tool, and its scope.
-pub const WRITE_TOOLS: [&str; 1] = ["recommendations.accept"];
+pub const WRITE_TOOLS: [&str; 2] = ["recommendations.accept", "policies.create"];
 
 /// A tenant's MCP settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -39,6 +39,12 @@ pub const SETTINGS_READ: &str = "settings:read";
 pub const SETTINGS_WRITE: &str = "settings:write";
 /// Change the tenant's integrations; implies reading them.
 pub const INTEGRATION_WRITE: &str = "integration:write";
+/// Read and dry-run enforcement policies (MCP `policies.simulate`,
+/// `GET /v1/policies`).
+pub const ENFORCEMENT_READ: &str = "enforcement:read";
+/// Create, change and delete them (MCP `policies.create`); implies
+/// reading them.
+pub const ENFORCEMENT_WRITE: &str = "enforcement:write";
 
 /// Scopes of a backend token that carries no `scope` or `scopes` claim
 /// (`TC_DEFAULT_SCOPES`), and of the tokens `token` and development mode

@@ -20,13 +20,13 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc;
 
 use super::dedupe::Dedupe;
 use super::filter::TypeFilter;
-use super::history::{History, Page, Replay};
+use super::history::{History, Page, Replay, Span};
 use super::subscription::{Subscriber, Subscription};
 use super::{BrokerConfig, Outcome, Persist, Stats};
 use crate::event::{Event, SharedEvent};
@@ -64,6 +64,8 @@ struct Shared {
     persist: OnceLock<Vec<Box<dyn Persist>>>,
     /// Given every dispatched event, local or relayed (the projections).
     observers: OnceLock<Vec<Box<dyn Persist>>>,
+    /// When this broker started keeping events.
+    started: SystemTime,
 }
 
 struct TenantState {
@@ -92,6 +94,7 @@ impl Broker {
                 stats: Stats::default(),
                 persist: OnceLock::new(),
                 observers: OnceLock::new(),
+                started: SystemTime::now(),
             }),
         }
     }
@@ -379,6 +382,17 @@ impl Broker {
         self.with_tenant(tenant, |state| {
             state.history.trim(Instant::now(), config);
             state.history.page(since_id, filter, limit)
+        })
+    }
+
+    /// `tenant`'s held events stamped from `from` to `until`, and whether
+    /// history reaches back to `from`.
+    pub fn history_span(&self, tenant: &str, from: SystemTime, until: SystemTime) -> Span {
+        let config = &self.shared.config;
+        let since = self.shared.started;
+        self.with_tenant(tenant, |state| {
+            state.history.trim(Instant::now(), config);
+            state.history.span(from, until, since)
         })
     }
 

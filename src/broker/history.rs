@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::BrokerConfig;
 use super::filter::TypeFilter;
@@ -14,6 +14,17 @@ use crate::event::SharedEvent;
 pub(super) struct History {
     events: VecDeque<(Instant, SharedEvent)>,
     bytes: usize,
+    /// An event was dropped to keep within the bounds.
+    trimmed: bool,
+}
+
+/// A tenant's held events within a span of time.
+pub struct Span {
+    /// Oldest first.
+    pub events: Vec<SharedEvent>,
+    /// Whether history reaches back to the span's start: nothing in the
+    /// span was dropped, and this instance was already keeping events.
+    pub complete: bool,
 }
 
 /// What the history holds after a given id.
@@ -38,6 +49,7 @@ impl History {
         Self {
             events: VecDeque::new(),
             bytes: 0,
+            trimmed: false,
         }
     }
 
@@ -66,7 +78,25 @@ impl History {
             }
             self.bytes -= event.size_bytes();
             self.events.pop_front();
+            self.trimmed = true;
         }
+    }
+
+    /// Events stamped from `from` to `until` (their `timestamp`). Complete
+    /// when the oldest event held is older than `from`, or none was ever
+    /// dropped and `since` (when this instance started keeping events) is
+    /// not after `from`.
+    pub(super) fn span(&self, from: SystemTime, until: SystemTime, since: SystemTime) -> Span {
+        let stamped = |e: &SharedEvent| clock::parse_timestamp(&e.timestamp);
+        let oldest = self.events.front().and_then(|(_, e)| stamped(e));
+        let complete = oldest.is_some_and(|t| t < from) || (!self.trimmed && since <= from);
+        let events = self
+            .events
+            .iter()
+            .filter(|(_, e)| stamped(e).is_some_and(|t| t >= from && t <= until))
+            .map(|(_, e)| Arc::clone(e))
+            .collect();
+        Span { events, complete }
     }
 
     /// Events after `since_id` that match `filter`. When `since_id` is not

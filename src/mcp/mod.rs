@@ -270,6 +270,33 @@ pub struct AcceptInput {
     pub recommendation_id: String,
 }
 
+/// `policies.simulate` input.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SimulateInput {
+    /// A policy document to try, not stored (the format of
+    /// docs/policies.md); or give `policy_id`.
+    #[schemars(with = "Option<crate::policy::spec::Policy>")]
+    pub policy: Option<serde_json::Value>,
+    /// A stored policy's id.
+    pub policy_id: Option<String>,
+    /// How far back from `until` (`24h`, `90m`); default 24h, at most 7d,
+    /// and only what the broker's history holds.
+    pub window: Option<String>,
+    /// End of the span, RFC 3339; default now.
+    pub until: Option<String>,
+}
+
+/// `policies.create` input.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreatePolicyInput {
+    /// The policy document (docs/policies.md); a policy with the same id
+    /// is replaced.
+    #[schemars(with = "crate::policy::spec::Policy")]
+    pub policy: serde_json::Value,
+}
+
 /// `connections.health` output.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct ConnectionsOutput {
@@ -578,6 +605,73 @@ impl Tools {
             accepted.recommendation_id, accepted.event_id
         );
         structured(&accepted, text)
+    }
+
+    /// Dry-runs a policy over the tenant's history.
+    #[tool(
+        name = "policies.simulate",
+        output_schema = rmcp::handler::server::tool::schema_for_type::<crate::policy::Simulation>(),
+        description = "Dry-runs an enforcement policy (given inline, or a stored one by policy_id) over the tenant's recent events with the same evaluator that runs live, and answers what would have fired: when, for which subject, the measured value and the action, and when it would have been resolved. Publishes nothing. Only reaches as far back as the broker's history holds (`complete` says whether it did). Scope: enforcement:read."
+    )]
+    async fn policies_simulate(
+        &self,
+        Parameters(input): Parameters<SimulateInput>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let identity = self.caller(&context)?;
+        let params = crate::app::SimulateParams {
+            policy: input.policy,
+            policy_id: input.policy_id,
+            window: input.window,
+            until: input.until,
+        };
+        let simulation = match self.app.simulate_policy(&identity, &params).await {
+            Ok(s) => s,
+            Err(e) => return Ok(refused(&e)),
+        };
+        let text = format!(
+            "{} would have fired {} time(s) over {} event(s) from {} to {}{}",
+            simulation.policy_id,
+            simulation.firings.len(),
+            simulation.events,
+            simulation.from,
+            simulation.until,
+            if simulation.complete {
+                ""
+            } else {
+                " (history does not reach back to the start: firings may be missing)"
+            }
+        );
+        structured(&simulation, text)
+    }
+
+    /// Creates or updates a policy.
+    #[tool(
+        name = "policies.create",
+        output_schema = rmcp::handler::server::tool::schema_for_type::<crate::app::PolicyWritten>(),
+        description = "Creates an enforcement policy, or replaces the one with the same id: which events it counts, the subject it watches (agent_id, workflow_id, ...), a count or sum over a sliding window and its threshold, and what it does when it fires (pause, alert or notify). It counts from the next event and publishes policy.created or policy.updated. A write tool: runs only when the tenant's MCP settings have write_tools_enabled and grant policies.create. Scope: enforcement:write."
+    )]
+    async fn policies_create(
+        &self,
+        Parameters(input): Parameters<CreatePolicyInput>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let identity = self.caller(&context)?;
+        let written = match self.app.create_policy_tool(&identity, &input.policy).await {
+            Ok(w) => w,
+            Err(e) => return Ok(refused(&e)),
+        };
+        let text = format!(
+            "{} policy {} ({})",
+            if written.created {
+                "created"
+            } else {
+                "updated"
+            },
+            written.policy.id,
+            written.policy.name
+        );
+        structured(&written, text)
     }
 
     /// Sync health of the tenant's provider connections.

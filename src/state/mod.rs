@@ -313,6 +313,25 @@ impl State {
         }
     }
 
+    /// Takes or renews the lease `name` for `holder` for `ttl`: whether
+    /// `holder` has it now. With Redis one instance at a time holds it
+    /// (until it lapses, or [`State::release`]); the embedded store has one
+    /// process, which always holds it.
+    pub async fn lease(&self, name: &str, holder: &str, ttl: std::time::Duration) -> Result<bool> {
+        match self {
+            State::Embedded(_) => Ok(true),
+            State::Redis(r) => r.lease(name, holder, ttl).await,
+        }
+    }
+
+    /// Gives the lease `name` up, if `holder` has it.
+    pub async fn release(&self, name: &str, holder: &str) -> Result<()> {
+        match self {
+            State::Embedded(_) => Ok(()),
+            State::Redis(r) => r.release(name, holder).await,
+        }
+    }
+
     /// Commits what is pending and closes (embedded); nothing for Redis.
     pub async fn close(&self) {
         if let State::Embedded(e) = self {

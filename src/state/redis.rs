@@ -98,6 +98,26 @@ redis.call('ZREM', KEYS[2], q)
 return #ids
 ";
 
+const LEASE: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if v == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+";
+
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+end
+return 1
+";
+
 pub struct RedisState {
     conn: Lazy,
 }
@@ -336,6 +356,35 @@ impl RedisState {
             .await
     }
 
+    pub async fn lease(&self, name: &str, holder: &str, ttl: std::time::Duration) -> Result<bool> {
+        let held: i64 = self
+            .query(
+                "lease",
+                redis::cmd("EVAL")
+                    .arg(LEASE)
+                    .arg(1)
+                    .arg(key(&["lease", name]))
+                    .arg(holder)
+                    .arg(ttl.as_millis().max(1) as u64),
+            )
+            .await?;
+        Ok(held == 1)
+    }
+
+    pub async fn release(&self, name: &str, holder: &str) -> Result<()> {
+        let _: i64 = self
+            .query(
+                "lease",
+                redis::cmd("EVAL")
+                    .arg(RELEASE)
+                    .arg(1)
+                    .arg(key(&["lease", name]))
+                    .arg(holder),
+            )
+            .await?;
+        Ok(())
+    }
+
     pub async fn version(&self, name: &str) -> Result<u64> {
         let v: Option<u64> = self
             .query("version", redis::cmd("GET").arg(key(&["v", name])))
@@ -363,6 +412,18 @@ mod tests {
         contract::records(&state).await;
         contract::logs(&state).await;
         contract::queues(&state).await;
+        // One holder at a time, until it lets go.
+        let ttl = std::time::Duration::from_secs(30);
+        assert!(state.lease("l", "a", ttl).await.unwrap());
+        assert!(!state.lease("l", "b", ttl).await.unwrap());
+        assert!(state.lease("l", "a", ttl).await.unwrap(), "renewed");
+        state.release("l", "b").await.unwrap();
+        assert!(
+            !state.lease("l", "b", ttl).await.unwrap(),
+            "only its holder lets go"
+        );
+        state.release("l", "a").await.unwrap();
+        assert!(state.lease("l", "b", ttl).await.unwrap());
         let cluster = RedisCluster::start();
         let state = State::redis(Target::parse(&cluster.url(), true).unwrap());
         contract::records(&state).await;

@@ -1,0 +1,718 @@
+//! The evaluator: one code path for live evaluation and
+//! `policies.simulate`. Pure logic over events and an explicit clock, so
+//! the same events give the same firings, at the same times, whenever the
+//! clock is looked at in between.
+//!
+//! Per policy and subject, a sliding window is kept as
+//! [`BUCKETS`] buckets of a twentieth of the window each: the measure at
+//! a time is the sum of the buckets of the last window (so a window of
+//! `5m` reaches back between 4m45s and 5m). Memory per subject is fixed,
+//! whatever the rate of events.
+//!
+//! A subject **fires** at the event that brings its measure to the
+//! threshold or above, unless it fired less than the cooldown before; it
+//! stays firing while the measure stays there, and is **resolved** once
+//! the measure has been under the threshold for `resolve_after`: at the
+//! time that happened, which does not depend on when the clock is looked
+//! at ([`TenantEval::settle`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::spec::{Compiled, Measure};
+
+/// Buckets per window.
+pub const BUCKETS: usize = 20;
+const B: u64 = BUCKETS as u64;
+
+/// One subject's window: the measure per bucket of the last window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Window {
+    /// The number of the newest bucket written.
+    newest: u64,
+    values: [f64; BUCKETS],
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Self {
+            newest: 0,
+            values: [0.0; BUCKETS],
+        }
+    }
+}
+
+impl Window {
+    fn add(&mut self, bucket: u64, value: f64) {
+        if bucket > self.newest {
+            for k in 1..=(bucket - self.newest).min(B) {
+                self.values[((self.newest + k) % B) as usize] = 0.0;
+            }
+            self.newest = bucket;
+        } else if self.newest - bucket >= B {
+            // Older than the window: it no longer counts.
+            return;
+        }
+        self.values[(bucket % B) as usize] += value;
+    }
+
+    /// The measure at bucket `at` (at or after the newest written).
+    fn measure(&self, at: u64) -> f64 {
+        let at = at.max(self.newest);
+        if at >= self.newest + B {
+            return 0.0;
+        }
+        let low = (at + 1).saturating_sub(B);
+        (low..=self.newest)
+            .map(|b| self.values[(b % B) as usize])
+            .sum()
+    }
+
+    /// The first bucket from `from` on at which the measure is under
+    /// `threshold`, with no more events.
+    fn first_below(&self, from: u64, threshold: f64) -> u64 {
+        (from..from + B)
+            .find(|b| self.measure(*b) < threshold)
+            .unwrap_or(from + B)
+    }
+}
+
+/// What is kept of one subject of one policy.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SubjectState {
+    window: Window,
+    /// The time of its latest event, Unix ms.
+    last_ms: u64,
+    /// Firing since (not resolved).
+    fired_ms: Option<u64>,
+    /// While firing: under the threshold continuously since.
+    below_ms: Option<u64>,
+    /// Its last firing, for the cooldown.
+    last_fired_ms: Option<u64>,
+    /// Changed since it was last saved.
+    #[serde(skip)]
+    changed: bool,
+}
+
+impl SubjectState {
+    /// Nothing left to remember: an empty window at `now`, not firing,
+    /// past its cooldown.
+    fn idle(&self, p: &Compiled, now_ms: u64) -> bool {
+        let bucket = bucket_ms(p);
+        self.fired_ms.is_none()
+            && self.window.measure(now_ms / bucket) == 0.0
+            && self
+                .last_fired_ms
+                .is_none_or(|f| now_ms.saturating_sub(f) >= ms(p.cooldown))
+    }
+}
+
+fn ms(d: std::time::Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+fn bucket_ms(p: &Compiled) -> u64 {
+    (ms(p.window) / B).max(1)
+}
+
+/// A subject firing.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Fired {
+    pub policy_id: String,
+    pub subject: String,
+    pub at_ms: u64,
+    /// The measure that reached the threshold.
+    pub value: f64,
+    /// The event that brought it there.
+    pub event_id: String,
+    pub trace_id: String,
+}
+
+/// A firing subject resolved.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Resolved {
+    pub policy_id: String,
+    pub subject: String,
+    pub at_ms: u64,
+    pub fired_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Fired(Fired),
+    Resolved(Resolved),
+}
+
+/// An event as the evaluator reads it.
+pub struct Seen<'a> {
+    pub event_type: &'a str,
+    pub id: &'a str,
+    pub trace_id: &'a str,
+    pub at_ms: u64,
+    pub data: &'a serde_json::Value,
+}
+
+/// One tenant's policies, and the state of each of their subjects.
+#[derive(Default)]
+pub struct TenantEval {
+    policies: Vec<Arc<Compiled>>,
+    /// Policy index by exact type, by prefix (with its dot), and for `*`.
+    by_type: HashMap<String, Vec<usize>>,
+    by_prefix: HashMap<String, Vec<usize>>,
+    every: Vec<usize>,
+    /// Per policy (same index): its subjects.
+    subjects: Vec<HashMap<String, SubjectState>>,
+    /// Subjects held over every policy.
+    held: usize,
+    /// Subjects not followed because `max_subjects` were held.
+    pub refused: u64,
+}
+
+impl TenantEval {
+    /// The enabled policies of `policies`; the subjects of a policy whose
+    /// id is in `keep` with the same `updated_at` are carried over.
+    pub fn new(policies: Vec<Arc<Compiled>>, keep: Option<TenantEval>) -> Self {
+        let mut eval = TenantEval::default();
+        let mut old: HashMap<String, (Option<String>, HashMap<String, SubjectState>)> = keep
+            .map(|k| {
+                k.policies
+                    .iter()
+                    .map(|p| (p.policy.id.clone(), p.policy.updated_at.clone()))
+                    .zip(k.subjects)
+                    .map(|((id, at), s)| (id, (at, s)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for p in policies.into_iter().filter(|p| p.policy.enabled) {
+            let index = eval.policies.len();
+            for pattern in p.filter.patterns() {
+                if pattern == "*" {
+                    eval.every.push(index);
+                } else if let Some(prefix) = pattern.strip_suffix('*') {
+                    eval.by_prefix
+                        .entry(prefix.to_string())
+                        .or_default()
+                        .push(index);
+                } else {
+                    eval.by_type.entry(pattern).or_default().push(index);
+                }
+            }
+            let subjects = match old.remove(&p.policy.id) {
+                Some((at, s)) if at == p.policy.updated_at => s,
+                _ => HashMap::new(),
+            };
+            eval.held += subjects.len();
+            eval.subjects.push(subjects);
+            eval.policies.push(p);
+        }
+        eval
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    /// Whether some policy counts events of this type.
+    pub fn wants(&self, event_type: &str) -> bool {
+        !self.every.is_empty()
+            || self.by_type.contains_key(event_type)
+            || prefixes(event_type).any(|p| self.by_prefix.contains_key(p))
+    }
+
+    /// The policies counting events of this type, each once, in order.
+    fn matching(&self, event_type: &str) -> Vec<usize> {
+        let mut out: Vec<usize> = self.every.clone();
+        if let Some(list) = self.by_type.get(event_type) {
+            out.extend(list);
+        }
+        for p in prefixes(event_type) {
+            if let Some(list) = self.by_prefix.get(p) {
+                out.extend(list);
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    pub fn policies(&self) -> &[Arc<Compiled>] {
+        &self.policies
+    }
+
+    /// Subjects held, over every policy.
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
+    /// One event. `acting`: this evaluator decides firings (the leader,
+    /// and `policies.simulate`); otherwise it only keeps the windows, and
+    /// learns firings from the events the leader publishes ([`Self::sync`]).
+    pub fn observe(
+        &mut self,
+        seen: &Seen,
+        acting: bool,
+        max_subjects: usize,
+        out: &mut Vec<Outcome>,
+    ) {
+        for index in self.matching(seen.event_type) {
+            let p = Arc::clone(&self.policies[index]);
+            if !p
+                .conditions
+                .iter()
+                .all(|(path, want)| path.get(seen.data).is_some_and(|v| same(v, want)))
+            {
+                continue;
+            }
+            let Some(subject) = p.subject.get(seen.data).and_then(subject_text) else {
+                continue;
+            };
+            let value = match (&p.measure, &p.field) {
+                (Measure::Sum, Some(field)) => {
+                    match field.get(seen.data).and_then(serde_json::Value::as_f64) {
+                        Some(v) if v.is_finite() => v,
+                        _ => continue,
+                    }
+                }
+                _ => 1.0,
+            };
+            let subjects = &mut self.subjects[index];
+            let state = match subjects.get_mut(&subject) {
+                Some(state) => state,
+                None => {
+                    if self.held >= max_subjects {
+                        self.refused += 1;
+                        continue;
+                    }
+                    self.held += 1;
+                    subjects.entry(subject.clone()).or_default()
+                }
+            };
+            let t = seen.at_ms.max(state.last_ms);
+            state.changed = true;
+            if acting && let Some((at, fired)) = settle_one(&p, state, t) {
+                out.push(Outcome::Resolved(Resolved {
+                    policy_id: p.policy.id.clone(),
+                    subject: subject.clone(),
+                    at_ms: at,
+                    fired_ms: fired,
+                }));
+            }
+            let bucket = bucket_ms(&p);
+            state.window.add(t / bucket, value);
+            state.last_ms = t;
+            let measure = state.window.measure(t / bucket);
+            if measure >= p.threshold {
+                if state.fired_ms.is_some() {
+                    state.below_ms = None;
+                } else if acting
+                    && state
+                        .last_fired_ms
+                        .is_none_or(|f| t.saturating_sub(f) >= ms(p.cooldown))
+                {
+                    state.fired_ms = Some(t);
+                    state.last_fired_ms = Some(t);
+                    state.below_ms = None;
+                    out.push(Outcome::Fired(Fired {
+                        policy_id: p.policy.id.clone(),
+                        subject,
+                        at_ms: t,
+                        value: measure,
+                        event_id: seen.id.to_string(),
+                        trace_id: seen.trace_id.to_string(),
+                    }));
+                }
+            } else if state.fired_ms.is_some() && state.below_ms.is_none() {
+                // A negative amount took it under at this event.
+                state.below_ms = Some(t);
+            }
+        }
+    }
+
+    /// Resolutions due by `now_ms`, each at the time it became due.
+    pub fn settle(&mut self, now_ms: u64, out: &mut Vec<Outcome>) {
+        for (p, subjects) in self.policies.iter().zip(&mut self.subjects) {
+            for (subject, state) in subjects.iter_mut() {
+                if let Some((at, fired)) = settle_one(p, state, now_ms) {
+                    state.changed = true;
+                    out.push(Outcome::Resolved(Resolved {
+                        policy_id: p.policy.id.clone(),
+                        subject: subject.clone(),
+                        at_ms: at,
+                        fired_ms: fired,
+                    }));
+                }
+            }
+        }
+    }
+
+    /// A firing or resolution another evaluator decided (the leader's
+    /// `runaway_loop.detected` and `.resolved`).
+    pub fn sync(&mut self, policy_id: &str, subject: &str, fired_ms: Option<u64>) {
+        let Some(index) = self.policies.iter().position(|p| p.policy.id == policy_id) else {
+            return;
+        };
+        let Some(state) = self.subjects[index].get_mut(subject) else {
+            return;
+        };
+        state.changed = true;
+        match fired_ms {
+            Some(at) => {
+                state.fired_ms = Some(at);
+                state.last_fired_ms = Some(at);
+                state.below_ms = None;
+            }
+            None => {
+                state.fired_ms = None;
+                state.below_ms = None;
+            }
+        }
+    }
+
+    /// Forgets subjects with nothing left to remember at `now_ms`;
+    /// returns (policy id, subject) of each.
+    pub fn forget_idle(&mut self, now_ms: u64) -> Vec<(String, String)> {
+        let mut gone = Vec::new();
+        for (p, subjects) in self.policies.iter().zip(&mut self.subjects) {
+            subjects.retain(|subject, state| {
+                let idle = state.idle(p, now_ms);
+                if idle {
+                    gone.push((p.policy.id.clone(), subject.clone()));
+                }
+                !idle
+            });
+        }
+        self.held -= gone.len();
+        gone
+    }
+
+    #[cfg(test)]
+    pub fn subject(&self, policy_id: &str, subject: &str) -> Option<&SubjectState> {
+        let index = self
+            .policies
+            .iter()
+            .position(|p| p.policy.id == policy_id)?;
+        self.subjects[index].get(subject)
+    }
+
+    /// Puts a saved subject back (at start); false when its policy is not
+    /// here or the bound is reached.
+    pub fn restore(
+        &mut self,
+        policy_id: &str,
+        subject: &str,
+        state: SubjectState,
+        max_subjects: usize,
+    ) -> bool {
+        let Some(index) = self.policies.iter().position(|p| p.policy.id == policy_id) else {
+            return false;
+        };
+        if self.held >= max_subjects {
+            return false;
+        }
+        if self.subjects[index]
+            .insert(subject.to_string(), state)
+            .is_none()
+        {
+            self.held += 1;
+        }
+        true
+    }
+
+    /// The subjects changed since the last call, as (`<policy id>:<subject>`,
+    /// their state as JSON), marked saved.
+    pub fn take_changed(&mut self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (p, subjects) in self.policies.iter().zip(&mut self.subjects) {
+            for (subject, state) in subjects.iter_mut().filter(|(_, s)| s.changed) {
+                state.changed = false;
+                if let Ok(text) = serde_json::to_string(state) {
+                    out.push((format!("{}:{subject}", p.policy.id), text));
+                }
+            }
+        }
+        out
+    }
+
+    /// What the publish path asks before queueing an event: the types
+    /// these policies count.
+    pub fn wants_index(&self) -> Wants {
+        Wants {
+            every: !self.every.is_empty(),
+            exact: self.by_type.keys().cloned().collect(),
+            prefixes: self.by_prefix.keys().cloned().collect(),
+        }
+    }
+}
+
+/// Resolves `state` if its resolution is due by `now_ms`: (when, fired).
+fn settle_one(p: &Compiled, state: &mut SubjectState, now_ms: u64) -> Option<(u64, u64)> {
+    let fired = state.fired_ms?;
+    let below = match state.below_ms {
+        Some(below) => below,
+        None => {
+            let bucket = bucket_ms(p);
+            let from = state.last_ms / bucket;
+            let first = state.window.first_below(from, p.threshold);
+            let at = if first == from {
+                state.last_ms
+            } else {
+                first * bucket
+            };
+            if at > now_ms {
+                return None;
+            }
+            state.below_ms = Some(at);
+            at
+        }
+    };
+    let due = below.saturating_add(ms(p.resolve_after));
+    if due > now_ms {
+        return None;
+    }
+    state.fired_ms = None;
+    state.below_ms = None;
+    Some((due, fired))
+}
+
+/// The event types some policy of a tenant counts: exact types, prefixes
+/// (with their dot) and `*`; a few hash lookups per event whatever the
+/// number of policies.
+#[derive(Debug, Default)]
+pub struct Wants {
+    every: bool,
+    exact: std::collections::HashSet<String>,
+    prefixes: std::collections::HashSet<String>,
+}
+
+impl Wants {
+    pub fn wants(&self, event_type: &str) -> bool {
+        self.every
+            || self.exact.contains(event_type)
+            || prefixes(event_type).any(|p| self.prefixes.contains(p))
+    }
+}
+
+/// `a.b.c` → `a.`, `a.b.` (the prefixes a pattern `a.*` or `a.b.*` keeps).
+fn prefixes(event_type: &str) -> impl Iterator<Item = &str> {
+    event_type
+        .match_indices('.')
+        .map(move |(i, _)| &event_type[..=i])
+}
+
+/// Equal as JSON, numbers by value (`5` equals `5.0`).
+fn same(have: &serde_json::Value, want: &serde_json::Value) -> bool {
+    match (have.as_f64(), want.as_f64()) {
+        (Some(a), Some(b)) if have.is_number() && want.is_number() => a == b,
+        _ => have == want,
+    }
+}
+
+/// Longest subject followed; longer values are not counted.
+pub const MAX_SUBJECT: usize = 128;
+
+/// A subject's text: a string, a number or a boolean.
+fn subject_text(v: &serde_json::Value) -> Option<String> {
+    let text = match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        serde_json::Value::Bool(b) => b.to_string(),
+        _ => return None,
+    };
+    (!text.is_empty() && text.len() <= MAX_SUBJECT).then_some(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::spec;
+
+    fn policy(json: serde_json::Value) -> Arc<Compiled> {
+        Arc::new(spec::check(spec::read(json.to_string().as_bytes()).unwrap()).unwrap())
+    }
+
+    fn count_policy(window: &str, threshold: u32, cooldown: &str, resolve: &str) -> Arc<Compiled> {
+        policy(serde_json::json!({
+            "id": "p", "name": "p",
+            "match": {"types": ["agent.*"]},
+            "subject": "agent_id",
+            "condition": {"measure": "count", "window": window, "threshold": threshold},
+            "action": {"kind": "pause", "cooldown": cooldown, "resolve_after": resolve},
+        }))
+    }
+
+    fn event(eval: &mut TenantEval, at_ms: u64, agent: &str, out: &mut Vec<Outcome>) {
+        let data = serde_json::json!({"agent_id": agent});
+        let id = format!("e{at_ms}");
+        eval.observe(
+            &Seen {
+                event_type: "agent.health_check",
+                id: &id,
+                trace_id: "t",
+                at_ms,
+                data: &data,
+            },
+            true,
+            1000,
+            out,
+        );
+    }
+
+    #[test]
+    fn fires_once_at_the_threshold_and_resolves_after_staying_under() {
+        // 10 s window (buckets of 500 ms), 5 events, resolve after 2 s.
+        let mut eval = TenantEval::new(vec![count_policy("10s", 5, "1m", "2s")], None);
+        let mut out = Vec::new();
+        for i in 0..8 {
+            event(&mut eval, 1_000_000 + i * 100, "a1", &mut out);
+        }
+        let fired: Vec<_> = out
+            .iter()
+            .filter_map(|o| match o {
+                Outcome::Fired(f) => Some(f),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(fired.len(), 1, "{out:?}");
+        assert_eq!(fired[0].at_ms, 1_000_400, "the fifth event");
+        assert_eq!(fired[0].value, 5.0);
+        out.clear();
+        // The window empties 10 s after the burst; resolved 2 s later,
+        // whenever it is looked at.
+        eval.settle(1_005_000, &mut out);
+        assert!(out.is_empty());
+        eval.settle(1_100_000, &mut out);
+        assert_eq!(
+            out,
+            vec![Outcome::Resolved(Resolved {
+                policy_id: "p".into(),
+                subject: "a1".into(),
+                // Bucket 2000 (five events) leaves the window at 1,010,000.
+                at_ms: 1_010_000 + 2_000,
+                fired_ms: 1_000_400,
+            })]
+        );
+    }
+
+    #[test]
+    fn no_second_firing_within_the_cooldown() {
+        let mut eval = TenantEval::new(vec![count_policy("1s", 2, "1m", "0s")], None);
+        let mut out = Vec::new();
+        for t in [0u64, 10, 5_000, 5_010, 70_000, 70_010] {
+            event(&mut eval, 1_000_000 + t, "a", &mut out);
+        }
+        let fired: Vec<u64> = out
+            .iter()
+            .filter_map(|o| match o {
+                Outcome::Fired(f) => Some(f.at_ms - 1_000_000),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(fired, vec![10, 70_010], "{out:?}");
+    }
+
+    #[test]
+    fn a_sum_counts_amounts_and_where_filters() {
+        let p = policy(serde_json::json!({
+            "id": "budget", "name": "b",
+            "match": {"types": ["cost.updated"], "where": {"source": "bedrock"}},
+            "subject": "workflow_id",
+            "condition": {"measure": "sum", "field": "cost_usd", "window": "1h", "threshold": 100},
+            "action": {"kind": "alert"},
+        }));
+        let mut eval = TenantEval::new(vec![p], None);
+        let mut out = Vec::new();
+        let mut send = |eval: &mut TenantEval, data: serde_json::Value, at: u64| {
+            eval.observe(
+                &Seen {
+                    event_type: "cost.updated",
+                    id: "x",
+                    trace_id: "t",
+                    at_ms: at,
+                    data: &data,
+                },
+                true,
+                10,
+                &mut out,
+            );
+        };
+        send(
+            &mut eval,
+            serde_json::json!({"workflow_id": "w", "source": "aws", "cost_usd": 500}),
+            1,
+        );
+        send(
+            &mut eval,
+            serde_json::json!({"workflow_id": "w", "source": "bedrock", "cost_usd": "60"}),
+            2,
+        );
+        send(
+            &mut eval,
+            serde_json::json!({"workflow_id": "w", "source": "bedrock", "cost_usd": 60}),
+            3,
+        );
+        send(
+            &mut eval,
+            serde_json::json!({"workflow_id": "w", "source": "bedrock", "cost_usd": 40.5}),
+            4,
+        );
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(matches!(&out[0], Outcome::Fired(f) if f.value == 100.5 && f.at_ms == 4));
+    }
+
+    #[test]
+    fn subjects_are_bounded_and_idle_ones_forgotten() {
+        let mut eval = TenantEval::new(vec![count_policy("1s", 100, "0s", "0s")], None);
+        let mut out = Vec::new();
+        for i in 0..5 {
+            eval.observe(
+                &Seen {
+                    event_type: "agent.error",
+                    id: "x",
+                    trace_id: "t",
+                    at_ms: 1_000,
+                    data: &serde_json::json!({"agent_id": format!("a{i}")}),
+                },
+                true,
+                3,
+                &mut out,
+            );
+        }
+        assert_eq!(eval.held(), 3);
+        assert_eq!(eval.refused, 2);
+        assert!(eval.forget_idle(1_500).is_empty(), "windows not empty yet");
+        assert_eq!(eval.forget_idle(10_000).len(), 3);
+        assert_eq!(eval.held(), 0);
+    }
+
+    #[test]
+    fn a_follower_keeps_windows_and_learns_firings_from_the_leader() {
+        let p = count_policy("10s", 2, "1m", "1s");
+        let mut follower = TenantEval::new(vec![p], None);
+        let mut out = Vec::new();
+        let data = serde_json::json!({"agent_id": "a"});
+        for at in [1_000u64, 1_100] {
+            follower.observe(
+                &Seen {
+                    event_type: "agent.error",
+                    id: "x",
+                    trace_id: "t",
+                    at_ms: at,
+                    data: &data,
+                },
+                false,
+                10,
+                &mut out,
+            );
+        }
+        assert!(out.is_empty(), "a follower decides nothing");
+        follower.sync("p", "a", Some(1_100));
+        assert_eq!(follower.subject("p", "a").unwrap().fired_ms, Some(1_100));
+        // Becoming the leader, it resolves as the leader would have.
+        follower.settle(60_000, &mut out);
+        assert!(
+            matches!(&out[0], Outcome::Resolved(r) if r.fired_ms == 1_100 && r.at_ms == 11_000 + 1_000)
+        );
+    }
+}
