@@ -3,6 +3,8 @@
 //! like any other client; they hold no broker logic.
 
 mod dev;
+mod policy;
+mod rest;
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -56,6 +58,10 @@ pub enum Command {
     /// Read or change the tenant's settings (REST on the HTTP listener).
     #[command(subcommand)]
     Settings(SettingsCommand),
+    /// List, read, create, change, delete and dry-run the tenant's
+    /// enforcement policies (REST on the HTTP listener).
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
     /// Print the version.
     Version,
 }
@@ -115,15 +121,10 @@ pub enum SettingsCommand {
 
 #[derive(Debug, Args)]
 pub struct McpSettingsArgs {
-    /// The broker's HTTP address.
-    #[arg(long, env = "TC_HTTP_SERVER", default_value = "http://127.0.0.1:8080")]
-    pub http_server: String,
-    /// Bearer token (scope settings:read to read, settings:write to change).
-    #[arg(long, env = "TC_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// The tenant to act for, for a Cognito user of several tenants.
-    #[arg(long, env = "TC_ACTIVE_TENANT")]
-    pub active_tenant: Option<String>,
+    /// The broker, and a token with scope settings:read (settings:write to
+    /// change).
+    #[command(flatten)]
+    pub rest: rest::RestArgs,
     /// The tenant's MCP tools answer at all.
     #[arg(long)]
     pub enabled: Option<bool>,
@@ -223,6 +224,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::CheckToken(args) => check_token(args).await,
         Command::Mcp(args) => mcp(*args).await,
         Command::Settings(SettingsCommand::Mcp(args)) => mcp_settings(args).await,
+        Command::Policy(command) => policy::run(command).await,
         Command::Version => {
             println!(
                 "tensorcost-events {} (gRPC API tensorcost.events.v1)",
@@ -299,57 +301,12 @@ async fn mcp(args: McpArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn mcp_settings(args: McpSettingsArgs) -> anyhow::Result<ExitCode> {
-    let token = args
-        .token
-        .as_deref()
-        .filter(|t| !t.trim().is_empty())
-        .context("no token: pass --token or set TC_TOKEN (scope settings:read, or settings:write to change)")?;
-    let base = reqwest::Url::parse(args.http_server.trim()).with_context(|| {
-        format!(
-            "--http-server {:?} is not a URL like http://127.0.0.1:8080",
-            args.http_server
-        )
-    })?;
-    // Below any path the address has (a broker behind a path prefix).
-    let mut url = base.clone();
-    url.set_path(&format!(
-        "{}/v1/settings/mcp",
-        base.path().trim_end_matches('/')
-    ));
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {}", token.trim())
-            .parse()
-            .context("token: contains characters that cannot go in a header")?,
-    );
-    if let Some(tenant) = args.active_tenant.as_deref().filter(|t| !t.is_empty()) {
-        headers.insert(
-            crate::app::ACTIVE_TENANT_HEADER,
-            tenant
-                .parse()
-                .context("--active-tenant: not a header value")?,
-        );
-    }
-    let client = reqwest::Client::builder()
-        .default_headers(headers)
-        .build()
-        .context("HTTP client")?;
-    let answer = |response: reqwest::Result<reqwest::Response>| async {
-        let response =
-            response.with_context(|| format!("cannot reach {url}: is the broker running?"))?;
-        let status = response.status();
-        let body = response.text().await.context("reading the answer")?;
-        let value: serde_json::Value = serde_json::from_str(&body)
-            .with_context(|| format!("{url} answered {status}, not JSON"))?;
-        if !status.is_success() {
-            let code = value["code"].as_str().unwrap_or("error");
-            let message = value["message"].as_str().unwrap_or(body.as_str());
-            bail!("{code}: {message}");
-        }
-        Ok(value)
-    };
-    let mut settings = answer(client.get(url.clone()).send().await).await?;
+    const PATH: &str = "/v1/settings/mcp";
+    let rest = rest::Rest::new(
+        &args.rest,
+        "scope settings:read, or settings:write to change",
+    )?;
+    let mut settings = rest.call(reqwest::Method::GET, PATH, None).await?;
     let changing = args.enabled.is_some()
         || args.write_tools_enabled.is_some()
         || !args.grant.is_empty()
@@ -374,15 +331,9 @@ async fn mcp_settings(args: McpSettingsArgs) -> anyhow::Result<ExitCode> {
             }
         }
         settings["write_grants"] = grants.into();
-        settings = answer(
-            client
-                .put(url.clone())
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(settings.to_string())
-                .send()
-                .await,
-        )
-        .await?;
+        settings = rest
+            .call(reqwest::Method::PUT, PATH, Some(settings.to_string()))
+            .await?;
     }
     println!("{settings}");
     Ok(ExitCode::SUCCESS)

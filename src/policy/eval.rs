@@ -715,4 +715,112 @@ mod tests {
             matches!(&out[0], Outcome::Resolved(r) if r.fired_ms == 1_100 && r.at_ms == 11_000 + 1_000)
         );
     }
+
+    /// Live (events one at a time, the clock looked at in between, at
+    /// arbitrary moments) and a simulation (the same events, the clock
+    /// looked at once at the end) decide the same firings and resolutions,
+    /// at the same times.
+    mod live_and_simulate_agree {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn policies() -> Vec<Arc<Compiled>> {
+            vec![
+                policy(serde_json::json!({
+                    "id": "count", "name": "c",
+                    "match": {"types": ["agent.*"]},
+                    "subject": "agent_id",
+                    "condition": {"measure": "count", "window": "2s", "threshold": 4},
+                    "action": {"kind": "pause", "cooldown": "3s", "resolve_after": "1500ms"},
+                })),
+                policy(serde_json::json!({
+                    "id": "sum", "name": "s",
+                    "match": {"types": ["agent.cost"]},
+                    "subject": "agent_id",
+                    "condition": {"measure": "sum", "field": "usd", "window": "5s", "threshold": 10},
+                    "action": {"kind": "alert", "cooldown": "0s", "resolve_after": "0s"},
+                })),
+            ]
+        }
+
+        /// (gap before it in ms, agent, usd, look at the clock before it
+        /// after this many ms of the gap).
+        fn events() -> impl Strategy<Value = Vec<(u64, u8, i8, Option<u64>)>> {
+            proptest::collection::vec(
+                (
+                    0u64..1500,
+                    0u8..3,
+                    -3i8..8,
+                    proptest::option::of(0u64..1500),
+                ),
+                1..120,
+            )
+        }
+
+        fn run(events: &[(u64, u8, i8, Option<u64>)], ticks: bool) -> Vec<String> {
+            let mut eval = TenantEval::new(policies(), None);
+            let mut out = Vec::new();
+            let mut t = 1_000_000u64;
+            for (gap, agent, usd, tick) in events {
+                if ticks && let Some(after) = tick {
+                    eval.settle(t + after.min(gap), &mut out);
+                }
+                t += gap;
+                let data = serde_json::json!({"agent_id": format!("a{agent}"), "usd": usd});
+                eval.observe(
+                    &Seen {
+                        event_type: "agent.cost",
+                        id: &format!("e{t}"),
+                        trace_id: "t",
+                        at_ms: t,
+                        data: &data,
+                    },
+                    true,
+                    100,
+                    &mut out,
+                );
+            }
+            eval.settle(t + 60_000, &mut out);
+            let mut lines: Vec<String> = out
+                .into_iter()
+                .map(|o| match o {
+                    Outcome::Fired(f) => format!(
+                        "fired {} {} {} {}",
+                        f.policy_id, f.subject, f.at_ms, f.value
+                    ),
+                    Outcome::Resolved(r) => format!(
+                        "resolved {} {} {} {}",
+                        r.policy_id, r.subject, r.fired_ms, r.at_ms
+                    ),
+                })
+                .collect();
+            lines.sort();
+            lines
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+            #[test]
+            fn whenever_the_clock_is_looked_at(events in events()) {
+                prop_assert_eq!(run(&events, true), run(&events, false));
+            }
+        }
+
+        #[test]
+        fn the_property_sees_firings_and_resolutions() {
+            // Guards the property against passing on empty outputs.
+            let burst: Vec<(u64, u8, i8, Option<u64>)> = (0..10)
+                .map(|i| (100, 0, 5, (i % 3 == 0).then_some(50)))
+                .collect();
+            let lines = run(&burst, true);
+            assert!(
+                lines.iter().any(|l| l.starts_with("fired count")),
+                "{lines:?}"
+            );
+            assert!(
+                lines.iter().any(|l| l.starts_with("resolved sum")),
+                "{lines:?}"
+            );
+        }
+    }
 }

@@ -59,6 +59,11 @@ pub const GENERATED_BY: &str = "policy";
 /// How often resolutions are settled, the lease renewed and other
 /// instances' changes looked for.
 const TICK: Duration = Duration::from_secs(1);
+/// Resolutions are settled up to this long before now: events stamped
+/// earlier may still be on their way (in another thread, or relayed from
+/// another instance), and one of them may keep a subject firing.
+const SETTLE_LAG: Duration = Duration::from_secs(1);
+
 /// How often changed windows are saved: what a crash of every instance
 /// can take from them.
 pub const SAVE_INTERVAL: Duration = Duration::from_secs(2);
@@ -380,6 +385,11 @@ impl Policies {
                     }
                 }
                 _ = tick.tick() => {
+                    // What is queued first: a resolution is settled only
+                    // after the events before it were counted.
+                    while let Ok(event) = rx.try_recv() {
+                        self.evaluate(&event).await;
+                    }
                     self.tick().await;
                     if last_save.elapsed() >= SAVE_INTERVAL {
                         last_save = tokio::time::Instant::now();
@@ -535,7 +545,7 @@ impl Policies {
                 self.reload(tenant).await;
             }
         }
-        let now = clock::unix_millis();
+        let now = clock::unix_millis().saturating_sub(SETTLE_LAG.as_millis() as u64);
         let mut due: Vec<(String, Arc<Compiled>, Outcome)> = Vec::new();
         let mut forgotten = Vec::new();
         let mut held = 0;
