@@ -804,3 +804,131 @@ async fn an_agent_on_two_instances_is_connected_until_both_streams_end() {
         assert_eq!(gone["instances"], serde_json::json!([]), "{gone}");
     }
 }
+
+/// A policy on two instances sharing Redis: every instance counts every
+/// event, one (the lease holder) fires; each breach fires once across
+/// both. Killing the acting instance mid-window: the other takes the lease
+/// over and fires for the breach, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_fire_each_breach_once_and_survive_the_acting_ones_death() {
+    let redis = RedisServer::start();
+    let mut env = instance_env(&redis.url());
+    env.push(("TC_POLICY_LEASE", "2s".into()));
+    let mut instances = [spawn(&env), spawn(&env)];
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tenant = "tenant-policies";
+    let writer = common::token(tenant, "enforcement:write events:publish events:subscribe");
+    let policy = serde_json::json!({
+        "id": "loops",
+        "name": "Agents that loop",
+        "match": {"types": ["agent.*"]},
+        "subject": "agent_id",
+        "condition": {"measure": "count", "window": "10m", "threshold": 6},
+        "action": {"kind": "pause", "cooldown": "10m", "resolve_after": "1m"},
+    });
+    let created = reqwest::Client::new()
+        .put(format!("http://{}/v1/policies/loops", instances[0].http))
+        .bearer_auth(&writer)
+        .header("content-type", "application/json")
+        .body(policy.to_string())
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(
+        created.status(),
+        201,
+        "{}",
+        created.text().await.unwrap_or_default()
+    );
+    let watch: Vec<Seen> = vec![
+        grpc_follow(&instances[0].grpc, &full(tenant)).await,
+        grpc_follow(&instances[1].grpc, &full(tenant)).await,
+    ];
+    // The other instance learns the policy from policy.created.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let detected = |seen: &Seen, subject: &str| -> Vec<serde_json::Value> {
+        seen.lock()
+            .expect("lock")
+            .iter()
+            .filter(|e| e.r#type == "runaway_loop.detected")
+            .map(|e| serde_json::from_str::<serde_json::Value>(&e.data).expect("json"))
+            .filter(|d| d["subject"] == subject)
+            .collect()
+    };
+    let breach = |grpc: String, agent: &'static str, n: usize| {
+        let token = full(tenant);
+        async move {
+            let mut client = EventBrokerClient::connect(grpc).await.expect("connect");
+            for _ in 0..n {
+                client
+                    .publish(authed(
+                        PublishRequest {
+                            events: vec![draft(
+                                "agent.error",
+                                &format!(r#"{{"agent_id":"{agent}"}}"#),
+                            )],
+                        },
+                        &token,
+                    ))
+                    .await
+                    .expect("publish");
+            }
+        }
+    };
+    // Three events through each instance: one breach of six.
+    breach(instances[0].grpc.clone(), "x", 3).await;
+    breach(instances[1].grpc.clone(), "x", 3).await;
+    for (i, seen) in watch.iter().enumerate() {
+        wait_for(
+            &format!("detected on instance {i}"),
+            Duration::from_secs(15),
+            || !detected(seen, "x").is_empty(),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (i, seen) in watch.iter().enumerate() {
+        assert_eq!(
+            detected(seen, "x").len(),
+            1,
+            "instance {i}: one firing for one breach"
+        );
+    }
+    // The instance that acted.
+    let acting_instance = detected(&watch[0], "x")[0]["instance"]
+        .as_str()
+        .expect("instance")
+        .to_string();
+    let mut acting = None;
+    for (i, instance) in instances.iter().enumerate() {
+        if instance.metric("tc_policy_acting").await == 1.0 {
+            acting = Some(i);
+        }
+    }
+    let acting = acting.expect("one instance acts");
+    let survivor = 1 - acting;
+    // Mid-window: five of y's six events, then the acting instance dies,
+    // then the sixth, through the survivor.
+    breach(instances[survivor].grpc.clone(), "y", 5).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    instances[acting].kill9();
+    breach(instances[survivor].grpc.clone(), "y", 1).await;
+    wait_for("the survivor fires for y", Duration::from_secs(20), || {
+        !detected(&watch[survivor], "y").is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let y = detected(&watch[survivor], "y");
+    assert_eq!(y.len(), 1, "{y:?}");
+    assert_ne!(
+        y[0]["instance"],
+        acting_instance.as_str(),
+        "the survivor fired"
+    );
+    assert_eq!(y[0]["value"], 6.0);
+    assert_eq!(
+        detected(&watch[survivor], "x").len(),
+        1,
+        "x did not fire again"
+    );
+}

@@ -91,6 +91,10 @@ pub struct SubjectState {
     below_ms: Option<u64>,
     /// Its last firing, for the cooldown.
     last_fired_ms: Option<u64>,
+    /// Its latest event's id and trace id: what an instance taking over
+    /// names when it fires for a breach the previous one left unfired.
+    #[serde(default)]
+    last_event: (String, String),
     /// Changed since it was last saved.
     #[serde(skip)]
     changed: bool,
@@ -302,6 +306,7 @@ impl TenantEval {
             let bucket = bucket_ms(&p);
             state.window.add(t / bucket, value);
             state.last_ms = t;
+            state.last_event = (seen.id.to_string(), seen.trace_id.to_string());
             let measure = state.window.measure(t / bucket);
             if measure >= p.threshold {
                 if state.fired_ms.is_some() {
@@ -343,6 +348,39 @@ impl TenantEval {
                         fired_ms: fired,
                     }));
                 }
+            }
+        }
+    }
+
+    /// On becoming the evaluator that acts: a subject whose latest event
+    /// brought it to the threshold but that did not fire (the acting
+    /// instance died first) fires now, at that event's time.
+    pub fn take_over(&mut self, out: &mut Vec<Outcome>) {
+        for (p, subjects) in self.policies.iter().zip(&mut self.subjects) {
+            let bucket = bucket_ms(p);
+            for (subject, state) in subjects.iter_mut() {
+                let t = state.last_ms;
+                let measure = state.window.measure(t / bucket);
+                if state.fired_ms.is_some()
+                    || measure < p.threshold
+                    || state
+                        .last_fired_ms
+                        .is_some_and(|f| t.saturating_sub(f) < ms(p.cooldown))
+                {
+                    continue;
+                }
+                state.fired_ms = Some(t);
+                state.last_fired_ms = Some(t);
+                state.below_ms = None;
+                state.changed = true;
+                out.push(Outcome::Fired(Fired {
+                    policy_id: p.policy.id.clone(),
+                    subject: subject.clone(),
+                    at_ms: t,
+                    value: measure,
+                    event_id: state.last_event.0.clone(),
+                    trace_id: state.last_event.1.clone(),
+                }));
             }
         }
     }
@@ -687,6 +725,42 @@ mod tests {
     }
 
     #[test]
+    fn an_evaluator_taking_over_fires_what_the_previous_one_left_unfired() {
+        let mut follower = TenantEval::new(vec![count_policy("10s", 2, "1m", "1s")], None);
+        let mut out = Vec::new();
+        let data = serde_json::json!({"agent_id": "a"});
+        for (at, id) in [(1_000u64, "e1"), (1_100, "e2")] {
+            follower.observe(
+                &Seen {
+                    event_type: "agent.error",
+                    id,
+                    trace_id: "trace-2",
+                    at_ms: at,
+                    data: &data,
+                },
+                false,
+                10,
+                &mut out,
+            );
+        }
+        follower.take_over(&mut out);
+        assert_eq!(
+            out,
+            vec![Outcome::Fired(Fired {
+                policy_id: "p".into(),
+                subject: "a".into(),
+                at_ms: 1_100,
+                value: 2.0,
+                event_id: "e2".into(),
+                trace_id: "trace-2".into(),
+            })]
+        );
+        out.clear();
+        follower.take_over(&mut out);
+        assert!(out.is_empty(), "once");
+    }
+
+    #[test]
     fn a_follower_keeps_windows_and_learns_firings_from_the_leader() {
         let p = count_policy("10s", 2, "1m", "1s");
         let mut follower = TenantEval::new(vec![p], None);
@@ -709,7 +783,10 @@ mod tests {
         assert!(out.is_empty(), "a follower decides nothing");
         follower.sync("p", "a", Some(1_100));
         assert_eq!(follower.subject("p", "a").unwrap().fired_ms, Some(1_100));
-        // Becoming the leader, it resolves as the leader would have.
+        // Taking over, nothing fires again; it resolves as the leader would
+        // have.
+        follower.take_over(&mut out);
+        assert!(out.is_empty(), "{out:?}");
         follower.settle(60_000, &mut out);
         assert!(
             matches!(&out[0], Outcome::Resolved(r) if r.fired_ms == 1_100 && r.at_ms == 11_000 + 1_000)

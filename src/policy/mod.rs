@@ -130,6 +130,8 @@ struct Inner {
     gate: Arc<Gate>,
     /// This instance holds the lease: it decides and publishes firings.
     acting: AtomicBool,
+    /// The first tick has run.
+    started: AtomicBool,
     version: AtomicU64,
 }
 
@@ -232,6 +234,7 @@ impl Policies {
                 tenants: Mutex::new(HashMap::new()),
                 gate,
                 version: AtomicU64::new(u64::MAX),
+                started: AtomicBool::new(false),
             }),
         }
     }
@@ -467,8 +470,13 @@ impl Policies {
                 }
             }
         }
+        let fired = out.iter().any(|o| matches!(o, Outcome::Fired(_)));
         for (outcome, policy) in out.into_iter().zip(fired_for) {
             self.publish_outcome(&event.tenant_id, &policy, outcome);
+        }
+        if fired {
+            // A firing is saved at once: a restart must not fire it again.
+            self.save().await;
         }
     }
 
@@ -516,7 +524,8 @@ impl Policies {
                 false
             }
         };
-        if inner.acting.swap(acting, Ordering::AcqRel) != acting {
+        let was = inner.acting.swap(acting, Ordering::AcqRel);
+        if was != acting {
             tracing::info!(
                 acting,
                 "policy evaluation: this instance {} firings",
@@ -527,6 +536,9 @@ impl Policies {
                 }
             );
         }
+        // At start every instance takes over: a breach a crashed acting
+        // instance left unfired fires once.
+        let took_over = acting && (!was || !inner.started.swap(true, Ordering::AcqRel));
         inner.gate.metrics.leader.set(i64::from(acting));
         if let Ok(version) = inner.state.version(VERSION).await
             && version != inner.version.swap(version, Ordering::AcqRel)
@@ -553,12 +565,18 @@ impl Policies {
             let mut tenants = lock(&inner.tenants);
             for (tenant, eval) in tenants.iter_mut() {
                 let mut out = Vec::new();
+                if took_over {
+                    eval.take_over(&mut out);
+                }
                 if acting {
                     eval.settle(now, &mut out);
                 }
                 for o in out {
-                    let Outcome::Resolved(r) = &o else { continue };
-                    if let Some(p) = eval.policies().iter().find(|p| p.policy.id == r.policy_id) {
+                    let id = match &o {
+                        Outcome::Fired(f) => &f.policy_id,
+                        Outcome::Resolved(r) => &r.policy_id,
+                    };
+                    if let Some(p) = eval.policies().iter().find(|p| &p.policy.id == id) {
                         due.push((tenant.clone(), Arc::clone(p), o));
                     }
                 }
