@@ -409,19 +409,29 @@ async fn out_of_descriptors_one_address_cannot_take_every_place() {
     assert!(b.process.open_fds() < 256);
 }
 
-/// `/mcp` and `/v1/settings/mcp` refuse a request without a token from its
-/// headers: 20 connections announcing 50 MB bodies each get 401 before any
-/// body is read, and the broker holds no more than a few MiB for them.
+/// `/mcp`, `/v1/settings/mcp` and the policy routes refuse a request
+/// without a token from its headers: 20 connections announcing 50 MB
+/// bodies each get 401 before any body is read, and the broker holds no
+/// more than a few MiB for them.
 #[tokio::test]
-async fn mcp_and_settings_refuse_unauthenticated_bodies_from_their_headers() {
+async fn mcp_settings_and_policies_refuse_unauthenticated_bodies_from_their_headers() {
     let b = broker(&[]);
     let before = b.process.rss_kib();
     let mut streams = Vec::new();
     for i in 0..20 {
-        let head = if i % 2 == 0 {
-            "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\ncontent-length: 50000000\r\n\r\n"
-        } else {
-            "PUT /v1/settings/mcp HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 50000000\r\n\r\n"
+        let head = match i % 4 {
+            0 => {
+                "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\ncontent-length: 50000000\r\n\r\n"
+            }
+            1 => {
+                "PUT /v1/settings/mcp HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 50000000\r\n\r\n"
+            }
+            2 => {
+                "PUT /v1/policies/p HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 50000000\r\n\r\n"
+            }
+            _ => {
+                "POST /v1/policy-simulations HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 50000000\r\n\r\n"
+            }
         };
         let mut s = TcpStream::connect(http_addr(&b)).await.expect("connect");
         s.write_all(head.as_bytes()).await.expect("head");

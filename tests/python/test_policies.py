@@ -229,6 +229,10 @@ def test_policy_routes_need_their_scopes(broker, tenant):
         broker, "POST", "/v1/policy-simulations", broker.token(tenant, scope="enforcement:read"), {"policy_id": "x", "policy": {}}
     )
     assert status == 400 and "either policy" in body["message"], body
+    # A body past 64 KiB is refused, naming the limit.
+    huge = {**runaway_policy("p"), "name": "x" * 70_000}
+    status, body = rest(broker, "PUT", "/v1/policies/p", broker.token(tenant, scope="enforcement:write"), huge)
+    assert status == 400 and "65536" in body["message"], body
 
 
 def test_tenants_never_see_each_others_policies_or_firings(broker, stub, pb, tenant):
