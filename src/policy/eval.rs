@@ -27,28 +27,48 @@ use super::spec::{Compiled, Measure};
 pub const BUCKETS: usize = 20;
 const B: u64 = BUCKETS as u64;
 
-/// One subject's window: the measure per bucket of the last window.
+/// Measures are kept in millionths (a count of one is 1,000,000; a sum
+/// of USD is in micro-dollars): integers add up exactly in any order, so
+/// a running total and a sum over buckets always agree.
+const UNIT: f64 = 1_000_000.0;
+
+fn units(value: f64) -> i64 {
+    // `as` saturates at the bounds (a sum past 9 × 10^12 units stops there).
+    (value * UNIT).round() as i64
+}
+
+fn value_of(units: i64) -> f64 {
+    units as f64 / UNIT
+}
+
+/// One subject's window: the measure per bucket of the last window, and
+/// their total.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Window {
     /// The number of the newest bucket written.
     newest: u64,
-    values: [f64; BUCKETS],
+    values: [i64; BUCKETS],
+    /// The sum of `values`: the measure at the newest bucket.
+    total: i64,
 }
 
 impl Default for Window {
     fn default() -> Self {
         Self {
             newest: 0,
-            values: [0.0; BUCKETS],
+            values: [0; BUCKETS],
+            total: 0,
         }
     }
 }
 
 impl Window {
-    fn add(&mut self, bucket: u64, value: f64) {
+    fn add(&mut self, bucket: u64, value: i64) {
         if bucket > self.newest {
             for k in 1..=(bucket - self.newest).min(B) {
-                self.values[((self.newest + k) % B) as usize] = 0.0;
+                let slot = &mut self.values[((self.newest + k) % B) as usize];
+                self.total -= *slot;
+                *slot = 0;
             }
             self.newest = bucket;
         } else if self.newest - bucket >= B {
@@ -56,23 +76,28 @@ impl Window {
             return;
         }
         self.values[(bucket % B) as usize] += value;
+        self.total += value;
     }
 
-    /// The measure at bucket `at` (at or after the newest written).
-    fn measure(&self, at: u64) -> f64 {
-        let at = at.max(self.newest);
-        if at >= self.newest + B {
-            return 0.0;
+    /// The measure at bucket `at` (at or after the newest written): the
+    /// total less the buckets that have left the window by then.
+    fn measure(&self, at: u64) -> i64 {
+        if at <= self.newest {
+            return self.total;
         }
-        let low = (at + 1).saturating_sub(B);
-        (low..=self.newest)
+        if at >= self.newest + B {
+            return 0;
+        }
+        // By bucket `b`, bucket `b - B` has left: it is in `b`'s slot.
+        let left: i64 = (self.newest + 1..=at)
             .map(|b| self.values[(b % B) as usize])
-            .sum()
+            .sum();
+        self.total - left
     }
 
     /// The first bucket from `from` on at which the measure is under
     /// `threshold`, with no more events.
-    fn first_below(&self, from: u64, threshold: f64) -> u64 {
+    fn first_below(&self, from: u64, threshold: i64) -> u64 {
         (from..from + B)
             .find(|b| self.measure(*b) < threshold)
             .unwrap_or(from + B)
@@ -106,7 +131,7 @@ impl SubjectState {
     fn idle(&self, p: &Compiled, now_ms: u64) -> bool {
         let bucket = bucket_ms(p);
         self.fired_ms.is_none()
-            && self.window.measure(now_ms / bucket) == 0.0
+            && self.window.measure(now_ms / bucket) == 0
             && self
                 .last_fired_ms
                 .is_none_or(|f| now_ms.saturating_sub(f) >= ms(p.cooldown))
@@ -158,6 +183,16 @@ pub struct Seen<'a> {
     pub data: &'a serde_json::Value,
 }
 
+/// Subjects of a policy: keys come from tenants' payloads, so a hash
+/// seeded per process (foldhash), faster than SipHash.
+/// States are boxed: the table stays dense, so finding a subject among
+/// thousands touches little memory.
+type Subjects = HashMap<String, Box<SubjectState>, foldhash::quality::RandomState>;
+
+/// Event types whose matching policies are remembered, at most (past it
+/// the memory starts over).
+const MATCHING_MEMO: usize = 1024;
+
 /// One tenant's policies, and the state of each of their subjects.
 #[derive(Default)]
 pub struct TenantEval {
@@ -166,8 +201,13 @@ pub struct TenantEval {
     by_type: HashMap<String, Vec<usize>>,
     by_prefix: HashMap<String, Vec<usize>>,
     every: Vec<usize>,
+    /// The policies matching each event type seen.
+    memo: HashMap<String, Arc<[usize]>, foldhash::quality::RandomState>,
+    /// The payload fields (first words of paths) some policy reads: the
+    /// rest of a payload is skipped unread ([`Needed::parse`]).
+    needed: Needed,
     /// Per policy (same index): its subjects.
-    subjects: Vec<HashMap<String, SubjectState>>,
+    subjects: Vec<Subjects>,
     /// Subjects held over every policy.
     held: usize,
     /// Subjects not followed because `max_subjects` were held.
@@ -179,7 +219,7 @@ impl TenantEval {
     /// id is in `keep` with the same `updated_at` are carried over.
     pub fn new(policies: Vec<Arc<Compiled>>, keep: Option<TenantEval>) -> Self {
         let mut eval = TenantEval::default();
-        let mut old: HashMap<String, (Option<String>, HashMap<String, SubjectState>)> = keep
+        let mut old: HashMap<String, (Option<String>, Subjects)> = keep
             .map(|k| {
                 k.policies
                     .iter()
@@ -205,8 +245,9 @@ impl TenantEval {
             }
             let subjects = match old.remove(&p.policy.id) {
                 Some((at, s)) if at == p.policy.updated_at => s,
-                _ => HashMap::new(),
+                _ => Subjects::default(),
             };
+            eval.needed.add(&p);
             eval.held += subjects.len();
             eval.subjects.push(subjects);
             eval.policies.push(p);
@@ -225,8 +266,26 @@ impl TenantEval {
             || prefixes(event_type).any(|p| self.by_prefix.contains_key(p))
     }
 
-    /// The policies counting events of this type, each once, in order.
-    fn matching(&self, event_type: &str) -> Vec<usize> {
+    /// The payload fields the policies read, to parse events with.
+    pub fn needed(&self) -> &Needed {
+        &self.needed
+    }
+
+    /// The policies counting events of this type, each once, in order;
+    /// remembered per type.
+    fn matching(&mut self, event_type: &str) -> Arc<[usize]> {
+        if let Some(list) = self.memo.get(event_type) {
+            return Arc::clone(list);
+        }
+        let list: Arc<[usize]> = self.match_type(event_type).into();
+        if self.memo.len() >= MATCHING_MEMO {
+            self.memo.clear();
+        }
+        self.memo.insert(event_type.to_string(), Arc::clone(&list));
+        list
+    }
+
+    fn match_type(&self, event_type: &str) -> Vec<usize> {
         let mut out: Vec<usize> = self.every.clone();
         if let Some(list) = self.by_type.get(event_type) {
             out.extend(list);
@@ -260,8 +319,9 @@ impl TenantEval {
         max_subjects: usize,
         out: &mut Vec<Outcome>,
     ) {
-        for index in self.matching(seen.event_type) {
-            let p = Arc::clone(&self.policies[index]);
+        let matching = self.matching(seen.event_type);
+        for &index in matching.iter() {
+            let p = &self.policies[index];
             if !p
                 .conditions
                 .iter()
@@ -275,14 +335,15 @@ impl TenantEval {
             let value = match (&p.measure, &p.field) {
                 (Measure::Sum, Some(field)) => {
                     match field.get(seen.data).and_then(serde_json::Value::as_f64) {
-                        Some(v) if v.is_finite() => v,
+                        Some(v) if v.is_finite() => units(v),
                         _ => continue,
                     }
                 }
-                _ => 1.0,
+                _ => units(1.0),
             };
+            let threshold = units(p.threshold);
             let subjects = &mut self.subjects[index];
-            let state = match subjects.get_mut(&subject) {
+            let state = match subjects.get_mut(subject.as_ref()) {
                 Some(state) => state,
                 None => {
                     if self.held >= max_subjects {
@@ -290,25 +351,29 @@ impl TenantEval {
                         continue;
                     }
                     self.held += 1;
-                    subjects.entry(subject.clone()).or_default()
+                    subjects.entry(subject.to_string()).or_default()
                 }
             };
             let t = seen.at_ms.max(state.last_ms);
             state.changed = true;
-            if acting && let Some((at, fired)) = settle_one(&p, state, t) {
+            if acting && let Some((at, fired)) = settle_one(p, state, t) {
                 out.push(Outcome::Resolved(Resolved {
                     policy_id: p.policy.id.clone(),
-                    subject: subject.clone(),
+                    subject: subject.to_string(),
                     at_ms: at,
                     fired_ms: fired,
                 }));
             }
-            let bucket = bucket_ms(&p);
+            let bucket = bucket_ms(p);
             state.window.add(t / bucket, value);
             state.last_ms = t;
-            state.last_event = (seen.id.to_string(), seen.trace_id.to_string());
             let measure = state.window.measure(t / bucket);
-            if measure >= p.threshold {
+            if measure >= threshold && !acting && state.fired_ms.is_none() {
+                // A breach the acting instance should be firing for: what
+                // this one names if it takes over before learning of it.
+                state.last_event = (seen.id.to_string(), seen.trace_id.to_string());
+            }
+            if measure >= threshold {
                 if state.fired_ms.is_some() {
                     state.below_ms = None;
                 } else if acting
@@ -321,9 +386,9 @@ impl TenantEval {
                     state.below_ms = None;
                     out.push(Outcome::Fired(Fired {
                         policy_id: p.policy.id.clone(),
-                        subject,
+                        subject: subject.to_string(),
                         at_ms: t,
-                        value: measure,
+                        value: value_of(measure),
                         event_id: seen.id.to_string(),
                         trace_id: seen.trace_id.to_string(),
                     }));
@@ -362,7 +427,7 @@ impl TenantEval {
                 let t = state.last_ms;
                 let measure = state.window.measure(t / bucket);
                 if state.fired_ms.is_some()
-                    || measure < p.threshold
+                    || measure < units(p.threshold)
                     || state
                         .last_fired_ms
                         .is_some_and(|f| t.saturating_sub(f) < ms(p.cooldown))
@@ -377,7 +442,7 @@ impl TenantEval {
                     policy_id: p.policy.id.clone(),
                     subject: subject.clone(),
                     at_ms: t,
-                    value: measure,
+                    value: value_of(measure),
                     event_id: state.last_event.0.clone(),
                     trace_id: state.last_event.1.clone(),
                 }));
@@ -431,7 +496,7 @@ impl TenantEval {
             .policies
             .iter()
             .position(|p| p.policy.id == policy_id)?;
-        self.subjects[index].get(subject)
+        self.subjects[index].get(subject).map(|s| &**s)
     }
 
     /// Puts a saved subject back (at start); false when its policy is not
@@ -450,7 +515,7 @@ impl TenantEval {
             return false;
         }
         if self.subjects[index]
-            .insert(subject.to_string(), state)
+            .insert(subject.to_string(), Box::new(state))
             .is_none()
         {
             self.held += 1;
@@ -492,7 +557,7 @@ fn settle_one(p: &Compiled, state: &mut SubjectState, now_ms: u64) -> Option<(u6
         None => {
             let bucket = bucket_ms(p);
             let from = state.last_ms / bucket;
-            let first = state.window.first_below(from, p.threshold);
+            let first = state.window.first_below(from, units(p.threshold));
             let at = if first == from {
                 state.last_ms
             } else {
@@ -512,6 +577,70 @@ fn settle_one(p: &Compiled, state: &mut SubjectState, now_ms: u64) -> Option<(u6
     state.fired_ms = None;
     state.below_ms = None;
     Some((due, fired))
+}
+
+/// The top-level payload fields policies read (the first word of each
+/// subject, `where` and `sum` path), and those the service reads of its
+/// own events.
+#[derive(Debug, Default)]
+pub struct Needed(std::collections::HashSet<String>);
+
+impl Needed {
+    fn add(&mut self, p: &Compiled) {
+        let paths = std::iter::once(&p.subject)
+            .chain(p.field.iter())
+            .chain(p.conditions.iter().map(|(path, _)| path));
+        for path in paths {
+            self.0.insert(path.first().to_string());
+        }
+    }
+
+    /// An event's payload with only the fields some policy reads (and
+    /// `also`); the others are skipped without being copied. `None` when
+    /// it is not a JSON object.
+    pub fn parse(&self, data: &str, also: &[&str]) -> Option<serde_json::Value> {
+        use serde::de::DeserializeSeed;
+        let mut de = serde_json::Deserializer::from_str(data);
+        Select {
+            needed: &self.0,
+            also,
+        }
+        .deserialize(&mut de)
+        .ok()
+    }
+}
+
+struct Select<'a> {
+    needed: &'a std::collections::HashSet<String>,
+    also: &'a [&'a str],
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Select<'_> {
+    type Value = serde_json::Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Select<'_> {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if self.needed.contains(key.as_ref()) || self.also.contains(&key.as_ref()) {
+                out.insert(key.into_owned(), map.next_value::<serde_json::Value>()?);
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(serde_json::Value::Object(out))
+    }
 }
 
 /// The event types some policy of a tenant counts: exact types, prefixes
@@ -550,12 +679,12 @@ fn same(have: &serde_json::Value, want: &serde_json::Value) -> bool {
 /// Longest subject followed; longer values are not counted.
 pub const MAX_SUBJECT: usize = 128;
 
-/// A subject's text: a string, a number or a boolean.
-fn subject_text(v: &serde_json::Value) -> Option<String> {
+/// A subject's text: a string (borrowed), a number or a boolean.
+fn subject_text(v: &serde_json::Value) -> Option<std::borrow::Cow<'_, str>> {
     let text = match v {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Number(n) => n.to_string(),
-        serde_json::Value::Bool(b) => b.to_string(),
+        serde_json::Value::String(s) => std::borrow::Cow::Borrowed(s.as_str()),
+        serde_json::Value::Number(n) => std::borrow::Cow::Owned(n.to_string()),
+        serde_json::Value::Bool(b) => std::borrow::Cow::Owned(b.to_string()),
         _ => return None,
     };
     (!text.is_empty() && text.len() <= MAX_SUBJECT).then_some(text)

@@ -207,6 +207,11 @@ fn unavailable(e: crate::state::StateError) -> ApiError {
     ApiError::new(Code::Unavailable, format!("{e}; try again"))
 }
 
+/// Whether a payload is one a policy published.
+fn generated(data: &serde_json::Value) -> bool {
+    data.get("generated_by").and_then(|v| v.as_str()) == Some(GENERATED_BY)
+}
+
 fn format_ms(ms: u64) -> String {
     clock::format_timestamp(SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
 }
@@ -418,15 +423,12 @@ impl Policies {
         let inner = &self.inner;
         inner.gate.metrics.evaluated.inc();
         let kind = event.event_type.as_str();
-        let marked = kind.starts_with("policy.") || kind.starts_with("runaway_loop.");
-        // Only parsed when some policy counts this type, or it may be a
-        // policy's own event.
-        let Ok(data) = serde_json::from_str::<serde_json::Value>(event.data.get()) else {
-            return;
-        };
-        if data.get("generated_by").and_then(|v| v.as_str()) == Some(GENERATED_BY) {
-            let ours = data.get("instance").and_then(|v| v.as_str()) == Some(&inner.instance);
-            if marked && !ours {
+        if (kind.starts_with("policy.") || kind.starts_with("runaway_loop."))
+            && let Ok(data) = serde_json::from_str::<serde_json::Value>(event.data.get())
+            && generated(&data)
+        {
+            // A policy's own event: another instance's change or firing.
+            if data.get("instance").and_then(|v| v.as_str()) != Some(&inner.instance) {
                 self.learn(event, &data).await;
             }
             return;
@@ -442,6 +444,14 @@ impl Policies {
             let Some(eval) = tenants.get_mut(&event.tenant_id) else {
                 return;
             };
+            // Only the fields the policies read; never a policy's own
+            // event (no policy feeds itself).
+            let Some(data) = eval.needed().parse(event.data.get(), &["generated_by"]) else {
+                return;
+            };
+            if generated(&data) {
+                return;
+            }
             let before = eval.refused;
             eval.observe(
                 &Seen {
@@ -909,10 +919,10 @@ impl Policies {
             if !eval.wants(&event.event_type) {
                 continue;
             }
-            let Ok(data) = serde_json::from_str::<serde_json::Value>(event.data.get()) else {
+            let Some(data) = eval.needed().parse(event.data.get(), &["generated_by"]) else {
                 continue;
             };
-            if data.get("generated_by").and_then(|v| v.as_str()) == Some(GENERATED_BY) {
+            if generated(&data) {
                 continue;
             }
             let Some(at) = clock::parse_timestamp(&event.timestamp) else {

@@ -213,6 +213,11 @@ impl Path {
     pub fn text(&self) -> String {
         self.0.join(".")
     }
+
+    /// Its first word: the top-level payload field it starts from.
+    pub fn first(&self) -> &str {
+        self.0.first().map_or("", String::as_str)
+    }
 }
 
 /// Reads a policy from JSON: unknown fields and values of the wrong type
