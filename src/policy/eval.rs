@@ -44,12 +44,13 @@ fn value_of(units: i64) -> f64 {
 /// One subject's window: the measure per bucket of the last window, and
 /// their total.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[repr(C)]
 pub struct Window {
     /// The number of the newest bucket written.
     newest: u64,
-    values: [i64; BUCKETS],
     /// The sum of `values`: the measure at the newest bucket.
     total: i64,
+    values: [i64; BUCKETS],
 }
 
 impl Default for Window {
@@ -104,10 +105,11 @@ impl Window {
     }
 }
 
-/// What is kept of one subject of one policy.
+/// What is kept of one subject of one policy. In this order (`repr(C)`):
+/// what every event reads shares a cache line with the window's head.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[repr(C)]
 pub struct SubjectState {
-    window: Window,
     /// The time of its latest event, Unix ms.
     last_ms: u64,
     /// Firing since (not resolved).
@@ -116,13 +118,14 @@ pub struct SubjectState {
     below_ms: Option<u64>,
     /// Its last firing, for the cooldown.
     last_fired_ms: Option<u64>,
+    /// Changed since it was last saved.
+    #[serde(skip)]
+    changed: bool,
+    window: Window,
     /// Its latest event's id and trace id: what an instance taking over
     /// names when it fires for a breach the previous one left unfired.
     #[serde(default)]
     last_event: (String, String),
-    /// Changed since it was last saved.
-    #[serde(skip)]
-    changed: bool,
 }
 
 impl SubjectState {
@@ -183,11 +186,132 @@ pub struct Seen<'a> {
     pub data: &'a serde_json::Value,
 }
 
-/// Subjects of a policy: keys come from tenants' payloads, so a hash
+/// A tenant's subjects: per subject value, the state of each policy
+/// (by index) following it. One map for every policy, so an event counted
+/// by ten policies with the same subject finds it once: with thousands of
+/// subjects each lookup misses the cache, and one per policy was most of
+/// the evaluator's time. Keys come from tenants' payloads, so a hash
 /// seeded per process (foldhash), faster than SipHash.
-/// States are boxed: the table stays dense, so finding a subject among
-/// thousands touches little memory.
-type Subjects = HashMap<String, Box<SubjectState>, foldhash::quality::RandomState>;
+type Subjects = HashMap<Key, Followed, foldhash::quality::RandomState>;
+
+/// The policies following one subject and their states, in two arrays:
+/// finding a policy reads only the first (a search through states would
+/// touch a cache line per state).
+#[derive(Default)]
+struct Followed {
+    policies: Vec<usize>,
+    states: Vec<SubjectState>,
+}
+
+impl Followed {
+    fn position(&self, index: usize) -> Option<usize> {
+        self.policies.iter().position(|i| *i == index)
+    }
+
+    fn get(&self, index: usize) -> Option<&SubjectState> {
+        self.position(index).map(|at| &self.states[at])
+    }
+
+    fn get_mut(&mut self, index: usize) -> Option<&mut SubjectState> {
+        self.position(index).map(|at| &mut self.states[at])
+    }
+
+    /// Adds a policy's state; returns where.
+    fn push(&mut self, index: usize, state: SubjectState) -> usize {
+        self.policies.push(index);
+        self.states.push(state);
+        self.states.len() - 1
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = (usize, &mut SubjectState)> {
+        self.policies.iter().copied().zip(self.states.iter_mut())
+    }
+
+    /// Keeps the states for which `keep(policy index, state)` holds.
+    fn retain(&mut self, mut keep: impl FnMut(usize, &SubjectState) -> bool) {
+        let mut at = 0;
+        while at < self.states.len() {
+            if keep(self.policies[at], &self.states[at]) {
+                at += 1;
+            } else {
+                self.policies.swap_remove(at);
+                self.states.swap_remove(at);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.states.is_empty()
+    }
+}
+
+/// A subject as a map key: up to 22 bytes (agent ids and the like) kept in
+/// the table itself, so comparing keys while finding one reads no other
+/// memory (with thousands of subjects, that read missed the cache and was
+/// most of a lookup); longer ones on the heap.
+#[derive(Clone)]
+enum Key {
+    Inline { len: u8, bytes: [u8; INLINE_KEY] },
+    Heap(Box<str>),
+}
+
+const INLINE_KEY: usize = 22;
+
+impl Key {
+    fn new(text: &str) -> Self {
+        if text.len() <= INLINE_KEY {
+            let mut bytes = [0u8; INLINE_KEY];
+            bytes[..text.len()].copy_from_slice(text.as_bytes());
+            Key::Inline {
+                len: text.len() as u8,
+                bytes,
+            }
+        } else {
+            Key::Heap(text.into())
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // Copied from a `&str` whole: always UTF-8.
+            Key::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..*len as usize]).unwrap_or("")
+            }
+            Key::Heap(text) => text,
+        }
+    }
+}
+
+impl std::borrow::Borrow<str> for Key {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `str` hashes: lookups by `&str` find it.
+        self.as_str().hash(state);
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Key {}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Event types whose matching policies are remembered, at most (past it
 /// the memory starts over).
@@ -206,8 +330,8 @@ pub struct TenantEval {
     /// The payload fields (first words of paths) some policy reads: the
     /// rest of a payload is skipped unread ([`Needed::parse`]).
     needed: Needed,
-    /// Per policy (same index): its subjects.
-    subjects: Vec<Subjects>,
+    /// Every policy's subjects.
+    subjects: Subjects,
     /// Subjects held over every policy.
     held: usize,
     /// Subjects not followed because `max_subjects` were held.
@@ -219,16 +343,6 @@ impl TenantEval {
     /// id is in `keep` with the same `updated_at` are carried over.
     pub fn new(policies: Vec<Arc<Compiled>>, keep: Option<TenantEval>) -> Self {
         let mut eval = TenantEval::default();
-        let mut old: HashMap<String, (Option<String>, Subjects)> = keep
-            .map(|k| {
-                k.policies
-                    .iter()
-                    .map(|p| (p.policy.id.clone(), p.policy.updated_at.clone()))
-                    .zip(k.subjects)
-                    .map(|((id, at), s)| (id, (at, s)))
-                    .collect()
-            })
-            .unwrap_or_default();
         for p in policies.into_iter().filter(|p| p.policy.enabled) {
             let index = eval.policies.len();
             for pattern in p.filter.patterns() {
@@ -243,14 +357,30 @@ impl TenantEval {
                     eval.by_type.entry(pattern).or_default().push(index);
                 }
             }
-            let subjects = match old.remove(&p.policy.id) {
-                Some((at, s)) if at == p.policy.updated_at => s,
-                _ => Subjects::default(),
-            };
             eval.needed.add(&p);
-            eval.held += subjects.len();
-            eval.subjects.push(subjects);
             eval.policies.push(p);
+        }
+        if let Some(old) = keep {
+            // Old index → new index of each policy carried over.
+            let remap: Vec<Option<usize>> = old
+                .policies
+                .iter()
+                .map(|o| {
+                    eval.policies.iter().position(|p| {
+                        p.policy.id == o.policy.id && p.policy.updated_at == o.policy.updated_at
+                    })
+                })
+                .collect();
+            for (key, mut list) in old.subjects {
+                list.retain(|index, _| remap[index].is_some());
+                for index in &mut list.policies {
+                    *index = remap[*index].unwrap_or(*index);
+                }
+                if !list.is_empty() {
+                    eval.held += list.len();
+                    eval.subjects.insert(key, list);
+                }
+            }
         }
         eval
     }
@@ -320,8 +450,18 @@ impl TenantEval {
         out: &mut Vec<Outcome>,
     ) {
         let matching = self.matching(seen.event_type);
+        let Self {
+            policies,
+            subjects,
+            held,
+            refused,
+            ..
+        } = self;
+        // The subject last found, and its states: policies watching the
+        // same subject share one lookup.
+        let mut current: Option<(std::borrow::Cow<str>, &mut Followed)> = None;
         for &index in matching.iter() {
-            let p = &self.policies[index];
+            let p = &policies[index];
             if !p
                 .conditions
                 .iter()
@@ -342,18 +482,33 @@ impl TenantEval {
                 _ => units(1.0),
             };
             let threshold = units(p.threshold);
-            let subjects = &mut self.subjects[index];
-            let state = match subjects.get_mut(subject.as_ref()) {
-                Some(state) => state,
-                None => {
-                    if self.held >= max_subjects {
-                        self.refused += 1;
+            if !matches!(&current, Some((k, _)) if *k == subject) {
+                current = None;
+                let list = match subjects.get_mut(subject.as_ref()) {
+                    Some(list) => list,
+                    None if *held >= max_subjects => {
+                        *refused += 1;
                         continue;
                     }
-                    self.held += 1;
-                    subjects.entry(subject.to_string()).or_default()
+                    None => subjects.entry(Key::new(&subject)).or_default(),
+                };
+                current = Some((subject.clone(), list));
+            }
+            let Some((_, list)) = current.as_mut() else {
+                continue;
+            };
+            let at = match list.position(index) {
+                Some(at) => at,
+                None => {
+                    if *held >= max_subjects {
+                        *refused += 1;
+                        continue;
+                    }
+                    *held += 1;
+                    list.push(index, SubjectState::default())
                 }
             };
+            let state = &mut list.states[at];
             let t = seen.at_ms.max(state.last_ms);
             state.changed = true;
             if acting && let Some((at, fired)) = settle_one(p, state, t) {
@@ -402,13 +557,14 @@ impl TenantEval {
 
     /// Resolutions due by `now_ms`, each at the time it became due.
     pub fn settle(&mut self, now_ms: u64, out: &mut Vec<Outcome>) {
-        for (p, subjects) in self.policies.iter().zip(&mut self.subjects) {
-            for (subject, state) in subjects.iter_mut() {
+        for (subject, list) in self.subjects.iter_mut() {
+            for (index, state) in list.iter_mut() {
+                let p = &self.policies[index];
                 if let Some((at, fired)) = settle_one(p, state, now_ms) {
                     state.changed = true;
                     out.push(Outcome::Resolved(Resolved {
                         policy_id: p.policy.id.clone(),
-                        subject: subject.clone(),
+                        subject: subject.to_string(),
                         at_ms: at,
                         fired_ms: fired,
                     }));
@@ -421,9 +577,10 @@ impl TenantEval {
     /// brought it to the threshold but that did not fire (the acting
     /// instance died first) fires now, at that event's time.
     pub fn take_over(&mut self, out: &mut Vec<Outcome>) {
-        for (p, subjects) in self.policies.iter().zip(&mut self.subjects) {
-            let bucket = bucket_ms(p);
-            for (subject, state) in subjects.iter_mut() {
+        for (subject, list) in self.subjects.iter_mut() {
+            for (index, state) in list.iter_mut() {
+                let p = &self.policies[index];
+                let bucket = bucket_ms(p);
                 let t = state.last_ms;
                 let measure = state.window.measure(t / bucket);
                 if state.fired_ms.is_some()
@@ -440,7 +597,7 @@ impl TenantEval {
                 state.changed = true;
                 out.push(Outcome::Fired(Fired {
                     policy_id: p.policy.id.clone(),
-                    subject: subject.clone(),
+                    subject: subject.to_string(),
                     at_ms: t,
                     value: value_of(measure),
                     event_id: state.last_event.0.clone(),
@@ -456,7 +613,11 @@ impl TenantEval {
         let Some(index) = self.policies.iter().position(|p| p.policy.id == policy_id) else {
             return;
         };
-        let Some(state) = self.subjects[index].get_mut(subject) else {
+        let Some(state) = self
+            .subjects
+            .get_mut(subject)
+            .and_then(|list| list.get_mut(index))
+        else {
             return;
         };
         state.changed = true;
@@ -477,26 +638,29 @@ impl TenantEval {
     /// returns (policy id, subject) of each.
     pub fn forget_idle(&mut self, now_ms: u64) -> Vec<(String, String)> {
         let mut gone = Vec::new();
-        for (p, subjects) in self.policies.iter().zip(&mut self.subjects) {
-            subjects.retain(|subject, state| {
+        let policies = &self.policies;
+        self.subjects.retain(|subject, list| {
+            list.retain(|index, state| {
+                let p = &policies[index];
                 let idle = state.idle(p, now_ms);
                 if idle {
-                    gone.push((p.policy.id.clone(), subject.clone()));
+                    gone.push((p.policy.id.clone(), subject.to_string()));
                 }
                 !idle
             });
-        }
+            !list.is_empty()
+        });
         self.held -= gone.len();
         gone
     }
 
-    #[cfg(test)]
+    /// A subject's state under a policy.
     pub fn subject(&self, policy_id: &str, subject: &str) -> Option<&SubjectState> {
         let index = self
             .policies
             .iter()
             .position(|p| p.policy.id == policy_id)?;
-        self.subjects[index].get(subject).map(|s| &**s)
+        self.subjects.get(subject)?.get(index)
     }
 
     /// Puts a saved subject back (at start); false when its policy is not
@@ -514,25 +678,27 @@ impl TenantEval {
         if self.held >= max_subjects {
             return false;
         }
-        if self.subjects[index]
-            .insert(subject.to_string(), Box::new(state))
-            .is_none()
-        {
-            self.held += 1;
+        let list = self.subjects.entry(Key::new(subject)).or_default();
+        match list.get_mut(index) {
+            Some(held) => *held = state,
+            None => {
+                list.push(index, state);
+                self.held += 1;
+            }
         }
         true
     }
 
     /// The subjects changed since the last call, as (`<policy id>:<subject>`,
-    /// their state as JSON), marked saved.
-    pub fn take_changed(&mut self) -> Vec<(String, String)> {
+    /// a copy of their state), marked saved. A copy, not JSON: writing it
+    /// out is the saver's work, not the evaluator's.
+    pub fn take_changed(&mut self) -> Vec<(String, SubjectState)> {
         let mut out = Vec::new();
-        for (p, subjects) in self.policies.iter().zip(&mut self.subjects) {
-            for (subject, state) in subjects.iter_mut().filter(|(_, s)| s.changed) {
+        for (subject, list) in self.subjects.iter_mut() {
+            for (index, state) in list.iter_mut().filter(|(_, s)| s.changed) {
+                let p = &self.policies[index];
                 state.changed = false;
-                if let Ok(text) = serde_json::to_string(state) {
-                    out.push((format!("{}:{subject}", p.policy.id), text));
-                }
+                out.push((format!("{}:{subject}", p.policy.id), state.clone()));
             }
         }
         out

@@ -133,7 +133,24 @@ struct Inner {
     /// The first tick has run.
     started: AtomicBool,
     version: AtomicU64,
+    /// Window writes, done in order by the saver task ([`Policies::run`]
+    /// starts it): evaluation never waits for the store.
+    saves: Mutex<Option<mpsc::Sender<Vec<Saving>>>>,
 }
+
+/// A write of a subject's window (table `policy_windows`, key
+/// `<policy id>:<subject>`).
+enum Saving {
+    Put(String, String, SubjectState),
+    Delete(String, String),
+}
+
+/// Batches of window writes waiting for the saver, at most. A firing's
+/// batch is its subject alone; a periodic save (every subject changed in
+/// 2 s) is skipped while more than [`PERIODIC_QUEUED`] wait, so at most a
+/// few large batches are ever queued.
+const SAVES_QUEUED: usize = 64;
+const PERIODIC_QUEUED: usize = 2;
 
 /// What the publish path reads (the types each tenant's policies count)
 /// and the counters: made before the broker relays anything, so that the
@@ -240,6 +257,7 @@ impl Policies {
                 gate,
                 version: AtomicU64::new(u64::MAX),
                 started: AtomicBool::new(false),
+                saves: Mutex::new(None),
             }),
         }
     }
@@ -378,6 +396,9 @@ impl Policies {
     /// changed windows. Until `stop`, then gives the lease up.
     pub async fn run(self, queue: Queue, stop: CancellationToken) {
         let Queue(mut rx) = queue;
+        let (saves, saving) = mpsc::channel(SAVES_QUEUED);
+        *lock(&self.inner.saves) = Some(saves);
+        let saver = tokio::spawn(saver(Arc::clone(&self.inner), saving));
         let mut batch = Vec::with_capacity(256);
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -401,7 +422,7 @@ impl Policies {
                     self.tick().await;
                     if last_save.elapsed() >= SAVE_INTERVAL {
                         last_save = tokio::time::Instant::now();
-                        self.save().await;
+                        self.save(false).await;
                     }
                 }
                 () = stop.cancelled() => break,
@@ -411,8 +432,11 @@ impl Policies {
         while let Ok(event) = rx.try_recv() {
             self.evaluate(&event).await;
         }
-        self.save().await;
+        self.save(true).await;
         let inner = &self.inner;
+        // Every write queued is done before the lease is given up.
+        lock(&inner.saves).take();
+        let _ = saver.await;
         if let Err(e) = inner.state.release(LEASE, &inner.instance).await {
             tracing::debug!("policy lease not given up (it lapses): {e}");
         }
@@ -439,6 +463,7 @@ impl Policies {
         let acting = inner.acting.load(Ordering::Acquire);
         let mut out = Vec::new();
         let mut fired_for: Vec<Arc<Compiled>> = Vec::new();
+        let mut firings = Vec::new();
         {
             let mut tenants = lock(&inner.tenants);
             let Some(eval) = tenants.get_mut(&event.tenant_id) else {
@@ -472,7 +497,18 @@ impl Policies {
                 .inc_by(eval.refused - before);
             for o in &out {
                 let id = match o {
-                    Outcome::Fired(f) => &f.policy_id,
+                    Outcome::Fired(f) => {
+                        // A firing is saved at once (its subject alone): a
+                        // restart must not fire it again.
+                        if let Some(state) = eval.subject(&f.policy_id, &f.subject) {
+                            firings.push(Saving::Put(
+                                event.tenant_id.clone(),
+                                format!("{}:{}", f.policy_id, f.subject),
+                                state.clone(),
+                            ));
+                        }
+                        &f.policy_id
+                    }
                     Outcome::Resolved(r) => &r.policy_id,
                 };
                 if let Some(p) = eval.policies().iter().find(|p| &p.policy.id == id) {
@@ -480,13 +516,11 @@ impl Policies {
                 }
             }
         }
-        let fired = out.iter().any(|o| matches!(o, Outcome::Fired(_)));
         for (outcome, policy) in out.into_iter().zip(fired_for) {
             self.publish_outcome(&event.tenant_id, &policy, outcome);
         }
-        if fired {
-            // A firing is saved at once: a restart must not fire it again.
-            self.save().await;
+        if !firings.is_empty() && inner.acting.load(Ordering::Acquire) {
+            self.queue_saving(firings).await;
         }
     }
 
@@ -600,42 +634,53 @@ impl Policies {
         for (tenant, policy, outcome) in due {
             self.publish_outcome(&tenant, &policy, outcome);
         }
-        if acting {
-            for (tenant, key) in forgotten {
-                let _ = inner.state.delete(WINDOWS, &tenant, &key).await;
-            }
+        if acting && !forgotten.is_empty() {
+            let deletes = forgotten
+                .into_iter()
+                .map(|(tenant, key)| Saving::Delete(tenant, key))
+                .collect();
+            self.queue_saving(deletes).await;
         }
     }
 
-    /// Writes the windows changed since the last save (the acting
-    /// instance only: the others hold the same).
-    async fn save(&self) {
+    /// Hands writes to the saver, waiting only when [`SAVES_QUEUED`]
+    /// batches already are.
+    async fn queue_saving(&self, writes: Vec<Saving>) {
+        let saves = lock(&self.inner.saves).clone();
+        if let Some(saves) = saves {
+            let _ = saves.send(writes).await;
+        }
+    }
+
+    /// Queues the windows changed since the last save for the saver (the
+    /// acting instance only: the others hold the same). Unless `last`
+    /// (at shutdown), skipped while the saver is behind by more than
+    /// [`PERIODIC_QUEUED`] batches: what changed stays marked for the next.
+    async fn save(&self, last: bool) {
         let inner = &self.inner;
         if !inner.acting.load(Ordering::Acquire) {
             return;
         }
-        let writes: Vec<(String, String, String)> = {
+        let Some(saves) = lock(&inner.saves).clone() else {
+            return;
+        };
+        if !last && saves.max_capacity() - saves.capacity() > PERIODIC_QUEUED {
+            return;
+        }
+        let writes: Vec<Saving> = {
             let mut tenants = lock(&inner.tenants);
             tenants
                 .iter_mut()
                 .flat_map(|(tenant, eval)| {
                     eval.take_changed()
                         .into_iter()
-                        .map(move |(key, text)| (tenant.clone(), key, text))
+                        .map(move |(key, state)| Saving::Put(tenant.clone(), key, state))
                         .collect::<Vec<_>>()
                 })
                 .collect()
         };
-        for chunk in writes.chunks(128) {
-            let results = futures_util::future::join_all(
-                chunk
-                    .iter()
-                    .map(|(t, k, text)| inner.state.put(WINDOWS, t, k, text.clone())),
-            )
-            .await;
-            if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
-                tracing::warn!("policy windows not all saved: {e}");
-            }
+        if !writes.is_empty() {
+            let _ = saves.send(writes).await;
         }
     }
 
@@ -974,6 +1019,33 @@ impl Policies {
             complete: span.complete,
             firings,
         })
+    }
+}
+
+/// Writes window states in the order they were queued, 128 at a time,
+/// until every sender is gone.
+async fn saver(inner: Arc<Inner>, mut saving: mpsc::Receiver<Vec<Saving>>) {
+    while let Some(writes) = saving.recv().await {
+        for chunk in writes.chunks(128) {
+            let results = futures_util::future::join_all(chunk.iter().map(|w| {
+                let state = &inner.state;
+                async move {
+                    match w {
+                        Saving::Put(tenant, key, window) => match serde_json::to_string(window) {
+                            Ok(text) => state.put(WINDOWS, tenant, key, text).await,
+                            Err(_) => Ok(()),
+                        },
+                        Saving::Delete(tenant, key) => {
+                            state.delete(WINDOWS, tenant, key).await.map(|_| ())
+                        }
+                    }
+                }
+            }))
+            .await;
+            if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+                tracing::warn!("policy windows not all saved: {e}");
+            }
+        }
     }
 }
 

@@ -314,6 +314,54 @@ pub async fn grpc_stream_steady(
     Ok(measured)
 }
 
+/// Publishes event `i` made by `make(i)` at a steady `rate` over one
+/// stream for `duration`; returns the count acknowledged once every one
+/// was.
+pub async fn grpc_stream_paced(
+    grpc: &str,
+    token: &str,
+    rate: u64,
+    duration: Duration,
+    make: impl Fn(u64) -> proto::Event,
+) -> anyhow::Result<u64> {
+    let mut client = EventBrokerClient::connect(grpc.to_string()).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<PublishStreamRequest>(65_536);
+    let mut acks = client
+        .publish_stream(authed(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            token,
+        ))
+        .await?
+        .into_inner();
+    let drain = tokio::spawn(async move {
+        let mut acked = 0u64;
+        while let Some(ack) = acks.next().await {
+            match ack {
+                Ok(ack) => acked += ack.outcomes.len() as u64,
+                Err(e) => anyhow::bail!("the publish stream ended: {e}"),
+            }
+        }
+        Ok(acked)
+    });
+    let recorder = Recorder::new();
+    recorder.measuring.store(true, Ordering::Relaxed);
+    pace(rate, duration, &recorder, |first, count| {
+        let events = (first..first + count).map(&make).collect();
+        let tx = tx.clone();
+        async move {
+            tx.send(PublishStreamRequest {
+                events,
+                ..Default::default()
+            })
+            .await
+            .is_ok()
+        }
+    })
+    .await;
+    drop(tx);
+    drain.await?
+}
+
 /// Every 1 ms, calls `send(first, count)` with the events due by then, so
 /// that `rate` per second go out for `duration`; counts what was sent while
 /// the recorder measured.

@@ -8,6 +8,7 @@
 
 mod clients;
 mod mcp;
+mod policies;
 mod procs;
 mod report;
 mod scenarios;
@@ -41,8 +42,8 @@ pub struct Config {
     #[arg(long, value_enum, default_value = "small")]
     pub size: Size,
     /// Scenarios to run, comma separated (6, the soak run, takes 10
-    /// minutes at full size; 7 is webhooks).
-    #[arg(long, default_value = "1,2,3,4,5,6,7,8")]
+    /// minutes at full size; 7 is webhooks, 8 the MCP server, 9 policies).
+    #[arg(long, default_value = "1,2,3,4,5,6,7,8,9")]
     pub scenarios: String,
     /// Where results.json and results.md go.
     #[arg(long)]
@@ -98,7 +99,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             6 => scenarios::soak(&config).await?,
             7 => webhooks::webhooks(&config).await?,
             8 => mcp::mcp(&config).await?,
-            other => anyhow::bail!("no scenario {other} (1 to 8)"),
+            9 => policies::policies(&config).await?,
+            other => anyhow::bail!("no scenario {other} (1 to 9)"),
         };
         report.scenarios.push(scenario);
         report::write(&report, &config.out)?;
