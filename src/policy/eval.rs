@@ -16,6 +16,7 @@
 //! time that happened, which does not depend on when the clock is looked
 //! at ([`TenantEval::settle`]).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -183,7 +184,7 @@ pub struct Seen<'a> {
     pub id: &'a str,
     pub trace_id: &'a str,
     pub at_ms: u64,
-    pub data: &'a serde_json::Value,
+    pub data: &'a Payload<'a>,
 }
 
 /// A tenant's subjects: per subject value, the state of each policy
@@ -336,6 +337,9 @@ pub struct TenantEval {
     held: usize,
     /// Subjects not followed because `max_subjects` were held.
     pub refused: u64,
+    /// The saved-window keys (`<policy id>:<subject>`) of subjects not
+    /// carried over by [`Self::new`]: their policy changed or went.
+    pub dropped: Vec<String>,
 }
 
 impl TenantEval {
@@ -372,7 +376,14 @@ impl TenantEval {
                 })
                 .collect();
             for (key, mut list) in old.subjects {
-                list.retain(|index, _| remap[index].is_some());
+                list.retain(|index, _| {
+                    let kept = remap[index].is_some();
+                    if !kept {
+                        let id = &old.policies[index].policy.id;
+                        eval.dropped.push(format!("{id}:{key}"));
+                    }
+                    kept
+                });
                 for index in &mut list.policies {
                     *index = remap[*index].unwrap_or(*index);
                 }
@@ -465,16 +476,16 @@ impl TenantEval {
             if !p
                 .conditions
                 .iter()
-                .all(|(path, want)| path.get(seen.data).is_some_and(|v| same(v, want)))
+                .all(|(path, want)| seen.data.at(path).is_some_and(|v| same(v, want)))
             {
                 continue;
             }
-            let Some(subject) = p.subject.get(seen.data).and_then(subject_text) else {
+            let Some(subject) = seen.data.at(&p.subject).and_then(subject_text) else {
                 continue;
             };
             let value = match (&p.measure, &p.field) {
                 (Measure::Sum, Some(field)) => {
-                    match field.get(seen.data).and_then(serde_json::Value::as_f64) {
+                    match seen.data.at(field).and_then(serde_json::Value::as_f64) {
                         Some(v) if v.is_finite() => units(v),
                         _ => continue,
                     }
@@ -764,7 +775,7 @@ impl Needed {
     /// An event's payload with only the fields some policy reads (and
     /// `also`); the others are skipped without being copied. `None` when
     /// it is not a JSON object.
-    pub fn parse(&self, data: &str, also: &[&str]) -> Option<serde_json::Value> {
+    pub fn parse<'a>(&self, data: &'a str, also: &[&str]) -> Option<Payload<'a>> {
         use serde::de::DeserializeSeed;
         let mut de = serde_json::Deserializer::from_str(data);
         Select {
@@ -782,7 +793,7 @@ struct Select<'a> {
 }
 
 impl<'de> serde::de::DeserializeSeed<'de> for Select<'_> {
-    type Value = serde_json::Value;
+    type Value = Payload<'de>;
 
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_map(self)
@@ -790,22 +801,57 @@ impl<'de> serde::de::DeserializeSeed<'de> for Select<'_> {
 }
 
 impl<'de> serde::de::Visitor<'de> for Select<'_> {
-    type Value = serde_json::Value;
+    type Value = Payload<'de>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a JSON object")
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut out = serde_json::Map::new();
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+        let mut out = Vec::new();
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
             if self.needed.contains(key.as_ref()) || self.also.contains(&key.as_ref()) {
-                out.insert(key.into_owned(), map.next_value::<serde_json::Value>()?);
+                let value = map.next_value::<serde_json::Value>()?;
+                // As a JSON object: the last of a repeated key counts.
+                out.retain(|(k, _): &(Cow<str>, _)| *k != key);
+                out.push((key, value));
             } else {
                 map.next_value::<serde::de::IgnoredAny>()?;
             }
         }
-        Ok(serde_json::Value::Object(out))
+        Ok(Payload(out))
+    }
+}
+
+/// The top-level fields of a payload that policies read, as a short list
+/// (building a JSON object's map for them cost more than reading them).
+#[derive(Debug, Default)]
+pub struct Payload<'a>(Vec<(Cow<'a, str>, serde_json::Value)>);
+
+impl Payload<'_> {
+    /// A whole payload, copied.
+    #[cfg(test)]
+    pub fn of(value: &serde_json::Value) -> Payload<'static> {
+        Payload(
+            value
+                .as_object()
+                .map(|o| {
+                    o.iter()
+                        .map(|(k, v)| (Cow::Owned(k.clone()), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        )
+    }
+
+    /// A top-level field.
+    pub fn get(&self, key: &str) -> Option<&serde_json::Value> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    /// The value at a path.
+    pub fn at(&self, path: &super::spec::Path) -> Option<&serde_json::Value> {
+        path.get_under(self.get(path.first())?)
     }
 }
 
@@ -884,12 +930,36 @@ mod tests {
                 id: &id,
                 trace_id: "t",
                 at_ms,
-                data: &data,
+                data: &Payload::of(&data),
             },
             true,
             1000,
             out,
         );
+    }
+
+    #[test]
+    fn a_replaced_or_removed_policy_leaves_its_windows_behind_by_key() {
+        let stamped = |at: &str| {
+            let mut p = (*count_policy("10s", 5, "1m", "2s")).clone();
+            p.policy.updated_at = Some(at.into());
+            Arc::new(p)
+        };
+        let mut eval = TenantEval::new(vec![stamped("t1")], None);
+        let mut out = Vec::new();
+        event(&mut eval, 1_000_000, "a1", &mut out);
+        event(&mut eval, 1_000_000, "a2", &mut out);
+        // The same version: carried over, nothing dropped.
+        let eval = TenantEval::new(vec![stamped("t1")], Some(eval));
+        assert!(eval.dropped.is_empty());
+        assert_eq!(eval.held(), 2);
+        // A new version: its subjects start over, their saved keys named.
+        let eval = TenantEval::new(vec![stamped("t2")], Some(eval));
+        let mut dropped = eval.dropped.clone();
+        dropped.sort();
+        assert_eq!(dropped, vec!["p:a1".to_string(), "p:a2".to_string()]);
+        assert_eq!(eval.held(), 0);
+        assert!(eval.subject("p", "a1").is_none());
     }
 
     #[test]
@@ -963,7 +1033,7 @@ mod tests {
                     id: "x",
                     trace_id: "t",
                     at_ms: at,
-                    data: &data,
+                    data: &Payload::of(&data),
                 },
                 true,
                 10,
@@ -1005,7 +1075,7 @@ mod tests {
                     id: "x",
                     trace_id: "t",
                     at_ms: 1_000,
-                    data: &serde_json::json!({"agent_id": format!("a{i}")}),
+                    data: &Payload::of(&serde_json::json!({"agent_id": format!("a{i}")})),
                 },
                 true,
                 3,
@@ -1031,7 +1101,7 @@ mod tests {
                     id,
                     trace_id: "trace-2",
                     at_ms: at,
-                    data: &data,
+                    data: &Payload::of(&data),
                 },
                 false,
                 10,
@@ -1068,7 +1138,7 @@ mod tests {
                     id: "x",
                     trace_id: "t",
                     at_ms: at,
-                    data: &data,
+                    data: &Payload::of(&data),
                 },
                 false,
                 10,
@@ -1145,7 +1215,7 @@ mod tests {
                         id: &format!("e{t}"),
                         trace_id: "t",
                         at_ms: t,
-                        data: &data,
+                        data: &Payload::of(&data),
                     },
                     true,
                     100,

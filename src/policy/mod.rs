@@ -225,8 +225,8 @@ fn unavailable(e: crate::state::StateError) -> ApiError {
 }
 
 /// Whether a payload is one a policy published.
-fn generated(data: &serde_json::Value) -> bool {
-    data.get("generated_by").and_then(|v| v.as_str()) == Some(GENERATED_BY)
+fn generated(generated_by: Option<&serde_json::Value>) -> bool {
+    generated_by.and_then(|v| v.as_str()) == Some(GENERATED_BY)
 }
 
 fn format_ms(ms: u64) -> String {
@@ -362,11 +362,13 @@ impl Policies {
 
     /// Puts a tenant's policies in place, carrying over the windows of
     /// the unchanged ones.
-    fn install(&self, tenant: &str, policies: Vec<Arc<Compiled>>) {
+    /// Returns the saved-window keys of the subjects not carried over.
+    fn install(&self, tenant: &str, policies: Vec<Arc<Compiled>>) -> Vec<String> {
         let inner = &self.inner;
         let mut tenants = lock(&inner.tenants);
         let old = tenants.remove(tenant);
-        let eval = TenantEval::new(policies, old);
+        let mut eval = TenantEval::new(policies, old);
+        let dropped = std::mem::take(&mut eval.dropped);
         let wants = Arc::new(eval.wants_index());
         if eval.is_empty() {
             write(&inner.gate.wanted).remove(tenant);
@@ -374,6 +376,7 @@ impl Policies {
             write(&inner.gate.wanted).insert(tenant.to_string(), wants);
             tenants.insert(tenant.to_string(), eval);
         }
+        dropped
     }
 
     /// Reads a tenant's policies from the state store again.
@@ -385,7 +388,17 @@ impl Policies {
                     .filter_map(|(_, text)| spec::read(text.as_bytes()).and_then(spec::check).ok())
                     .map(Arc::new)
                     .collect();
-                self.install(tenant, policies);
+                let dropped = self.install(tenant, policies);
+                // A replaced or deleted policy's windows are not restored
+                // after a restart: its saved ones go.
+                if !dropped.is_empty() && self.inner.acting.load(Ordering::Acquire) {
+                    let tenant = tenant.to_string();
+                    let deletes = dropped
+                        .into_iter()
+                        .map(|key| Saving::Delete(tenant.clone(), key))
+                        .collect();
+                    self.queue_saving(deletes).await;
+                }
             }
             Err(e) => tracing::warn!(tenant, "policies not reloaded: {e}"),
         }
@@ -449,7 +462,7 @@ impl Policies {
         let kind = event.event_type.as_str();
         if (kind.starts_with("policy.") || kind.starts_with("runaway_loop."))
             && let Ok(data) = serde_json::from_str::<serde_json::Value>(event.data.get())
-            && generated(&data)
+            && generated(data.get("generated_by"))
         {
             // A policy's own event: another instance's change or firing.
             if data.get("instance").and_then(|v| v.as_str()) != Some(&inner.instance) {
@@ -474,7 +487,7 @@ impl Policies {
             let Some(data) = eval.needed().parse(event.data.get(), &["generated_by"]) else {
                 return;
             };
-            if generated(&data) {
+            if generated(data.get("generated_by")) {
                 return;
             }
             let before = eval.refused;
@@ -967,7 +980,7 @@ impl Policies {
             let Some(data) = eval.needed().parse(event.data.get(), &["generated_by"]) else {
                 continue;
             };
-            if generated(&data) {
+            if generated(data.get("generated_by")) {
                 continue;
             }
             let Some(at) = clock::parse_timestamp(&event.timestamp) else {

@@ -205,13 +205,14 @@ impl Path {
         Ok(Self(parts))
     }
 
-    /// The value at this path of a payload.
-    pub fn get<'a>(&self, data: &'a serde_json::Value) -> Option<&'a serde_json::Value> {
-        self.0.iter().try_fold(data, |v, key| v.get(key))
-    }
-
     pub fn text(&self) -> String {
         self.0.join(".")
+    }
+
+    /// The value at the rest of this path (after its first word) under
+    /// `top`, the value of that first word.
+    pub fn get_under<'a>(&self, top: &'a serde_json::Value) -> Option<&'a serde_json::Value> {
+        self.0.iter().skip(1).try_fold(top, |v, key| v.get(key))
     }
 
     /// Its first word: the top-level payload field it starts from.
@@ -506,7 +507,9 @@ mod tests {
     fn paths_reach_into_objects() {
         let p = Path::parse("subject", "tags.team").unwrap();
         let data = serde_json::json!({"tags": {"team": "ml"}});
-        assert_eq!(p.get(&data), Some(&serde_json::json!("ml")));
-        assert_eq!(p.get(&serde_json::json!({"tags": 1})), None);
+        let at = |data: &serde_json::Value| crate::policy::eval::Payload::of(data).at(&p).cloned();
+        assert_eq!(at(&data), Some(serde_json::json!("ml")));
+        assert_eq!(at(&serde_json::json!({"tags": 1})), None);
+        assert_eq!(at(&serde_json::json!({"team": "ml"})), None);
     }
 }
