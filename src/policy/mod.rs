@@ -141,7 +141,7 @@ struct Inner {
 /// A write of a subject's window (table `policy_windows`, key
 /// `<policy id>:<subject>`).
 enum Saving {
-    Put(String, String, SubjectState),
+    Put(String, String, Box<SubjectState>),
     Delete(String, String),
 }
 
@@ -517,7 +517,7 @@ impl Policies {
                             firings.push(Saving::Put(
                                 event.tenant_id.clone(),
                                 format!("{}:{}", f.policy_id, f.subject),
-                                state.clone(),
+                                Box::new(state.clone()),
                             ));
                         }
                         &f.policy_id
@@ -687,7 +687,7 @@ impl Policies {
                 .flat_map(|(tenant, eval)| {
                     eval.take_changed()
                         .into_iter()
-                        .map(move |(key, state)| Saving::Put(tenant.clone(), key, state))
+                        .map(move |(key, state)| Saving::Put(tenant.clone(), key, Box::new(state)))
                         .collect::<Vec<_>>()
                 })
                 .collect()
