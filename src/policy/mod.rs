@@ -64,10 +64,6 @@ const TICK: Duration = Duration::from_secs(1);
 /// another instance), and one of them may keep a subject firing.
 const SETTLE_LAG: Duration = Duration::from_secs(1);
 
-/// How often changed windows are saved: what a crash of every instance
-/// can take from them.
-pub const SAVE_INTERVAL: Duration = Duration::from_secs(2);
-
 /// Settings of policies: flags and `TC_*` variables of `serve`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PolicySettings {
@@ -82,7 +78,7 @@ pub struct PolicySettings {
     pub policy_max_per_tenant: usize,
 
     /// Subjects (agents, workflows, ... one per policy) whose windows one
-    /// tenant's policies follow at once, about 250 bytes each; past it a
+    /// tenant's policies follow at once, about 300 bytes each; past it a
     /// new subject is not followed until idle ones are forgotten (counted
     /// in `tc_policy_refused_subjects_total`).
     #[arg(long, env = "TC_POLICY_MAX_SUBJECTS", default_value_t = 10_000, value_parser = crate::config::parse::positive)]
@@ -93,6 +89,13 @@ pub struct PolicySettings {
     /// over within this after it dies.
     #[arg(long, env = "TC_POLICY_LEASE", default_value = "5s", value_parser = crate::config::parse::duration)]
     pub policy_lease: Duration,
+
+    /// How often the acting instance saves the windows that changed (a
+    /// firing is saved at once, everything at a graceful stop): what a
+    /// `kill -9` can lose of the counting. Each save writes every changed
+    /// subject, so a short interval costs store writes under load.
+    #[arg(long, env = "TC_POLICY_SAVE_INTERVAL", default_value = "10s", value_parser = crate::config::parse::duration)]
+    pub policy_save_interval: Duration,
 }
 
 impl Default for PolicySettings {
@@ -433,7 +436,7 @@ impl Policies {
                         self.evaluate(&event).await;
                     }
                     self.tick().await;
-                    if last_save.elapsed() >= SAVE_INTERVAL {
+                    if last_save.elapsed() >= self.inner.settings.policy_save_interval {
                         last_save = tokio::time::Instant::now();
                         self.save(false).await;
                     }
