@@ -149,9 +149,9 @@ enum Saving {
 }
 
 /// Batches of window writes waiting for the saver, at most. A firing's
-/// batch is its subject alone; a periodic save (every subject changed in
-/// 2 s) is skipped while more than [`PERIODIC_QUEUED`] wait, so at most a
-/// few large batches are ever queued.
+/// batch is its subject alone; a periodic save (every subject changed
+/// since the last) is skipped while more than [`PERIODIC_QUEUED`] wait, so
+/// at most a few large batches are ever queued.
 const SAVES_QUEUED: usize = 64;
 const PERIODIC_QUEUED: usize = 2;
 
