@@ -124,6 +124,30 @@ pub enum Access {
     Write,
 }
 
+/// The caller's tenant, for a service read with either of `(read, write)`
+/// and changed with `write`.
+fn tenant_service(
+    identity: &Identity,
+    access: Access,
+    (read, write): (&'static str, &'static str),
+) -> Result<String, ApiError> {
+    match access {
+        Access::Read => identity.require_any(&[read, write])?,
+        Access::Write => identity.require(write)?,
+    }
+    Ok(identity.acting_tenant("")?)
+}
+
+/// A service this instance may not run (tests build `App` without it).
+fn running<'a, T>(service: Option<&'a T>, what: &str) -> Result<&'a T, ApiError> {
+    service.ok_or_else(|| {
+        ApiError::new(
+            Code::Unavailable,
+            format!("{what} are not running on this instance"),
+        )
+    })
+}
+
 /// Parameters of a subscription, as any surface receives them.
 #[derive(Debug, Clone, Default)]
 pub struct SubscribeParams {
@@ -380,18 +404,9 @@ impl App {
         identity: &Identity,
         access: Access,
     ) -> Result<(String, &Policies), ApiError> {
-        match access {
-            Access::Read => identity.require_any(&[ENFORCEMENT_READ, ENFORCEMENT_WRITE])?,
-            Access::Write => identity.require(ENFORCEMENT_WRITE)?,
-        }
-        let tenant = identity.acting_tenant("")?;
-        let policies = self.policies.as_ref().ok_or_else(|| {
-            ApiError::new(
-                Code::Unavailable,
-                "policies are not running on this instance",
-            )
-        })?;
-        Ok((tenant, policies))
+        let scopes = (ENFORCEMENT_READ, ENFORCEMENT_WRITE);
+        let tenant = tenant_service(identity, access, scopes)?;
+        Ok((tenant, running(self.policies.as_ref(), "policies")?))
     }
 
     /// The caller's tenant's policies.
@@ -506,18 +521,9 @@ impl App {
         identity: &Identity,
         access: Access,
     ) -> Result<(String, &Webhooks), ApiError> {
-        match access {
-            Access::Read => identity.require_any(&[INTEGRATION_READ, INTEGRATION_WRITE])?,
-            Access::Write => identity.require(INTEGRATION_WRITE)?,
-        }
-        let tenant = identity.acting_tenant("")?;
-        let webhooks = self.webhooks.as_ref().ok_or_else(|| {
-            ApiError::new(
-                Code::Unavailable,
-                "webhooks are not running on this instance",
-            )
-        })?;
-        Ok((tenant, webhooks))
+        let scopes = (INTEGRATION_READ, INTEGRATION_WRITE);
+        let tenant = tenant_service(identity, access, scopes)?;
+        Ok((tenant, running(self.webhooks.as_ref(), "webhooks")?))
     }
 
     /// Verifies an `authorization` header value; `active_tenant` is the

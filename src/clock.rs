@@ -70,6 +70,18 @@ pub fn instant_at(unix_secs: u64) -> tokio::time::Instant {
     start.checked_add(wait).unwrap_or(start)
 }
 
+/// True at most once per wall-clock second: for a warning that would
+/// otherwise be logged for every event (a queue that stays full).
+#[derive(Debug, Default)]
+pub struct OncePerSecond(std::sync::atomic::AtomicU64);
+
+impl OncePerSecond {
+    pub fn due(&self) -> bool {
+        let now = unix_secs();
+        self.0.swap(now, std::sync::atomic::Ordering::Relaxed) != now
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -130,15 +130,25 @@ pub struct SubjectState {
 }
 
 impl SubjectState {
+    /// Within the cooldown of its last firing at `t`.
+    fn cooling(&self, p: &Compiled, t: u64) -> bool {
+        self.last_fired_ms
+            .is_some_and(|f| t.saturating_sub(f) < ms(p.cooldown))
+    }
+
+    fn fire(&mut self, t: u64) {
+        self.fired_ms = Some(t);
+        self.last_fired_ms = Some(t);
+        self.below_ms = None;
+    }
+
     /// Nothing left to remember: an empty window at `now`, not firing,
     /// past its cooldown.
     fn idle(&self, p: &Compiled, now_ms: u64) -> bool {
         let bucket = bucket_ms(p);
         self.fired_ms.is_none()
             && self.window.measure(now_ms / bucket) == 0
-            && self
-                .last_fired_ms
-                .is_none_or(|f| now_ms.saturating_sub(f) >= ms(p.cooldown))
+            && !self.cooling(p, now_ms)
     }
 }
 
@@ -542,14 +552,8 @@ impl TenantEval {
             if measure >= threshold {
                 if state.fired_ms.is_some() {
                     state.below_ms = None;
-                } else if acting
-                    && state
-                        .last_fired_ms
-                        .is_none_or(|f| t.saturating_sub(f) >= ms(p.cooldown))
-                {
-                    state.fired_ms = Some(t);
-                    state.last_fired_ms = Some(t);
-                    state.below_ms = None;
+                } else if acting && !state.cooling(p, t) {
+                    state.fire(t);
                     out.push(Outcome::Fired(Fired {
                         policy_id: p.policy.id.clone(),
                         subject: subject.to_string(),
@@ -594,17 +598,10 @@ impl TenantEval {
                 let bucket = bucket_ms(p);
                 let t = state.last_ms;
                 let measure = state.window.measure(t / bucket);
-                if state.fired_ms.is_some()
-                    || measure < units(p.threshold)
-                    || state
-                        .last_fired_ms
-                        .is_some_and(|f| t.saturating_sub(f) < ms(p.cooldown))
-                {
+                if state.fired_ms.is_some() || measure < units(p.threshold) || state.cooling(p, t) {
                     continue;
                 }
-                state.fired_ms = Some(t);
-                state.last_fired_ms = Some(t);
-                state.below_ms = None;
+                state.fire(t);
                 state.changed = true;
                 out.push(Outcome::Fired(Fired {
                     policy_id: p.policy.id.clone(),
@@ -633,11 +630,7 @@ impl TenantEval {
         };
         state.changed = true;
         match fired_ms {
-            Some(at) => {
-                state.fired_ms = Some(at);
-                state.last_fired_ms = Some(at);
-                state.below_ms = None;
-            }
+            Some(at) => state.fire(at),
             None => {
                 state.fired_ms = None;
                 state.below_ms = None;

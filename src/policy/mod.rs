@@ -173,7 +173,7 @@ impl Gate {
         let observer = Observer {
             tx,
             gate: Arc::clone(&gate),
-            last_warning: AtomicU64::new(0),
+            warning: clock::OncePerSecond::default(),
         };
         (Box::new(observer), Queue(rx), gate)
     }
@@ -1073,7 +1073,7 @@ pub struct Queue(mpsc::Receiver<SharedEvent>);
 struct Observer {
     tx: mpsc::Sender<SharedEvent>,
     gate: Arc<Gate>,
-    last_warning: AtomicU64,
+    warning: clock::OncePerSecond,
 }
 
 impl Persist for Observer {
@@ -1090,8 +1090,7 @@ impl Persist for Observer {
         }
         if self.tx.try_send(Arc::clone(event)).is_err() {
             self.gate.metrics.dropped.inc();
-            let now = clock::unix_secs();
-            if self.last_warning.swap(now, Ordering::Relaxed) != now {
+            if self.warning.due() {
                 tracing::error!(
                     tenant = %event.tenant_id,
                     event_id = %event.id,

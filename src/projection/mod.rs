@@ -10,7 +10,6 @@ pub mod cost;
 pub mod entities;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -589,7 +588,7 @@ impl Projections {
         let observer = Observer {
             tx,
             metrics: Arc::clone(&self.metrics),
-            last_warning: AtomicU64::new(0),
+            warning: clock::OncePerSecond::default(),
         };
         (Box::new(observer), Queue(rx))
     }
@@ -635,7 +634,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Observer {
     tx: mpsc::Sender<SharedEvent>,
     metrics: Arc<Metrics>,
-    last_warning: AtomicU64,
+    warning: clock::OncePerSecond,
 }
 
 impl Persist for Observer {
@@ -645,8 +644,7 @@ impl Persist for Observer {
         }
         if self.tx.try_send(Arc::clone(event)).is_err() {
             self.metrics.dropped.inc();
-            let now = clock::unix_secs();
-            if self.last_warning.swap(now, Ordering::Relaxed) != now {
+            if self.warning.due() {
                 tracing::error!(
                     tenant = %event.tenant_id,
                     event_id = %event.id,

@@ -321,7 +321,7 @@ impl Webhooks {
         let tap = Tap {
             tx,
             inner: Arc::clone(&self.inner),
-            last_warning: AtomicU64::new(0),
+            warning: clock::OncePerSecond::default(),
         };
         Ok((
             Running {
@@ -904,7 +904,7 @@ pub struct Replayed {
 struct Tap {
     tx: mpsc::Sender<SharedEvent>,
     inner: Arc<Inner>,
-    last_warning: AtomicU64,
+    warning: clock::OncePerSecond,
 }
 
 impl Persist for Tap {
@@ -920,8 +920,7 @@ impl Persist for Tap {
         }
         if self.tx.try_send(Arc::clone(event)).is_err() {
             self.inner.metrics.dropped.inc();
-            let now = clock::unix_secs();
-            if self.last_warning.swap(now, Ordering::Relaxed) != now {
+            if self.warning.due() {
                 tracing::error!(
                     tenant = %event.tenant_id,
                     event_id = %event.id,

@@ -278,39 +278,11 @@ pub async fn grpc_stream_steady(
     recorder: &Recorder,
     duration: Duration,
 ) -> anyhow::Result<u64> {
-    let mut client = EventBrokerClient::connect(grpc.to_string()).await?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<PublishStreamRequest>(65_536);
-    let mut acks = client
-        .publish_stream(authed(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-            token,
-        ))
-        .await?
-        .into_inner();
-    let drain = tokio::spawn(async move { while let Some(Ok(_)) = acks.next().await {} });
-    // What is due in a 1 ms tick goes in one message, as a producer that
-    // buffers briefly would send it.
-    let measured = pace(rate, duration, recorder, |first, count| {
-        let events = (first..first + count)
-            .map(|i| {
-                let tenant =
-                    (!tenants.is_empty()).then(|| tenants[i as usize % tenants.len()].as_str());
-                event(tenant)
-            })
-            .collect();
-        let tx = tx.clone();
-        async move {
-            tx.send(PublishStreamRequest {
-                events,
-                ..Default::default()
-            })
-            .await
-            .is_ok()
-        }
-    })
-    .await;
-    drop(tx);
-    let _ = drain.await;
+    let make = |i: u64| {
+        let tenant = (!tenants.is_empty()).then(|| tenants[i as usize % tenants.len()].as_str());
+        event(tenant)
+    };
+    let (measured, _acked) = stream_paced(grpc, token, rate, duration, recorder, make).await?;
     Ok(measured)
 }
 
@@ -324,6 +296,23 @@ pub async fn grpc_stream_paced(
     duration: Duration,
     make: impl Fn(u64) -> proto::Event,
 ) -> anyhow::Result<u64> {
+    let recorder = Recorder::new();
+    recorder.measuring.store(true, Ordering::Relaxed);
+    let (_, acked) = stream_paced(grpc, token, rate, duration, &recorder, make).await?;
+    acked
+}
+
+/// One stream publishing `make(i)` at `rate` for `duration`: the count
+/// sent while `recorder` measured, and the count acknowledged (or why
+/// the stream ended early).
+async fn stream_paced(
+    grpc: &str,
+    token: &str,
+    rate: u64,
+    duration: Duration,
+    recorder: &Recorder,
+    make: impl Fn(u64) -> proto::Event,
+) -> anyhow::Result<(u64, anyhow::Result<u64>)> {
     let mut client = EventBrokerClient::connect(grpc.to_string()).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<PublishStreamRequest>(65_536);
     let mut acks = client
@@ -343,9 +332,9 @@ pub async fn grpc_stream_paced(
         }
         Ok(acked)
     });
-    let recorder = Recorder::new();
-    recorder.measuring.store(true, Ordering::Relaxed);
-    pace(rate, duration, &recorder, |first, count| {
+    // What is due in a 1 ms tick goes in one message, as a producer that
+    // buffers briefly would send it.
+    let measured = pace(rate, duration, recorder, |first, count| {
         let events = (first..first + count).map(&make).collect();
         let tx = tx.clone();
         async move {
@@ -359,7 +348,7 @@ pub async fn grpc_stream_paced(
     })
     .await;
     drop(tx);
-    drain.await?
+    Ok((measured, drain.await?))
 }
 
 /// Every 1 ms, calls `send(first, count)` with the events due by then, so
