@@ -106,6 +106,52 @@ impl Window {
     }
 }
 
+/// A time in Unix ms, or none: 8 bytes where an `Option<u64>` takes 16
+/// (a subject's state is read for every event counted). Saved as an
+/// `Option<u64>`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(from = "Option<u64>", into = "Option<u64>")]
+struct At(u64);
+
+impl At {
+    const NONE: At = At(u64::MAX);
+
+    fn some(t: u64) -> At {
+        // `u64::MAX` ms is past any clock.
+        At(t.min(u64::MAX - 1))
+    }
+
+    fn get(self) -> Option<u64> {
+        (self != At::NONE).then_some(self.0)
+    }
+
+    fn is_some(self) -> bool {
+        self != At::NONE
+    }
+
+    fn is_none(self) -> bool {
+        self == At::NONE
+    }
+}
+
+impl Default for At {
+    fn default() -> Self {
+        At::NONE
+    }
+}
+
+impl From<Option<u64>> for At {
+    fn from(t: Option<u64>) -> Self {
+        t.map_or(At::NONE, At::some)
+    }
+}
+
+impl From<At> for Option<u64> {
+    fn from(t: At) -> Self {
+        t.get()
+    }
+}
+
 /// What is kept of one subject of one policy. In this order (`repr(C)`):
 /// what every event reads shares a cache line with the window's head.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -114,11 +160,11 @@ pub struct SubjectState {
     /// The time of its latest event, Unix ms.
     last_ms: u64,
     /// Firing since (not resolved).
-    fired_ms: Option<u64>,
+    fired_ms: At,
     /// While firing: under the threshold continuously since.
-    below_ms: Option<u64>,
+    below_ms: At,
     /// Its last firing, for the cooldown.
-    last_fired_ms: Option<u64>,
+    last_fired_ms: At,
     /// Changed since it was last saved.
     #[serde(skip)]
     changed: bool,
@@ -126,20 +172,25 @@ pub struct SubjectState {
     /// Its latest event's id and trace id: what an instance taking over
     /// names when it fires for a breach the previous one left unfired.
     #[serde(default)]
-    last_event: (String, String),
+    last_event: Option<Box<(String, String)>>,
 }
+
+// What every event reads (times, `changed`, the window's head) fits the
+// first cache line; the whole state is 224 bytes.
+const _: () = assert!(std::mem::size_of::<SubjectState>() == 224);
 
 impl SubjectState {
     /// Within the cooldown of its last firing at `t`.
     fn cooling(&self, p: &Compiled, t: u64) -> bool {
         self.last_fired_ms
+            .get()
             .is_some_and(|f| t.saturating_sub(f) < ms(p.cooldown))
     }
 
     fn fire(&mut self, t: u64) {
-        self.fired_ms = Some(t);
-        self.last_fired_ms = Some(t);
-        self.below_ms = None;
+        self.fired_ms = At::some(t);
+        self.last_fired_ms = At::some(t);
+        self.below_ms = At::NONE;
     }
 
     /// Nothing left to remember: an empty window at `now`, not firing,
@@ -286,33 +337,37 @@ impl Key {
         }
     }
 
-    fn as_str(&self) -> &str {
+    fn bytes(&self) -> &[u8] {
         match self {
-            // Copied from a `&str` whole: always UTF-8.
-            Key::Inline { len, bytes } => {
-                std::str::from_utf8(&bytes[..*len as usize]).unwrap_or("")
-            }
-            Key::Heap(text) => text,
+            Key::Inline { len, bytes } => &bytes[..*len as usize],
+            Key::Heap(text) => text.as_bytes(),
         }
+    }
+
+    fn as_str(&self) -> &str {
+        // Copied from a `&str` whole: always UTF-8.
+        std::str::from_utf8(self.bytes()).unwrap_or("")
     }
 }
 
-impl std::borrow::Borrow<str> for Key {
-    fn borrow(&self) -> &str {
-        self.as_str()
+/// Found by bytes: a lookup compares bytes without checking again that
+/// they are UTF-8.
+impl std::borrow::Borrow<[u8]> for Key {
+    fn borrow(&self) -> &[u8] {
+        self.bytes()
     }
 }
 
 impl std::hash::Hash for Key {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        // As `str` hashes: lookups by `&str` find it.
-        self.as_str().hash(state);
+        // As `[u8]` hashes: lookups by bytes find it.
+        self.bytes().hash(state);
     }
 }
 
 impl PartialEq for Key {
     fn eq(&self, other: &Self) -> bool {
-        self.as_str() == other.as_str()
+        self.bytes() == other.bytes()
     }
 }
 
@@ -332,6 +387,9 @@ const MATCHING_MEMO: usize = 1024;
 #[derive(Default)]
 pub struct TenantEval {
     policies: Vec<Arc<Compiled>>,
+    /// Per policy, its subject path's slot: policies with the same path
+    /// share one, so an event's subject is read once for all of them.
+    slots: Vec<usize>,
     /// Policy index by exact type, by prefix (with its dot), and for `*`.
     by_type: HashMap<String, Vec<usize>>,
     by_prefix: HashMap<String, Vec<usize>>,
@@ -372,6 +430,12 @@ impl TenantEval {
                 }
             }
             eval.needed.add(&p);
+            let slot = eval
+                .policies
+                .iter()
+                .position(|o| o.subject == p.subject)
+                .map_or(index, |o| eval.slots[o]);
+            eval.slots.push(slot);
             eval.policies.push(p);
         }
         if let Some(old) = keep {
@@ -473,14 +537,16 @@ impl TenantEval {
         let matching = self.matching(seen.event_type);
         let Self {
             policies,
+            slots,
             subjects,
             held,
             refused,
             ..
         } = self;
-        // The subject last found, and its states: policies watching the
-        // same subject share one lookup.
-        let mut current: Option<(std::borrow::Cow<str>, &mut Followed)> = None;
+        // The subject last found (its slot, its text) and its states:
+        // policies watching the same subject share one reading of it and
+        // one lookup.
+        let mut current: Option<(usize, Cow<str>, &mut Followed)> = None;
         for &index in matching.iter() {
             let p = &policies[index];
             if !p
@@ -490,34 +556,38 @@ impl TenantEval {
             {
                 continue;
             }
-            let Some(subject) = seen.data.at(&p.subject).and_then(subject_text) else {
-                continue;
-            };
             let value = match (&p.measure, &p.field) {
-                (Measure::Sum, Some(field)) => {
-                    match seen.data.at(field).and_then(serde_json::Value::as_f64) {
-                        Some(v) if v.is_finite() => units(v),
-                        _ => continue,
-                    }
-                }
+                (Measure::Sum, Some(field)) => match seen.data.at(field).and_then(Found::as_f64) {
+                    Some(v) if v.is_finite() => units(v),
+                    _ => continue,
+                },
                 _ => units(1.0),
             };
-            let threshold = units(p.threshold);
-            if !matches!(&current, Some((k, _)) if *k == subject) {
-                current = None;
-                let list = match subjects.get_mut(subject.as_ref()) {
-                    Some(list) => list,
-                    None if *held >= max_subjects => {
-                        *refused += 1;
-                        continue;
-                    }
-                    None => subjects.entry(Key::new(&subject)).or_default(),
+            let slot = slots[index];
+            if !matches!(&current, Some((s, ..)) if *s == slot) {
+                let Some(subject) = seen.data.at(&p.subject).and_then(subject_text) else {
+                    continue;
                 };
-                current = Some((subject.clone(), list));
+                match &mut current {
+                    Some((s, k, _)) if *k == subject => *s = slot,
+                    _ => {
+                        current = None;
+                        let list = match subjects.get_mut(subject.as_bytes()) {
+                            Some(list) => list,
+                            None if *held >= max_subjects => {
+                                *refused += 1;
+                                continue;
+                            }
+                            None => subjects.entry(Key::new(&subject)).or_default(),
+                        };
+                        current = Some((slot, subject, list));
+                    }
+                }
             }
-            let Some((_, list)) = current.as_mut() else {
+            let Some((_, subject, list)) = current.as_mut() else {
                 continue;
             };
+            let threshold = units(p.threshold);
             let at = match list.position(index) {
                 Some(at) => at,
                 None => {
@@ -540,18 +610,18 @@ impl TenantEval {
                     fired_ms: fired,
                 }));
             }
-            let bucket = bucket_ms(p);
-            state.window.add(t / bucket, value);
+            let bucket = t / bucket_ms(p);
+            state.window.add(bucket, value);
             state.last_ms = t;
-            let measure = state.window.measure(t / bucket);
+            let measure = state.window.measure(bucket);
             if measure >= threshold && !acting && state.fired_ms.is_none() {
                 // A breach the acting instance should be firing for: what
                 // this one names if it takes over before learning of it.
-                state.last_event = (seen.id.to_string(), seen.trace_id.to_string());
+                state.last_event = Some(Box::new((seen.id.to_string(), seen.trace_id.to_string())));
             }
             if measure >= threshold {
                 if state.fired_ms.is_some() {
-                    state.below_ms = None;
+                    state.below_ms = At::NONE;
                 } else if acting && !state.cooling(p, t) {
                     state.fire(t);
                     out.push(Outcome::Fired(Fired {
@@ -565,7 +635,7 @@ impl TenantEval {
                 }
             } else if state.fired_ms.is_some() && state.below_ms.is_none() {
                 // A negative amount took it under at this event.
-                state.below_ms = Some(t);
+                state.below_ms = At::some(t);
             }
         }
     }
@@ -603,13 +673,14 @@ impl TenantEval {
                 }
                 state.fire(t);
                 state.changed = true;
+                let last_event = state.last_event.as_deref().cloned().unwrap_or_default();
                 out.push(Outcome::Fired(Fired {
                     policy_id: p.policy.id.clone(),
                     subject: subject.to_string(),
                     at_ms: t,
                     value: value_of(measure),
-                    event_id: state.last_event.0.clone(),
-                    trace_id: state.last_event.1.clone(),
+                    event_id: last_event.0.clone(),
+                    trace_id: last_event.1.clone(),
                 }));
             }
         }
@@ -623,7 +694,7 @@ impl TenantEval {
         };
         let Some(state) = self
             .subjects
-            .get_mut(subject)
+            .get_mut(subject.as_bytes())
             .and_then(|list| list.get_mut(index))
         else {
             return;
@@ -632,8 +703,8 @@ impl TenantEval {
         match fired_ms {
             Some(at) => state.fire(at),
             None => {
-                state.fired_ms = None;
-                state.below_ms = None;
+                state.fired_ms = At::NONE;
+                state.below_ms = At::NONE;
             }
         }
     }
@@ -664,7 +735,7 @@ impl TenantEval {
             .policies
             .iter()
             .position(|p| p.policy.id == policy_id)?;
-        self.subjects.get(subject)?.get(index)
+        self.subjects.get(subject.as_bytes())?.get(index)
     }
 
     /// Puts a saved subject back (at start); false when its policy is not
@@ -721,8 +792,8 @@ impl TenantEval {
 
 /// Resolves `state` if its resolution is due by `now_ms`: (when, fired).
 fn settle_one(p: &Compiled, state: &mut SubjectState, now_ms: u64) -> Option<(u64, u64)> {
-    let fired = state.fired_ms?;
-    let below = match state.below_ms {
+    let fired = state.fired_ms.get()?;
+    let below = match state.below_ms.get() {
         Some(below) => below,
         None => {
             let bucket = bucket_ms(p);
@@ -736,7 +807,7 @@ fn settle_one(p: &Compiled, state: &mut SubjectState, now_ms: u64) -> Option<(u6
             if at > now_ms {
                 return None;
             }
-            state.below_ms = Some(at);
+            state.below_ms = At::some(at);
             at
         }
     };
@@ -744,16 +815,17 @@ fn settle_one(p: &Compiled, state: &mut SubjectState, now_ms: u64) -> Option<(u6
     if due > now_ms {
         return None;
     }
-    state.fired_ms = None;
-    state.below_ms = None;
+    state.fired_ms = At::NONE;
+    state.below_ms = At::NONE;
     Some((due, fired))
 }
 
 /// The top-level payload fields policies read (the first word of each
 /// subject, `where` and `sum` path), and those the service reads of its
-/// own events.
+/// own events. A short list: a tenant's policies read a handful of
+/// fields, and comparing a key with each costs less than hashing it.
 #[derive(Debug, Default)]
-pub struct Needed(std::collections::HashSet<String>);
+pub struct Needed(Vec<Box<str>>);
 
 impl Needed {
     fn add(&mut self, p: &Compiled) {
@@ -761,13 +833,16 @@ impl Needed {
             .chain(p.field.iter())
             .chain(p.conditions.iter().map(|(path, _)| path));
         for path in paths {
-            self.0.insert(path.first().to_string());
+            if !self.0.iter().any(|n| **n == *path.first()) {
+                self.0.push(path.first().into());
+            }
         }
     }
 
     /// An event's payload with only the fields some policy reads (and
-    /// `also`); the others are skipped without being copied. `None` when
-    /// it is not a JSON object.
+    /// `also`); the others are skipped without being copied, and keys and
+    /// strings without escapes are borrowed, not copied. `None` when it is
+    /// not a JSON object.
     pub fn parse<'a>(&self, data: &'a str, also: &[&str]) -> Option<Payload<'a>> {
         use serde::de::DeserializeSeed;
         let mut de = serde_json::Deserializer::from_str(data);
@@ -781,7 +856,7 @@ impl Needed {
 }
 
 struct Select<'a> {
-    needed: &'a std::collections::HashSet<String>,
+    needed: &'a [Box<str>],
     also: &'a [&'a str],
 }
 
@@ -801,12 +876,13 @@ impl<'de> serde::de::Visitor<'de> for Select<'_> {
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut out = Vec::new();
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            if self.needed.contains(key.as_ref()) || self.also.contains(&key.as_ref()) {
-                let value = map.next_value::<serde_json::Value>()?;
+        let mut out: Vec<(Field<'de>, Field<'de>)> = Vec::new();
+        while let Some(key) = map.next_key_seed(Text)? {
+            let name: &str = &key;
+            if self.needed.iter().any(|n| **n == *name) || self.also.contains(&name) {
+                let value = map.next_value_seed(Text)?;
                 // As a JSON object: the last of a repeated key counts.
-                out.retain(|(k, _): &(Cow<str>, _)| *k != key);
+                out.retain(|(k, _)| **k != *name);
                 out.push((key, value));
             } else {
                 map.next_value::<serde::de::IgnoredAny>()?;
@@ -816,10 +892,126 @@ impl<'de> serde::de::Visitor<'de> for Select<'_> {
     }
 }
 
+/// Reads a key as text, or a value as a [`Field`]: text is borrowed from
+/// the payload when it has no escapes (serde's own `Cow<str>` always
+/// copies).
+struct Text;
+
+impl<'de> serde::de::DeserializeSeed<'de> for Text {
+    type Value = Field<'de>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Text {
+    type Value = Field<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Field::Text(Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Field::Text(Cow::Owned(v.to_string())))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Field::Text(Cow::Owned(v)))
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(Field::Json(v.into()))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Field::Json(v.into()))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Field::Json(v.into()))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(Field::Json(v.into()))
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Field::Json(serde_json::Value::Null))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        use serde::Deserialize;
+        serde_json::Value::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            .map(Field::Json)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        use serde::Deserialize;
+        serde_json::Value::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+            .map(Field::Json)
+    }
+}
+
+/// A payload field as read: text, or any other JSON value.
+#[derive(Debug)]
+pub enum Field<'a> {
+    Text(Cow<'a, str>),
+    Json(serde_json::Value),
+}
+
+impl std::ops::Deref for Field<'_> {
+    type Target = str;
+
+    /// The text of a key (a key is always text).
+    fn deref(&self) -> &str {
+        match self {
+            Field::Text(t) => t,
+            Field::Json(_) => "",
+        }
+    }
+}
+
+/// A value found at a path of a payload.
+#[derive(Debug, Clone, Copy)]
+pub enum Found<'a> {
+    Text(&'a str),
+    Json(&'a serde_json::Value),
+}
+
+impl<'a> Found<'a> {
+    pub fn as_str(self) -> Option<&'a str> {
+        match self {
+            Found::Text(t) => Some(t),
+            Found::Json(v) => v.as_str(),
+        }
+    }
+
+    fn as_f64(self) -> Option<f64> {
+        match self {
+            Found::Text(_) => None,
+            Found::Json(v) => v.as_f64(),
+        }
+    }
+
+    /// A copy as JSON.
+    #[cfg(test)]
+    pub fn to_json(self) -> serde_json::Value {
+        match self {
+            Found::Text(t) => t.into(),
+            Found::Json(v) => v.clone(),
+        }
+    }
+}
+
 /// The top-level fields of a payload that policies read, as a short list
 /// (building a JSON object's map for them cost more than reading them).
 #[derive(Debug, Default)]
-pub struct Payload<'a>(Vec<(Cow<'a, str>, serde_json::Value)>);
+pub struct Payload<'a>(Vec<(Field<'a>, Field<'a>)>);
 
 impl Payload<'_> {
     /// A whole payload, copied.
@@ -830,7 +1022,13 @@ impl Payload<'_> {
                 .as_object()
                 .map(|o| {
                     o.iter()
-                        .map(|(k, v)| (Cow::Owned(k.clone()), v.clone()))
+                        .map(|(k, v)| {
+                            let v = match v {
+                                serde_json::Value::String(s) => Field::Text(Cow::Owned(s.clone())),
+                                v => Field::Json(v.clone()),
+                            };
+                            (Field::Text(Cow::Owned(k.clone())), v)
+                        })
                         .collect()
                 })
                 .unwrap_or_default(),
@@ -838,13 +1036,23 @@ impl Payload<'_> {
     }
 
     /// A top-level field.
-    pub fn get(&self, key: &str) -> Option<&serde_json::Value> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    pub fn get(&self, key: &str) -> Option<Found<'_>> {
+        self.0
+            .iter()
+            .find(|(k, _)| **k == *key)
+            .map(|(_, v)| match v {
+                Field::Text(t) => Found::Text(t),
+                Field::Json(v) => Found::Json(v),
+            })
     }
 
     /// The value at a path.
-    pub fn at(&self, path: &super::spec::Path) -> Option<&serde_json::Value> {
-        path.get_under(self.get(path.first())?)
+    pub fn at(&self, path: &super::spec::Path) -> Option<Found<'_>> {
+        match self.get(path.first())? {
+            Found::Json(top) => path.get_under(top).map(Found::Json),
+            // Text has nothing under it.
+            text => path.is_top().then_some(text),
+        }
     }
 }
 
@@ -854,8 +1062,8 @@ impl Payload<'_> {
 #[derive(Debug, Default)]
 pub struct Wants {
     every: bool,
-    exact: std::collections::HashSet<String>,
-    prefixes: std::collections::HashSet<String>,
+    exact: std::collections::HashSet<String, foldhash::quality::RandomState>,
+    prefixes: std::collections::HashSet<String, foldhash::quality::RandomState>,
 }
 
 impl Wants {
@@ -874,7 +1082,11 @@ fn prefixes(event_type: &str) -> impl Iterator<Item = &str> {
 }
 
 /// Equal as JSON, numbers by value (`5` equals `5.0`).
-fn same(have: &serde_json::Value, want: &serde_json::Value) -> bool {
+fn same(have: Found, want: &serde_json::Value) -> bool {
+    let have = match have {
+        Found::Text(t) => return want.as_str() == Some(t),
+        Found::Json(v) => v,
+    };
     match (have.as_f64(), want.as_f64()) {
         (Some(a), Some(b)) if have.is_number() && want.is_number() => a == b,
         _ => have == want,
@@ -885,11 +1097,12 @@ fn same(have: &serde_json::Value, want: &serde_json::Value) -> bool {
 pub const MAX_SUBJECT: usize = 128;
 
 /// A subject's text: a string (borrowed), a number or a boolean.
-fn subject_text(v: &serde_json::Value) -> Option<std::borrow::Cow<'_, str>> {
+fn subject_text(v: Found<'_>) -> Option<Cow<'_, str>> {
     let text = match v {
-        serde_json::Value::String(s) => std::borrow::Cow::Borrowed(s.as_str()),
-        serde_json::Value::Number(n) => std::borrow::Cow::Owned(n.to_string()),
-        serde_json::Value::Bool(b) => std::borrow::Cow::Owned(b.to_string()),
+        Found::Text(s) => Cow::Borrowed(s),
+        Found::Json(serde_json::Value::String(s)) => Cow::Borrowed(s.as_str()),
+        Found::Json(serde_json::Value::Number(n)) => Cow::Owned(n.to_string()),
+        Found::Json(serde_json::Value::Bool(b)) => Cow::Owned(b.to_string()),
         _ => return None,
     };
     (!text.is_empty() && text.len() <= MAX_SUBJECT).then_some(text)
@@ -928,6 +1141,68 @@ mod tests {
             true,
             1000,
             out,
+        );
+    }
+
+    #[test]
+    fn a_payload_is_read_for_the_fields_policies_need_only() {
+        let budget = policy(serde_json::json!({
+            "id": "b", "name": "b",
+            "match": {"types": ["cost.updated"], "where": {"tags.team": "ml", "n": 5}},
+            "subject": "workflow_id",
+            "condition": {"measure": "sum", "field": "cost_usd", "window": "5m", "threshold": 10},
+            "action": {"kind": "alert"},
+        }));
+        let eval = TenantEval::new(vec![budget], None);
+        let data = r#"{"workflow_id":"wf\u002d1","pad":"x","cost_usd":2.5,"tags":{"team":"ml"},
+            "n":5.0,"workflow_id":"wf-2","generated_by":"policy","nested":{"workflow_id":"no"}}"#;
+        let payload = eval.needed().parse(data, &["generated_by"]).unwrap();
+        // The last of a repeated key counts, as in a JSON object; an
+        // escaped string is decoded.
+        let text = |key: &str| payload.get(key).and_then(Found::as_str);
+        assert_eq!(text("workflow_id"), Some("wf-2"));
+        assert_eq!(text("generated_by"), Some("policy"));
+        // Fields no policy reads are not kept.
+        assert!(payload.get("pad").is_none() && payload.get("nested").is_none());
+        assert_eq!(payload.get("cost_usd").and_then(Found::as_f64), Some(2.5));
+        let team = spec::Path::parse("where", "tags.team").unwrap();
+        assert_eq!(payload.at(&team).and_then(Found::as_str), Some("ml"));
+        assert!(same(payload.get("n").unwrap(), &serde_json::json!(5)));
+        // Text has nothing under it.
+        let under = spec::Path::parse("subject", "workflow_id.x").unwrap();
+        assert!(payload.at(&under).is_none());
+        let escaped = eval
+            .needed()
+            .parse(r#"{"workflow_id":"a\"b"}"#, &[])
+            .unwrap();
+        assert_eq!(
+            escaped.get("workflow_id").and_then(Found::as_str),
+            Some("a\"b")
+        );
+        for bad in ["[1]", "\"text\"", "{\"workflow_id\":", "not json"] {
+            assert!(eval.needed().parse(bad, &[]).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn saved_times_read_as_before() {
+        // States saved before times took 8 bytes: `null` or a number.
+        let mut state = SubjectState::default();
+        state.fire(1_234);
+        let saved = serde_json::to_value(&state).unwrap();
+        assert_eq!(saved["fired_ms"], serde_json::json!(1_234));
+        assert_eq!(saved["below_ms"], serde_json::Value::Null);
+        let back: SubjectState = serde_json::from_value(saved).unwrap();
+        assert_eq!(back.fired_ms.get(), Some(1_234));
+        assert_eq!(back.below_ms.get(), None);
+        let old = serde_json::json!({"last_ms": 5, "fired_ms": null, "below_ms": null,
+            "last_fired_ms": 7, "window": serde_json::to_value(Window::default()).unwrap(),
+            "last_event": ["e1", "t1"]});
+        let old: SubjectState = serde_json::from_value(old).unwrap();
+        assert_eq!(old.last_fired_ms.get(), Some(7));
+        assert_eq!(
+            old.last_event.as_deref(),
+            Some(&("e1".to_string(), "t1".to_string()))
         );
     }
 
@@ -1140,7 +1415,10 @@ mod tests {
         }
         assert!(out.is_empty(), "a follower decides nothing");
         follower.sync("p", "a", Some(1_100));
-        assert_eq!(follower.subject("p", "a").unwrap().fired_ms, Some(1_100));
+        assert_eq!(
+            follower.subject("p", "a").unwrap().fired_ms.get(),
+            Some(1_100)
+        );
         // Taking over, nothing fires again; it resolves as the leader would
         // have.
         follower.take_over(&mut out);

@@ -59,6 +59,15 @@ pub const GENERATED_BY: &str = "policy";
 /// How often resolutions are settled, the lease renewed and other
 /// instances' changes looked for.
 const TICK: Duration = Duration::from_secs(1);
+
+/// Events evaluated per taking of the queue, at most.
+const EVALUATION_BATCH: usize = 256;
+
+/// After catching up, the evaluator waits this long for events to gather
+/// before it takes the queue again: under load it then wakes about once
+/// a millisecond rather than once per event, and a firing is at most this
+/// much later.
+const GATHER: Duration = Duration::from_millis(1);
 /// Resolutions are settled up to this long before now: events stamped
 /// earlier may still be on their way (in another thread, or relayed from
 /// another instance), and one of them may keep a subject firing.
@@ -160,7 +169,8 @@ const PERIODIC_QUEUED: usize = 2;
 /// observer is in place from the start.
 #[derive(Default)]
 pub struct Gate {
-    wanted: RwLock<HashMap<String, Arc<eval::Wants>>>,
+    /// Per tenant (foldhash: asked for every event dispatched).
+    wanted: RwLock<HashMap<String, Arc<eval::Wants>, foldhash::quality::RandomState>>,
     metrics: Metrics,
 }
 
@@ -228,8 +238,8 @@ fn unavailable(e: crate::state::StateError) -> ApiError {
 }
 
 /// Whether a payload is one a policy published.
-fn generated(generated_by: Option<&serde_json::Value>) -> bool {
-    generated_by.and_then(|v| v.as_str()) == Some(GENERATED_BY)
+fn generated(generated_by: Option<eval::Found>) -> bool {
+    generated_by.and_then(eval::Found::as_str) == Some(GENERATED_BY)
 }
 
 fn format_ms(ms: u64) -> String {
@@ -415,26 +425,31 @@ impl Policies {
         let (saves, saving) = mpsc::channel(SAVES_QUEUED);
         *lock(&self.inner.saves) = Some(saves);
         let saver = tokio::spawn(saver(Arc::clone(&self.inner), saving));
-        let mut batch = Vec::with_capacity(256);
+        let mut batch = Vec::with_capacity(EVALUATION_BATCH);
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_save = tokio::time::Instant::now();
         loop {
             tokio::select! {
-                n = rx.recv_many(&mut batch, 256) => {
+                n = rx.recv_many(&mut batch, EVALUATION_BATCH) => {
                     if n == 0 {
                         break;
                     }
-                    for event in batch.drain(..) {
-                        self.evaluate(&event).await;
+                    self.evaluate_all(&batch).await;
+                    batch.clear();
+                    if n < EVALUATION_BATCH {
+                        // Caught up: let events gather for a moment rather
+                        // than be woken for each (a wake-up costs more than
+                        // evaluating an event).
+                        tokio::time::sleep(GATHER).await;
                     }
                 }
                 _ = tick.tick() => {
                     // What is queued first: a resolution is settled only
                     // after the events before it were counted.
-                    while let Ok(event) = rx.try_recv() {
-                        self.evaluate(&event).await;
-                    }
+                    while rx.try_recv().map(|e| batch.push(e)).is_ok() {}
+                    self.evaluate_all(&batch).await;
+                    batch.clear();
                     self.tick().await;
                     if last_save.elapsed() >= self.inner.settings.policy_save_interval {
                         last_save = tokio::time::Instant::now();
@@ -445,9 +460,8 @@ impl Policies {
             }
         }
         rx.close();
-        while let Ok(event) = rx.try_recv() {
-            self.evaluate(&event).await;
-        }
+        while rx.try_recv().map(|e| batch.push(e)).is_ok() {}
+        self.evaluate_all(&batch).await;
         self.save(true).await;
         let inner = &self.inner;
         // Every write queued is done before the lease is given up.
@@ -458,82 +472,122 @@ impl Policies {
         }
     }
 
-    /// One dispatched event.
-    async fn evaluate(&self, event: &SharedEvent) {
+    /// Dispatched events, in order: runs of tenants' events are evaluated
+    /// under one taking of the lock.
+    async fn evaluate_all(&self, events: &[SharedEvent]) {
+        let own = |e: &SharedEvent| {
+            e.event_type.starts_with("policy.") || e.event_type.starts_with("runaway_loop.")
+        };
+        let mut rest = events;
+        while let Some(first) = rest.first() {
+            let n = if own(first) {
+                self.evaluate_own(first).await;
+                1
+            } else {
+                let n = rest.iter().position(own).unwrap_or(rest.len());
+                self.evaluate_run(&rest[..n]).await;
+                n
+            };
+            rest = &rest[n..];
+        }
+    }
+
+    /// A `policy.*` or `runaway_loop.*` event: another instance's change
+    /// or firing to learn from, this one's own (already known), or one a
+    /// tenant published, evaluated as any other.
+    async fn evaluate_own(&self, event: &SharedEvent) {
         let inner = &self.inner;
-        inner.gate.metrics.evaluated.inc();
-        let kind = event.event_type.as_str();
-        if (kind.starts_with("policy.") || kind.starts_with("runaway_loop."))
-            && let Ok(data) = serde_json::from_str::<serde_json::Value>(event.data.get())
-            && generated(data.get("generated_by"))
+        if let Ok(data) = serde_json::from_str::<serde_json::Value>(event.data.get())
+            && generated(data.get("generated_by").map(eval::Found::Json))
         {
-            // A policy's own event: another instance's change or firing.
+            inner.gate.metrics.evaluated.inc();
             if data.get("instance").and_then(|v| v.as_str()) != Some(&inner.instance) {
                 self.learn(event, &data).await;
             }
             return;
         }
-        let Some(at) = clock::parse_timestamp(&event.timestamp) else {
-            return;
-        };
+        self.evaluate_run(std::slice::from_ref(event)).await;
+    }
+
+    /// Tenants' events, none a policy's own.
+    async fn evaluate_run(&self, events: &[SharedEvent]) {
+        let inner = &self.inner;
+        inner.gate.metrics.evaluated.inc_by(events.len() as u64);
         let acting = inner.acting.load(Ordering::Acquire);
         let mut out = Vec::new();
-        let mut fired_for: Vec<Arc<Compiled>> = Vec::new();
+        let mut outcomes: Vec<(&str, Arc<Compiled>, Outcome)> = Vec::new();
         let mut firings = Vec::new();
         {
             let mut tenants = lock(&inner.tenants);
-            let Some(eval) = tenants.get_mut(&event.tenant_id) else {
-                return;
-            };
-            // Only the fields the policies read; never a policy's own
-            // event (no policy feeds itself).
-            let Some(data) = eval.needed().parse(event.data.get(), &["generated_by"]) else {
-                return;
-            };
-            if generated(data.get("generated_by")) {
-                return;
-            }
-            let before = eval.refused;
-            eval.observe(
-                &Seen {
-                    event_type: kind,
-                    id: &event.id,
-                    trace_id: &event.trace_id,
-                    at_ms: to_ms(at),
-                    data: &data,
-                },
-                acting,
-                inner.settings.policy_max_subjects,
-                &mut out,
-            );
-            inner
-                .gate
-                .metrics
-                .refused_subjects
-                .inc_by(eval.refused - before);
-            for o in &out {
-                let id = match o {
-                    Outcome::Fired(f) => {
-                        // A firing is saved at once (its subject alone): a
-                        // restart must not fire it again.
-                        if let Some(state) = eval.subject(&f.policy_id, &f.subject) {
-                            firings.push(Saving::Put(
-                                event.tenant_id.clone(),
-                                format!("{}:{}", f.policy_id, f.subject),
-                                Box::new(state.clone()),
-                            ));
-                        }
-                        &f.policy_id
-                    }
-                    Outcome::Resolved(r) => &r.policy_id,
+            // The tenant last looked up: a run is mostly one tenant's.
+            let mut current: Option<(&str, &mut TenantEval)> = None;
+            for event in events {
+                let Some(at) = clock::parse_timestamp(&event.timestamp) else {
+                    continue;
                 };
-                if let Some(p) = eval.policies().iter().find(|p| &p.policy.id == id) {
-                    fired_for.push(Arc::clone(p));
+                let tenant = event.tenant_id.as_str();
+                if !matches!(&current, Some((t, _)) if *t == tenant) {
+                    current = None;
+                    let Some(eval) = tenants.get_mut(tenant) else {
+                        continue;
+                    };
+                    current = Some((tenant, eval));
+                }
+                let Some((_, eval)) = current.as_mut() else {
+                    continue;
+                };
+                // Only the fields the policies read; never a policy's own
+                // event (no policy feeds itself).
+                let Some(data) = eval.needed().parse(event.data.get(), &["generated_by"]) else {
+                    continue;
+                };
+                if generated(data.get("generated_by")) {
+                    continue;
+                }
+                let before = eval.refused;
+                eval.observe(
+                    &Seen {
+                        event_type: &event.event_type,
+                        id: &event.id,
+                        trace_id: &event.trace_id,
+                        at_ms: to_ms(at),
+                        data: &data,
+                    },
+                    acting,
+                    inner.settings.policy_max_subjects,
+                    &mut out,
+                );
+                if eval.refused > before {
+                    inner
+                        .gate
+                        .metrics
+                        .refused_subjects
+                        .inc_by(eval.refused - before);
+                }
+                for o in out.drain(..) {
+                    let id = match &o {
+                        Outcome::Fired(f) => {
+                            // A firing is saved at once (its subject alone):
+                            // a restart must not fire it again.
+                            if let Some(state) = eval.subject(&f.policy_id, &f.subject) {
+                                firings.push(Saving::Put(
+                                    event.tenant_id.clone(),
+                                    format!("{}:{}", f.policy_id, f.subject),
+                                    Box::new(state.clone()),
+                                ));
+                            }
+                            &f.policy_id
+                        }
+                        Outcome::Resolved(r) => &r.policy_id,
+                    };
+                    if let Some(p) = eval.policies().iter().find(|p| &p.policy.id == id) {
+                        outcomes.push((tenant, Arc::clone(p), o));
+                    }
                 }
             }
         }
-        for (outcome, policy) in out.into_iter().zip(fired_for) {
-            self.publish_outcome(&event.tenant_id, &policy, outcome);
+        for (tenant, policy, outcome) in outcomes {
+            self.publish_outcome(tenant, &policy, outcome);
         }
         if !firings.is_empty() && inner.acting.load(Ordering::Acquire) {
             self.queue_saving(firings).await;

@@ -184,7 +184,7 @@ pub struct Compiled {
 pub struct Path(Vec<String>);
 
 impl Path {
-    fn parse(field: &str, text: &str) -> Result<Self, ApiError> {
+    pub(crate) fn parse(field: &str, text: &str) -> Result<Self, ApiError> {
         let bad = |why: &str| ApiError::invalid(format!("{field}: {text:?} {why}"));
         if text.is_empty() || text.len() > MAX_PATH {
             return Err(bad(&format!(
@@ -213,6 +213,11 @@ impl Path {
     /// `top`, the value of that first word.
     pub fn get_under<'a>(&self, top: &'a serde_json::Value) -> Option<&'a serde_json::Value> {
         self.0.iter().skip(1).try_fold(top, |v, key| v.get(key))
+    }
+
+    /// A top-level field: one word.
+    pub fn is_top(&self) -> bool {
+        self.0.len() == 1
     }
 
     /// Its first word: the top-level payload field it starts from.
@@ -507,7 +512,11 @@ mod tests {
     fn paths_reach_into_objects() {
         let p = Path::parse("subject", "tags.team").unwrap();
         let data = serde_json::json!({"tags": {"team": "ml"}});
-        let at = |data: &serde_json::Value| crate::policy::eval::Payload::of(data).at(&p).cloned();
+        let at = |data: &serde_json::Value| {
+            crate::policy::eval::Payload::of(data)
+                .at(&p)
+                .map(|f| f.to_json())
+        };
         assert_eq!(at(&data), Some(serde_json::json!("ml")));
         assert_eq!(at(&serde_json::json!({"tags": 1})), None);
         assert_eq!(at(&serde_json::json!({"team": "ml"})), None);
