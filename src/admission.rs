@@ -25,6 +25,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::Stream;
 
+use crate::tls::{Listener, Tls, Transport};
+
 /// Descriptors kept free of connections: log files, Redis, the JWKS fetch,
 /// and the accept that closes an over-limit connection.
 const RESERVED_FDS: u64 = 128;
@@ -227,6 +229,7 @@ pub async fn accept(
 /// keepalive, each bound to send its HTTP/2 preface within a deadline.
 pub struct GrpcIncoming {
     listener: TcpListener,
+    tls: Option<Arc<Tls>>,
     admission: Arc<Admission>,
     preface_timeout: Duration,
     write_timeout: Duration,
@@ -236,12 +239,14 @@ pub struct GrpcIncoming {
 impl GrpcIncoming {
     pub fn new(
         listener: TcpListener,
+        tls: Option<Arc<Tls>>,
         admission: Arc<Admission>,
         preface_timeout: Duration,
         write_timeout: Duration,
     ) -> Self {
         Self {
             listener,
+            tls,
             admission,
             preface_timeout,
             write_timeout,
@@ -276,14 +281,18 @@ impl Stream for GrpcIncoming {
                     if let Err(e) = socket.set_tcp_keepalive(&keepalive) {
                         tracing::debug!("cannot set TCP keepalive: {e}");
                     }
-                    return Poll::Ready(Some(Ok(Admitted {
+                    let stream = match &this.tls {
+                        Some(tls) => tls.accept(Listener::Grpc, stream),
+                        None => Transport::Plain(stream),
+                    };
+                    // Over TLS, the deadline covers the handshake too.
+                    return Poll::Ready(Some(Ok(Admitted::new(
                         stream,
-                        _permit: permit,
-                        preface_read: 0,
-                        preface_deadline: Some(Box::pin(tokio::time::sleep(this.preface_timeout))),
-                        write_timeout: this.write_timeout,
-                        stalled: None,
-                    })));
+                        permit,
+                        PREFACE_BYTES,
+                        this.preface_timeout,
+                        this.write_timeout,
+                    ))));
                 }
                 Poll::Ready(Err(e)) => {
                     this.admission.accept_failed("gRPC", &e);
@@ -300,8 +309,12 @@ impl Stream for GrpcIncoming {
 /// reading, its window at zero) fails, so the connection's tasks end and
 /// what they hold is freed instead of waiting on the peer forever.
 pub struct Admitted {
-    stream: TcpStream,
+    stream: Transport,
+    connect_info: tonic::transport::server::TcpConnectInfo,
     _permit: Permit,
+    /// Bytes the peer must send within the deadline (the HTTP/2 preface,
+    /// one byte of a request over TLS, none for plain HTTP/1), and read.
+    preface_bytes: usize,
     preface_read: usize,
     preface_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     write_timeout: Duration,
@@ -309,17 +322,51 @@ pub struct Admitted {
 }
 
 impl Admitted {
-    /// An HTTP/1 connection (no preface deadline: hyper's header-read
-    /// timeout does that job).
-    pub fn http(stream: TcpStream, permit: Permit, write_timeout: Duration) -> Self {
+    /// `stream`, which must send `preface_bytes` within `preface_timeout`
+    /// (none: no deadline).
+    pub fn new(
+        stream: Transport,
+        permit: Permit,
+        preface_bytes: usize,
+        preface_timeout: Duration,
+        write_timeout: Duration,
+    ) -> Self {
+        let connect_info = stream
+            .tcp()
+            .map(tonic::transport::server::Connected::connect_info)
+            .unwrap_or(tonic::transport::server::TcpConnectInfo {
+                local_addr: None,
+                remote_addr: None,
+            });
         Self {
             stream,
+            connect_info,
             _permit: permit,
-            preface_read: PREFACE_BYTES,
-            preface_deadline: None,
+            preface_bytes,
+            preface_read: 0,
+            preface_deadline: (preface_bytes > 0)
+                .then(|| Box::pin(tokio::time::sleep(preface_timeout))),
             write_timeout,
             stalled: None,
         }
+    }
+
+    /// An HTTP/1 connection. In plain text hyper's header-read timeout
+    /// bounds it; over TLS the handshake and the first byte of a request
+    /// must also come within `header_read_timeout` (hyper's clock starts
+    /// only once the handshake is done).
+    pub fn http(
+        stream: Transport,
+        permit: Permit,
+        header_read_timeout: Duration,
+        write_timeout: Duration,
+    ) -> Self {
+        let preface = if matches!(stream, Transport::Plain(_)) {
+            0
+        } else {
+            1
+        };
+        Self::new(stream, permit, preface, header_read_timeout, write_timeout)
     }
 
     /// Fails the pending write once it has made no progress for
@@ -363,7 +410,7 @@ impl AsyncRead for Admitted {
         if let Some(deadline) = &mut this.preface_deadline {
             if let Poll::Ready(Ok(())) = read {
                 this.preface_read += buf.filled().len() - before;
-                if this.preface_read >= PREFACE_BYTES {
+                if this.preface_read >= this.preface_bytes {
                     this.preface_deadline = None;
                     return read;
                 }
@@ -371,7 +418,7 @@ impl AsyncRead for Admitted {
             if deadline.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    "no HTTP/2 preface within the header-read timeout",
+                    "no TLS handshake or HTTP/2 preface within the header-read timeout",
                 )));
             }
         }
@@ -417,7 +464,7 @@ impl tonic::transport::server::Connected for Admitted {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        self.connect_info.clone()
     }
 }
 

@@ -18,12 +18,15 @@ pub use crate::projection::ProjectionSettings;
 pub use crate::server::ListenSettings;
 pub use crate::state::StateSettings;
 pub use crate::store::StoreSettings;
+pub use crate::tls::TlsSettings;
 pub use crate::webhook::WebhookSettings;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
     #[command(flatten, next_help_heading = "Listeners")]
     pub listen: ListenSettings,
+    #[command(flatten, next_help_heading = "TLS")]
+    pub tls: TlsSettings,
     #[command(flatten, next_help_heading = "Authentication")]
     pub auth: AuthSettings,
     #[command(flatten, next_help_heading = "Requests")]

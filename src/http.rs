@@ -37,6 +37,7 @@ pub struct HttpState {
 /// while reading a request head and stay allocated for a websocket's life.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<crate::tls::Tls>>,
     router: Router,
     admission: Arc<Admission>,
     header_read_timeout: Duration,
@@ -67,7 +68,15 @@ pub async fn serve(
             .timer(TokioTimer::new())
             .header_read_timeout(header_read_timeout)
             .serve_connection(
-                TokioIo::new(Admitted::http(stream, permit, write_timeout)),
+                TokioIo::new(Admitted::http(
+                    match &tls {
+                        Some(tls) => tls.accept(crate::tls::Listener::Http, stream),
+                        None => crate::tls::Transport::Plain(stream),
+                    },
+                    permit,
+                    header_read_timeout,
+                    write_timeout,
+                )),
                 service,
             )
             .with_upgrades();

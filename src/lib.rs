@@ -33,6 +33,7 @@ pub(crate) mod store;
 pub(crate) mod telemetry;
 pub(crate) mod tenant;
 pub(crate) mod tenant_settings;
+pub(crate) mod tls;
 pub(crate) mod webhook;
 
 #[cfg(test)]

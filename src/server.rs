@@ -125,6 +125,9 @@ pub struct Running {
 /// (from settings, or generated in development mode).
 pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running> {
     let shutdown = CancellationToken::new();
+    // First: a certificate that does not load stops the start, before
+    // anything listens.
+    let tls = crate::tls::Tls::load(&settings.tls)?;
     let redis = settings
         .redis
         .config(
@@ -235,6 +238,7 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         &webhook_metrics,
         &projections,
         &policies,
+        tls.as_ref().map(|t| &t.metrics),
     ));
     let edge_config = settings
         .edge
@@ -248,6 +252,9 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
             settings.redis.rate_limits_refresh,
             shutdown.clone(),
         ));
+    }
+    if let Some(tls) = &tls {
+        background.spawn(Arc::clone(tls).watch(shutdown.clone()));
     }
     background.close();
     let grpc_listener = TcpListener::bind(settings.listen.grpc_addr)
@@ -311,6 +318,7 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         .serve_with_incoming_shutdown(
             GrpcIncoming::new(
                 grpc_listener,
+                tls.clone(),
                 Arc::clone(&admission),
                 listen.header_read_timeout,
                 listen.write_timeout,
@@ -337,9 +345,11 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         let admission = Arc::clone(&admission);
         let header_read_timeout = listen.header_read_timeout;
         let write_timeout = listen.write_timeout;
+        let tls = tls.clone();
         tokio::spawn(async move {
             http::serve(
                 http_listener,
+                tls,
                 router,
                 admission,
                 header_read_timeout,
@@ -354,7 +364,12 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
     if let Some(path) = &settings.listen.ready_file {
         write_ready_file(path, grpc_addr, http_addr)?;
     }
-    tracing::info!(%grpc_addr, %http_addr, "tensorcost-events listening");
+    tracing::info!(
+        %grpc_addr,
+        %http_addr,
+        tls = tls.is_some(),
+        "tensorcost-events listening"
+    );
     Ok(Running {
         grpc_addr,
         http_addr,

@@ -74,6 +74,8 @@ pub struct ClientArgs {
     /// Bearer token (`serve` prints one in development mode).
     #[arg(long, env = "TC_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    #[command(flatten)]
+    pub ca: crate::tls::CaArgs,
 }
 
 #[derive(Debug, Args)]
@@ -152,6 +154,8 @@ pub struct McpArgs {
     /// The tenant to act for, for a Cognito user of several tenants.
     #[arg(long, env = "TC_ACTIVE_TENANT")]
     pub active_tenant: Option<String>,
+    #[command(flatten)]
+    pub ca: crate::tls::CaArgs,
     #[command(flatten)]
     pub settings: Settings,
 }
@@ -294,7 +298,7 @@ async fn mcp(args: McpArgs) -> anyhow::Result<ExitCode> {
         )?;
     let tenant = args.active_tenant.as_deref().filter(|t| !t.is_empty());
     match args.server.as_deref().filter(|s| !s.trim().is_empty()) {
-        Some(server) => crate::mcp::stdio::relay(server, token, tenant).await?,
+        Some(server) => crate::mcp::stdio::relay(server, token, tenant, &args.ca).await?,
         None => crate::mcp::stdio::in_process(&args.settings, token, tenant).await?,
     }
     Ok(ExitCode::SUCCESS)
@@ -366,21 +370,7 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
         .context("no token: pass --token or set TC_TOKEN (`serve` prints one in development mode; `token` mints one)")?;
     let value = MetadataValue::try_from(format!("Bearer {}", token.trim()))
         .context("token: contains characters that cannot go in a header")?;
-    let channel = Channel::from_shared(args.server.clone())
-        .with_context(|| {
-            format!(
-                "--server {:?} is not a URL like http://127.0.0.1:50051",
-                args.server
-            )
-        })?
-        .connect()
-        .await
-        .with_context(|| {
-            format!(
-                "cannot connect to {}: is `tensorcost-events serve` running?",
-                args.server
-            )
-        })?;
+    let channel = crate::tls::grpc_channel(&args.server, &args.ca).await?;
     Ok(
         EventBrokerClient::with_interceptor(channel, Bearer(Some(value)))
             .max_decoding_message_size(usize::MAX),

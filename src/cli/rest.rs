@@ -19,6 +19,8 @@ pub struct RestArgs {
     /// The tenant to act for, for a Cognito user of several tenants.
     #[arg(long, env = "TC_ACTIVE_TENANT")]
     pub active_tenant: Option<String>,
+    #[command(flatten)]
+    pub ca: crate::tls::CaArgs,
 }
 
 pub struct Rest {
@@ -55,7 +57,7 @@ impl Rest {
                     .context("--active-tenant: not a header value")?,
             );
         }
-        let client = reqwest::Client::builder()
+        let client = crate::tls::http_client(&args.ca)?
             .default_headers(headers)
             .build()
             .context("HTTP client")?;

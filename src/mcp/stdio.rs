@@ -93,9 +93,14 @@ pub async fn in_process(
 }
 
 /// Relays MCP between stdio and the `/mcp` of the broker at `server`.
-pub async fn relay(server: &str, token: &str, active_tenant: Option<&str>) -> anyhow::Result<()> {
+pub async fn relay(
+    server: &str,
+    token: &str,
+    active_tenant: Option<&str>,
+    ca: &crate::tls::CaArgs,
+) -> anyhow::Result<()> {
     let endpoint = endpoint(server)?;
-    let client = reqwest::Client::builder()
+    let client = crate::tls::http_client(ca)?
         .user_agent(concat!("tensorcost-events-mcp/", env!("CARGO_PKG_VERSION")))
         .build()
         .context("HTTP client")?;

@@ -23,7 +23,7 @@ use hyper::client::conn::http1;
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -197,34 +197,7 @@ impl Client {
         idle_per_endpoint: usize,
         idle_total: usize,
     ) -> anyhow::Result<Self> {
-        let roots: Vec<CertificateDer<'static>> = match extra_roots {
-            None => Vec::new(),
-            Some(path) => {
-                let roots = CertificateDer::pem_file_iter(path)
-                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                    .map_err(|e| anyhow::anyhow!("TC_WEBHOOK_CA_FILE {}: {e}", path.display()))?;
-                anyhow::ensure!(
-                    !roots.is_empty(),
-                    "TC_WEBHOOK_CA_FILE {}: no PEM certificate in it",
-                    path.display()
-                );
-                roots
-            }
-        };
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let verifier = if roots.is_empty() {
-            rustls_platform_verifier::Verifier::new(Arc::clone(&provider))
-        } else {
-            rustls_platform_verifier::Verifier::new_with_extra_roots(roots, Arc::clone(&provider))
-        }
-        .map_err(|e| anyhow::anyhow!("webhook TLS: {e}"))?;
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| anyhow::anyhow!("webhook TLS: {e}"))?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let config = crate::tls::client_config("TC_WEBHOOK_CA_FILE", extra_roots, &[b"http/1.1"])?;
         Ok(Self {
             guard,
             tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
