@@ -59,6 +59,20 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Adds the TLS counters (when TLS is on).
+    pub fn register_tls(&mut self, tls: &crate::tls::TlsMetrics) {
+        self.registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed, by listener (a plain-text client on a TLS port, an unknown CA, no client certificate under TC_TLS_CLIENT_CA)",
+            tls.handshake_failures.clone(),
+        );
+        self.registry.register(
+            "tls_reloads",
+            "Reloads of the TLS certificate files, by outcome (loaded, failed: the previous certificate stays)",
+            tls.reloads.clone(),
+        );
+    }
+
     pub fn new(
         broker: &Broker,
         edge: &EdgeMetrics,
@@ -67,21 +81,8 @@ impl Metrics {
         webhooks: &WebhookMetrics,
         projections: &crate::projection::Projections,
         policies: &crate::policy::Policies,
-        tls: Option<&crate::tls::TlsMetrics>,
     ) -> Self {
         let mut registry = Registry::with_prefix("tc");
-        if let Some(tls) = tls {
-            registry.register(
-                "tls_handshake_failures",
-                "TLS handshakes that failed or timed out, by listener (a plain-text client on a TLS port, an unknown CA, no client certificate under TC_TLS_CLIENT_CA)",
-                tls.handshake_failures.clone(),
-            );
-            registry.register(
-                "tls_reloads",
-                "Reloads of the TLS certificate files, by outcome (loaded, failed: the previous certificate stays)",
-                tls.reloads.clone(),
-            );
-        }
         projections.register_metrics(&mut registry);
         policies.register_metrics(&mut registry);
         registry.register(

@@ -230,7 +230,7 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         per_ip = admission.max_per_ip(),
         "connection caps"
     );
-    let metrics = Arc::new(Metrics::new(
+    let mut metrics = Metrics::new(
         &broker,
         &edge_metrics,
         store.as_ref().map(|_| &store_metrics),
@@ -238,8 +238,11 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         &webhook_metrics,
         &projections,
         &policies,
-        tls.as_ref().map(|t| &t.metrics),
-    ));
+    );
+    if let Some(tls) = &tls {
+        metrics.register_tls(&tls.metrics);
+    }
+    let metrics = Arc::new(metrics);
     let edge_config = settings
         .edge
         .config(settings.broker.max_subscribers_per_tenant);

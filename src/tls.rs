@@ -69,7 +69,7 @@ pub struct OutcomeLabel {
 /// Counters of TLS.
 #[derive(Debug, Clone, Default)]
 pub struct TlsMetrics {
-    /// Handshakes that failed or timed out, by listener (`grpc`, `http`).
+    /// Handshakes that failed (not counting those cut by the deadline), by listener (`grpc`, `http`).
     pub handshake_failures: Family<ListenerLabel, Counter>,
     /// Reloads of the certificate files, by outcome (`loaded`, `failed`).
     pub reloads: Family<OutcomeLabel, Counter>,
@@ -154,7 +154,7 @@ impl Tls {
     /// read or write).
     pub fn accept(&self, listener: Listener, stream: TcpStream) -> Transport {
         Transport::Accepting {
-            accept: self.acceptor(listener).accept(stream),
+            accept: Box::new(self.acceptor(listener).accept(stream)),
             listener,
             failures: self.metrics.handshake_failures.clone(),
         }
@@ -320,7 +320,7 @@ fn server_configs(
 pub enum Transport {
     Plain(TcpStream),
     Accepting {
-        accept: tokio_rustls::Accept<TcpStream>,
+        accept: Box<tokio_rustls::Accept<TcpStream>>,
         listener: Listener,
         failures: Family<ListenerLabel, Counter>,
     },
@@ -346,7 +346,7 @@ impl Transport {
                 _ => Ok(()),
             });
         };
-        match std::task::ready!(Pin::new(accept).poll(cx)) {
+        match std::task::ready!(Pin::new(accept.as_mut()).poll(cx)) {
             Ok(tls) => {
                 *self = Transport::Tls(Box::new(tls));
                 Poll::Ready(Ok(()))

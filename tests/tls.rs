@@ -205,7 +205,7 @@ fn text(bytes: &[u8]) -> String {
 #[tokio::test]
 async fn both_listeners_speak_tls_and_refuse_plain_text_cleanly() {
     let scratch = Scratch::new("tls").unwrap();
-    let certs = make_certs(&scratch.path(), "one");
+    let certs = make_certs(scratch.path(), "one");
     let broker = start(&scratch, &certs, &[]);
 
     // gRPC over TLS: the CLI with the test CA.
@@ -283,8 +283,8 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
 async fn a_reload_on_sighup_keeps_established_connections() {
     let scratch = Scratch::new("tls-hup").unwrap();
     let (one, two) = (
-        make_certs(&scratch.path(), "one"),
-        make_certs(&scratch.path(), "two"),
+        make_certs(scratch.path(), "one"),
+        make_certs(scratch.path(), "two"),
     );
     // Files are looked at on SIGHUP only.
     let broker = start(&scratch, &one, &[("TC_TLS_WATCH_INTERVAL", "0")]);
@@ -348,8 +348,8 @@ async fn a_reload_on_sighup_keeps_established_connections() {
 async fn a_reload_when_the_files_change() {
     let scratch = Scratch::new("tls-watch").unwrap();
     let (one, two) = (
-        make_certs(&scratch.path(), "one"),
-        make_certs(&scratch.path(), "two"),
+        make_certs(scratch.path(), "one"),
+        make_certs(scratch.path(), "two"),
     );
     let broker = start(&scratch, &one, &[("TC_TLS_WATCH_INTERVAL", "200ms")]);
     let mut old = HttpsConn::open(&broker.http, &one.ca_der).await.unwrap();
@@ -369,8 +369,8 @@ async fn a_reload_when_the_files_change() {
 #[test]
 fn certificate_files_that_do_not_load_stop_the_start_naming_them() {
     let scratch = Scratch::new("tls-bad").unwrap();
-    let certs = make_certs(&scratch.path(), "one");
-    let other = make_certs(&scratch.path(), "other");
+    let certs = make_certs(scratch.path(), "one");
+    let other = make_certs(scratch.path(), "other");
     let data = scratch.join("data");
     let data = data.display().to_string();
     let serve = |env: &[(&str, &str)]| {
