@@ -450,3 +450,141 @@ fn bad_settings_and_unreachable_brokers_get_clear_errors() {
         text(&out.stderr)
     );
 }
+
+/// Waits for `path` to be written; its JSON.
+fn wait_file(path: &std::path::Path, child: &mut Child) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(body) = std::fs::read_to_string(path)
+            && let Ok(json) = serde_json::from_str(&body)
+        {
+            return json;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("serve exited early: {status}");
+        }
+        assert!(Instant::now() < deadline, "{} not written", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_configuration_file_is_overridden_by_the_environment_and_flags() {
+    let dir = tmp_path("config");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (from_file, from_env, from_flag) = (
+        dir.join("file-ready.json"),
+        dir.join("env-ready.json"),
+        dir.join("flag-ready.json"),
+    );
+    let config = dir.join("tensorcost.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\ngrpc_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\nready_file = {:?}\n\n[auth]\njwt_secret = {SECRET:?}\n",
+            from_file.display().to_string()
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let start = |c: &mut Command| {
+        c.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn serve")
+    };
+    // The file alone: its ready file, its addresses, its secret (no
+    // development mode).
+    let mut child = start(&mut cmd(&["serve", "--config", &config]));
+    let addrs = wait_file(&from_file, &mut child);
+    let grpc = format!("http://{}", addrs["grpc"].as_str().unwrap());
+    assert!(grpc.starts_with("http://127.0.0.1:"));
+    let token = run(cmd(&["token", "--tenant", "t1"]).env("TC_JWT_SECRET", SECRET));
+    assert!(token.status.success());
+    let token = text(&token.stdout);
+    // A token of the file's secret is accepted.
+    let out = run(
+        cmd(&["publish", "--type", "instance.created", "--data", "{}"])
+            .env("TC_SERVER", &grpc)
+            .env("TC_TOKEN", token.trim()),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let _ = child.kill();
+    let _ = child.wait();
+    // The environment over the file.
+    let mut child = start(
+        cmd(&["serve"])
+            .env("TC_CONFIG", &config)
+            .env("TC_READY_FILE", &from_env),
+    );
+    wait_file(&from_env, &mut child);
+    let _ = child.kill();
+    let _ = child.wait();
+    // A flag over both.
+    let mut child = start(
+        cmd(&["serve", "--config", &config, "--ready-file"])
+            .arg(&from_flag)
+            .env("TC_READY_FILE", &from_env),
+    );
+    let _ = std::fs::remove_file(&from_env);
+    wait_file(&from_flag, &mut child);
+    assert!(!from_env.exists(), "the environment won over a flag");
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // `config check`: the effective settings, where each came from, the
+    // secret masked.
+    let out = run(cmd(&["config", "check", &config]).env("TC_HISTORY_MAX_AGE", "2h"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(
+        shown.contains("grpc_addr = \"127.0.0.1:0\"  # file"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("history_max_age = \"2h\"  # environment TC_HISTORY_MAX_AGE"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("history_max_events = 10000  # default"),
+        "{shown}"
+    );
+    assert!(!shown.contains(SECRET), "the secret was printed: {shown}");
+
+    // A bad value: refused before anything starts, naming file, line, key.
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[listen]\ngrpc_addr = \"127.0.0.1:0\"\n\n[webhooks]\ntimeout = \"soon\"\n",
+    )
+    .unwrap();
+    let bad = bad.display().to_string();
+    for args in [
+        vec!["serve", "--config", bad.as_str()],
+        vec!["config", "check", bad.as_str()],
+    ] {
+        let out = run(&mut cmd(&args));
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(&format!("{bad}:5: [webhooks] timeout = \"soon\"")),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_example_configuration_in_deploy_is_current_and_checks() {
+    let example = run(&mut cmd(&["config", "example"]));
+    assert!(example.status.success());
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/tensorcost.toml");
+    let checked_in = std::fs::read_to_string(path).expect("deploy/tensorcost.toml");
+    assert!(
+        text(&example.stdout) == checked_in,
+        "deploy/tensorcost.toml differs from `config example`: regenerate it with `cargo run -- config example > deploy/tensorcost.toml`"
+    );
+    let out = run(&mut cmd(&["config", "check", path]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

@@ -62,8 +62,47 @@ pub enum Command {
     /// enforcement policies (REST on the HTTP listener).
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Check a configuration file and print the effective settings, or
+    /// print a complete commented one.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Print the version.
     Version,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Check FILE (default: TC_CONFIG, else none) with the environment, and
+    /// print the effective settings as TOML, each with where it came from
+    /// (secrets masked). Exits 2 naming the line of a bad value.
+    Check {
+        /// The configuration file.
+        file: Option<PathBuf>,
+    },
+    /// Print a configuration file with every setting at its default,
+    /// commented out, under its help text.
+    Example,
+}
+
+/// The command line, with the configuration file of `serve` or `mcp`
+/// (`--config`, `TC_CONFIG`) read first: its values become the settings'
+/// defaults, so the environment and flags override them.
+pub fn parse() -> anyhow::Result<Cli> {
+    use clap::{CommandFactory, FromArgMatches};
+    let cli = Cli::parse();
+    let path = match &cli.command {
+        Command::Serve(settings) => settings.config.clone(),
+        Command::Mcp(args) => args.settings.config.clone(),
+        _ => None,
+    };
+    let Some(path) = path else {
+        return Ok(cli);
+    };
+    let file = crate::config::file::ConfigFile::load(&path)?;
+    let command = Cli::command()
+        .mut_subcommand("serve", |c| file.apply(c))
+        .mut_subcommand("mcp", |c| file.apply(c));
+    Cli::from_arg_matches(&command.get_matches()).map_err(|e| e.exit())
 }
 
 #[derive(Debug, Clone, Args)]
@@ -222,6 +261,22 @@ pub struct CheckTokenArgs {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(settings) => serve(*settings).await,
+        Command::Config(ConfigCommand::Example) => {
+            print!("{}", crate::config::file::example());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(ConfigCommand::Check { file }) => {
+            let path = file.or_else(|| std::env::var_os("TC_CONFIG").map(PathBuf::from));
+            let file = path
+                .as_deref()
+                .map(crate::config::file::ConfigFile::load)
+                .transpose()?;
+            print!("{}", crate::config::file::check(file.as_ref())?);
+            if let Some(file) = &file {
+                eprintln!("{}: ok", file.path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Publish(args) => publish(args).await,
         Command::Tail(args) => tail(args).await,
         Command::Token(args) => token(args),

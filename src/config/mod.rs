@@ -1,5 +1,6 @@
 //! The settings of `serve`, assembled from each subsystem's own settings
-//! (flags and `TC_*` environment variables; flags win). Each subsystem owns
+//! (a configuration file, `TC_*` environment variables and flags, each
+//! overriding the one before: [`file`]). Each subsystem owns
 //! its settings struct and writes each default once: the listeners
 //! ([`ListenSettings`]), authentication ([`AuthSettings`]), request limits
 //! ([`Limits`]), the broker ([`BrokerConfig`]), the Socket.IO edge
@@ -21,8 +22,14 @@ pub use crate::store::StoreSettings;
 pub use crate::tls::TlsSettings;
 pub use crate::webhook::WebhookSettings;
 
+pub mod file;
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
+    /// A configuration file (TOML; `config example` prints a complete one):
+    /// its values are the defaults, the environment and flags override them.
+    #[arg(long, env = "TC_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
     #[command(flatten, next_help_heading = "Listeners")]
     pub listen: ListenSettings,
     #[command(flatten, next_help_heading = "TLS")]
