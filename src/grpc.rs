@@ -28,11 +28,12 @@ pub const LAST_EVENT_ID: &str = "last-event-id";
 
 pub struct GrpcService {
     app: App,
+    latency: crate::metrics::EmitLatency,
 }
 
 impl GrpcService {
-    pub fn new(app: App) -> Self {
-        Self { app }
+    pub fn new(app: App, latency: crate::metrics::EmitLatency) -> Self {
+        Self { app, latency }
     }
 }
 
@@ -357,15 +358,28 @@ impl EventBroker for GrpcService {
             },
             at_end: None,
         };
+        let mut replayed = status.replayed as usize;
         let first = tokio_stream::once(Ok(SubscribeResponse {
             message: Some(subscribe_response::Message::Status(status)),
         }));
         let max_batch = (request_batch as usize).clamp(1, MAX_SUBSCRIBE_BATCH);
+        // Replayed events are old by design: the latency is of live ones.
+        let latency = self.latency.clone();
         // Whatever is already waiting, up to max_batch, goes in one message;
         // nothing waits to fill a batch.
         let events = futures_util::StreamExt::flat_map(
             futures_util::StreamExt::ready_chunks(subscription, max_batch),
-            move |chunk| futures_util::stream::iter(batch_messages(chunk, max_batch > 1)),
+            move |chunk| {
+                let live = chunk.iter().skip(replayed).find_map(|d| match d {
+                    Delivery::Event(e) => Some(e),
+                    _ => None,
+                });
+                if let Some(event) = live {
+                    latency.grpc(&event.timestamp);
+                }
+                replayed = replayed.saturating_sub(chunk.len());
+                futures_util::stream::iter(batch_messages(chunk, max_batch > 1))
+            },
         );
         Ok(Response::new(Box::pin(first.chain(events))))
     }
@@ -398,7 +412,11 @@ mod tests {
         let watcher = broker
             .subscribe(TenantScope::One("t".into()), filter, None)
             .unwrap();
-        (GrpcService::new(app), broker, watcher)
+        (
+            GrpcService::new(app, crate::metrics::EmitLatency::default()),
+            broker,
+            watcher,
+        )
     }
 
     fn agent(expires_at: u64) -> Identity {

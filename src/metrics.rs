@@ -3,10 +3,9 @@
 //! parts that count keep their own clones.
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -15,16 +14,63 @@ use crate::broker::{Broker, Count};
 use crate::store::StoreMetrics;
 use crate::webhook::WebhookMetrics;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TenantLabel {
-    pub tenant: String,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct TransportLabel {
+    pub transport: &'static str,
 }
 
-impl TenantLabel {
-    pub fn new(tenant: &str) -> Self {
+type HistogramFamily = prometheus_client::metrics::family::Family<
+    TransportLabel,
+    prometheus_client::metrics::histogram::Histogram,
+    fn() -> prometheus_client::metrics::histogram::Histogram,
+>;
+
+/// Time from an event's acceptance (its `timestamp`, stamped by the
+/// instance that accepted it, to the millisecond) to its emission, by
+/// transport: live events only, not replays. On another instance it
+/// includes the relay through Redis (and the clocks' difference).
+#[derive(Clone, Debug)]
+pub struct EmitLatency {
+    family: HistogramFamily,
+    socketio: prometheus_client::metrics::histogram::Histogram,
+    grpc: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for EmitLatency {
+    fn default() -> Self {
+        let family = HistogramFamily::new_with_constructor(|| {
+            prometheus_client::metrics::histogram::Histogram::new([
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ])
+        });
+        let of = |transport| family.get_or_create(&TransportLabel { transport }).clone();
         Self {
-            tenant: tenant.to_string(),
+            socketio: of("socketio"),
+            grpc: of("grpc"),
+            family,
         }
+    }
+}
+
+impl EmitLatency {
+    fn observe(histogram: &prometheus_client::metrics::histogram::Histogram, timestamp: &str) {
+        let Some(at) = crate::clock::parse_timestamp(timestamp) else {
+            return;
+        };
+        let seconds = std::time::SystemTime::now()
+            .duration_since(at)
+            .map_or(0.0, |d| d.as_secs_f64());
+        histogram.observe(seconds);
+    }
+
+    /// An event emitted to a tenant's Socket.IO sockets.
+    pub fn socketio(&self, timestamp: &str) {
+        Self::observe(&self.socketio, timestamp);
+    }
+
+    /// A batch of events written to a gRPC subscriber (its oldest event).
+    pub fn grpc(&self, timestamp: &str) {
+        Self::observe(&self.grpc, timestamp);
     }
 }
 
@@ -40,9 +86,9 @@ pub struct EdgeMetrics {
     /// Events replayed to reconnecting sockets.
     pub events_replayed: Counter,
     /// Events that waited for their tenant's rate limit.
-    pub rate_delayed: Family<TenantLabel, Counter>,
+    pub rate_delayed: Counter,
     /// Events dropped because their tenant's rate-limit queue was full.
-    pub rate_dropped: Family<TenantLabel, Counter>,
+    pub rate_dropped: Counter,
     /// Sockets disconnected because they could not keep up.
     pub slow_sockets: Counter,
     /// Sockets disconnected because their token expired.
@@ -51,6 +97,8 @@ pub struct EdgeMetrics {
     pub token_refreshes: Counter,
     /// Per-tenant pumps that failed (their sockets were disconnected).
     pub pump_failures: Counter,
+    /// Publish-to-emit latency, both transports.
+    pub emit_latency: EmitLatency,
 }
 
 /// The registry behind `/metrics`.
@@ -223,6 +271,11 @@ impl Metrics {
             "socketio_pump_failures",
             "Per-tenant Socket.IO pumps that failed; their sockets were disconnected to resume",
             edge.pump_failures.clone(),
+        );
+        registry.register(
+            "publish_to_emit_seconds",
+            "Time from an event's acceptance stamp to its emission to subscribers, by transport (socketio: per event and tenant; grpc: per batch written, its oldest event); live events only",
+            edge.emit_latency.family.clone(),
         );
         registry.register(
             "socketio_token_refreshes",

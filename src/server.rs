@@ -247,6 +247,7 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         .edge
         .config(settings.broker.max_subscribers_per_tenant);
     let cors = edge_config.origins.cors_layer();
+    let emit_latency = edge_metrics.emit_latency.clone();
     let (socketio, io, edge) = Edge::layer(app.clone(), broker.clone(), edge_config, edge_metrics);
     if let Some(store) = &store {
         background.spawn(refresh_rate_overrides(
@@ -301,7 +302,7 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         .build_v1alpha()?;
     // Authenticated before its body is read (grpc::Authenticated).
     let broker_service = Authenticated::new(
-        EventBrokerServer::new(GrpcService::new(app.clone()))
+        EventBrokerServer::new(GrpcService::new(app.clone(), emit_latency))
             .max_decoding_message_size(app.max_request_bytes()),
         app.clone(),
     );

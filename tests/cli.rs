@@ -588,3 +588,76 @@ fn the_example_configuration_in_deploy_is_current_and_checks() {
     let out = run(&mut cmd(&["config", "check", path]));
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+#[test]
+fn json_logs_are_one_object_per_line_and_name_the_event_tenant_and_trace() {
+    let dir = tmp_path("json-logs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ready, log) = (dir.join("ready.json"), dir.join("stderr.log"));
+    let mut child = cmd(&[
+        "serve",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+    ])
+    .env("TC_JWT_SECRET", SECRET)
+    .env("TC_READY_FILE", &ready)
+    .env("TC_LOG_FORMAT", "json")
+    .env("RUST_LOG", "tensorcost_events=debug")
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&log).unwrap())
+    .spawn()
+    .expect("spawn serve");
+    let addrs = wait_file(&ready, &mut child);
+    let grpc = format!("http://{}", addrs["grpc"].as_str().unwrap());
+    let token = run(cmd(&["token", "--tenant", "t-json"]).env("TC_JWT_SECRET", SECRET));
+    let token = text(&token.stdout);
+    // A cost.updated without its fields: the projections log why they
+    // left it out, at debug level.
+    let out = run(cmd(&["publish", "--type", "cost.updated", "--data", "{}"])
+        .env("TC_SERVER", &grpc)
+        .env("TC_TOKEN", token.trim()));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let about_the_event = loop {
+        let lines = std::fs::read_to_string(&log).unwrap();
+        let found = lines
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))
+            })
+            .inspect(|v| {
+                for key in ["timestamp", "level", "target", "message"] {
+                    assert!(v.get(key).is_some(), "no {key}: {v}");
+                }
+            })
+            .find(|v| {
+                v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("not in the projections"))
+            });
+        if let Some(line) = found {
+            break line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line about the event: {lines}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(about_the_event["tenant"], "t-json", "{about_the_event}");
+    let trace = about_the_event["trace_id"].as_str().unwrap_or_default();
+    assert!(
+        trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{about_the_event}"
+    );
+    assert!(
+        about_the_event["event_id"].as_str().is_some(),
+        "{about_the_event}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1094,3 +1094,49 @@ async fn batches_on_publish_stream_and_subscribe() {
     }
     assert_eq!(got, accepted);
 }
+
+#[tokio::test]
+async fn publish_to_emit_latency_is_measured_for_live_events_not_replays() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let token = full("tenant-latency");
+    let count = |text: &str| {
+        tensorcost_testkit::broker::metric_value(
+            text,
+            "tc_publish_to_emit_seconds_count{transport=\"grpc\"}",
+        )
+    };
+    let metrics = async || {
+        reqwest::get(format!("{}/metrics", server.http))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    // Three events in history, replayed to a subscriber resuming before them.
+    let first = publish(&mut client, &token, vec![draft("cost.marker", "{}")])
+        .await
+        .unwrap();
+    publish(
+        &mut client,
+        &token,
+        (0..3).map(|i| draft("cost.updated", &format!("{{\"i\":{i}}}"))).collect(),
+    )
+    .await
+    .unwrap();
+    let before = count(&metrics().await);
+    let mut sub = subscribe(&mut client, &token, &[], &first[0].id)
+        .await
+        .unwrap();
+    assert_eq!(sub.take(3).await.len(), 3);
+    assert_eq!(count(&metrics().await), before, "replays are not measured");
+    publish(&mut client, &token, vec![draft("cost.updated", "{}")])
+        .await
+        .unwrap();
+    sub.next().await.unwrap();
+    let text = metrics().await;
+    assert_eq!(count(&text), before + 1.0, "{text}");
+    // No per-tenant series anywhere.
+    assert!(!text.contains("tenant=\""), "{text}");
+}

@@ -295,7 +295,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<ExitCode> {
-    crate::telemetry::init();
+    crate::telemetry::init(&settings.log);
     let (secret, dev_mode) = match settings
         .auth
         .jwt_secret
@@ -343,7 +343,7 @@ async fn serve(settings: Settings) -> anyhow::Result<ExitCode> {
 }
 
 async fn mcp(args: McpArgs) -> anyhow::Result<ExitCode> {
-    crate::telemetry::init();
+    crate::telemetry::init(&args.settings.log);
     let token = args
         .token
         .as_deref()

@@ -28,6 +28,7 @@ const MAX_FILE_BYTES: u64 = 1 << 20;
 /// the prefix its keys drop from their environment variable (after `TC_`).
 const SECTIONS: &[(&str, &str, &str)] = &[
     ("listen", "Listeners", ""),
+    ("log", "Logging", "LOG_"),
     ("tls", "TLS", "TLS_"),
     ("auth", "Authentication", ""),
     ("limits", "Requests", ""),

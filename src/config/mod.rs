@@ -19,6 +19,7 @@ pub use crate::projection::ProjectionSettings;
 pub use crate::server::ListenSettings;
 pub use crate::state::StateSettings;
 pub use crate::store::StoreSettings;
+pub use crate::telemetry::LogSettings;
 pub use crate::tls::TlsSettings;
 pub use crate::webhook::WebhookSettings;
 
@@ -32,6 +33,8 @@ pub struct Settings {
     pub config: Option<std::path::PathBuf>,
     #[command(flatten, next_help_heading = "Listeners")]
     pub listen: ListenSettings,
+    #[command(flatten, next_help_heading = "Logging")]
+    pub log: LogSettings,
     #[command(flatten, next_help_heading = "TLS")]
     pub tls: TlsSettings,
     #[command(flatten, next_help_heading = "Authentication")]

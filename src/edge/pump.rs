@@ -29,7 +29,7 @@ use crate::broker::{Broker, Delivery, Subscription, TypeFilter};
 use crate::clock;
 use crate::event::socketio;
 use crate::event::{self, Event, SharedEvent};
-use crate::metrics::{EdgeMetrics, TenantLabel};
+use crate::metrics::EdgeMetrics;
 
 /// How often a pump checks token expiry, slow sockets and drop notices.
 const TICK: Duration = Duration::from_millis(250);
@@ -37,11 +37,12 @@ const TICK: Duration = Duration::from_millis(250);
 const NOTICE_EVERY: Duration = Duration::from_secs(1);
 /// How soon waiting events are retried on a socket whose buffer was full.
 const FLUSH_EVERY: Duration = Duration::from_millis(10);
+/// Least time between two log lines about one tenant's rate-limit drops.
+const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// One tenant's emitting state.
 pub(super) struct Pump<O> {
     tenant: String,
-    label: TenantLabel,
     broker: Broker,
     metrics: EdgeMetrics,
     members: HashMap<Sid, Member<O>>,
@@ -56,6 +57,9 @@ pub(super) struct Pump<O> {
     last_notice: Instant,
     /// Some member has events waiting for room in its buffer.
     backlogged: bool,
+    /// Rate-limit drops not yet logged, and when they last were.
+    dropped_unlogged: u64,
+    dropped_logged_at: Option<Instant>,
 }
 
 impl<O: Outlet> Pump<O> {
@@ -71,7 +75,6 @@ impl<O: Outlet> Pump<O> {
     ) -> Self {
         Self {
             tenant: tenant.to_string(),
-            label: TenantLabel::new(tenant),
             broker,
             metrics,
             members: HashMap::new(),
@@ -81,6 +84,8 @@ impl<O: Outlet> Pump<O> {
             last_received: history_tail,
             last_notice: now,
             backlogged: false,
+            dropped_unlogged: 0,
+            dropped_logged_at: None,
         }
     }
 
@@ -169,10 +174,25 @@ impl<O: Outlet> Pump<O> {
         }
         let pushed = self.limiter.push(event, now);
         if pushed.delayed {
-            self.metrics.rate_delayed.get_or_create(&self.label).inc();
+            self.metrics.rate_delayed.inc();
         }
         if pushed.dropped.is_some() {
-            self.metrics.rate_dropped.get_or_create(&self.label).inc();
+            self.metrics.rate_dropped.inc();
+            self.dropped_unlogged += 1;
+            // The metric has no tenant label (bounded cardinality): the
+            // tenant is named here, at most once per DROP_LOG_EVERY.
+            if self
+                .dropped_logged_at
+                .is_none_or(|at| now.duration_since(at) >= DROP_LOG_EVERY)
+            {
+                tracing::warn!(
+                    tenant = %self.tenant,
+                    dropped = self.dropped_unlogged,
+                    "rate limit: events dropped for this tenant's sockets (TC_RATE_LIMIT_PER_TENANT, TC_RATE_LIMIT_QUEUE)"
+                );
+                self.dropped_unlogged = 0;
+                self.dropped_logged_at = Some(now);
+            }
         }
         self.emit_ready(now);
     }
@@ -189,6 +209,7 @@ impl<O: Outlet> Pump<O> {
         let Some(p) = socketio::payload(event) else {
             return;
         };
+        self.metrics.emit_latency.socketio(&event.timestamp);
         let metrics = &self.metrics;
         let mut backlogged = false;
         self.members.retain(|_, m| {

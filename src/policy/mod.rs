@@ -1148,6 +1148,7 @@ impl Persist for Observer {
                 tracing::error!(
                     tenant = %event.tenant_id,
                     event_id = %event.id,
+                    trace_id = %event.trace_id,
                     "policy queue full (TC_POLICY_QUEUE): event not evaluated by policies"
                 );
             }

@@ -379,6 +379,7 @@ impl Projections {
                 tracing::debug!(
                     tenant = %event.tenant_id,
                     event_id = %event.id,
+                    trace_id = %event.trace_id,
                     event_type = %event.event_type,
                     "not in the projections: {why}"
                 );
@@ -648,6 +649,7 @@ impl Persist for Observer {
                 tracing::error!(
                     tenant = %event.tenant_id,
                     event_id = %event.id,
+                    trace_id = %event.trace_id,
                     "projection queue full (TC_PROJECTION_QUEUE): event left out of the MCP projections"
                 );
             }

@@ -53,6 +53,7 @@ impl Persist for Sink {
                     tracing::error!(
                         lost,
                         last_id = %event.id,
+                        trace_id = %event.trace_id,
                         tenant = %event.tenant_id,
                         "Redis write buffer full (TC_REDIS_BUFFER): events delivered locally but lost to other instances"
                     );

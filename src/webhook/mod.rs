@@ -924,6 +924,7 @@ impl Persist for Tap {
                 tracing::error!(
                     tenant = %event.tenant_id,
                     event_id = %event.id,
+                    trace_id = %event.trace_id,
                     "webhook queue full (TC_WEBHOOK_QUEUE): event not delivered as a webhook; replay it from history"
                 );
             }
