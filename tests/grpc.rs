@@ -1121,7 +1121,9 @@ async fn publish_to_emit_latency_is_measured_for_live_events_not_replays() {
     publish(
         &mut client,
         &token,
-        (0..3).map(|i| draft("cost.updated", &format!("{{\"i\":{i}}}"))).collect(),
+        (0..3)
+            .map(|i| draft("cost.updated", &format!("{{\"i\":{i}}}")))
+            .collect(),
     )
     .await
     .unwrap();

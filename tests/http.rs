@@ -218,3 +218,92 @@ async fn rest_refusals_have_stable_codes_and_messages() {
     // Nothing refused was delivered.
     sub.assert_quiet(Duration::from_millis(100)).await;
 }
+
+/// The `tc_*` names in `text`, with a histogram's or counter's suffix
+/// (`_bucket`, `_count`, `_sum`, `_total`) kept as written.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("tc_") {
+        let start = i + at;
+        let boundary =
+            start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let end = text[start..]
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .map_or(text.len(), |n| start + n);
+        if boundary && end > start + 3 {
+            names.insert(text[start..end].to_string());
+        }
+        i = end.max(start + 3);
+    }
+    names
+}
+
+/// The family a sample name belongs to.
+fn family(name: &str) -> &str {
+    ["_bucket", "_count", "_sum", "_total", "_created"]
+        .iter()
+        .find_map(|s| name.strip_suffix(s))
+        .unwrap_or(name)
+}
+
+#[tokio::test]
+async fn every_metric_is_documented_and_the_dashboard_uses_only_real_ones() {
+    let server = TestServer::start().await;
+    let text = reqwest::get(format!("{}/metrics", server.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let docs = std::fs::read_to_string(format!("{root}/docs/operations.md")).unwrap();
+    let documented: std::collections::BTreeSet<String> = metric_names(&docs)
+        .iter()
+        .map(|n| family(n).to_string())
+        .collect();
+    // Every family this broker exposes (TLS and Redis ones only appear
+    // with TLS or Redis on; the docs name them too).
+    let exposed: std::collections::BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(|n| family(n).to_string())
+        .collect();
+    assert!(exposed.len() > 30, "{text}");
+    let undocumented: Vec<_> = exposed.difference(&documented).collect();
+    assert!(
+        undocumented.is_empty(),
+        "not in docs/operations.md: {undocumented:?}"
+    );
+    // The dashboard reads only documented metrics.
+    let dashboard =
+        std::fs::read_to_string(format!("{root}/deploy/grafana/tensorcost-events.json")).unwrap();
+    let dashboard: Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    let mut used = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            used.extend(metric_names(target["expr"].as_str().unwrap()));
+        }
+    }
+    assert!(used.len() > 20, "{used:?}");
+    let unknown: Vec<_> = used
+        .iter()
+        .filter(|n| !documented.contains(family(n)))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "the dashboard reads unknown metrics: {unknown:?}"
+    );
+    // And a counter is read as a rate of its `_total`, never bare.
+    for name in &used {
+        let f = family(name);
+        if text.contains(&format!("# TYPE {f} counter")) {
+            assert!(
+                name.ends_with("_total"),
+                "{name}: a counter is read as {f}_total"
+            );
+        }
+    }
+}
