@@ -83,6 +83,8 @@ pub struct App {
     state: Option<State>,
     /// Agents with a gRPC stream open here.
     presence: Presence,
+    /// Rate-limit overrides and Cognito memberships (scope `admin`).
+    admin: Option<crate::admin::Admin>,
     /// Each tenant's MCP `enabled`, read at most once a second.
     mcp_enabled: tenant_settings::EnabledCache,
 }
@@ -233,6 +235,7 @@ impl App {
             projections: Projections::default(),
             state: None,
             presence: Presence::default(),
+            admin: None,
             mcp_enabled: tenant_settings::EnabledCache::default(),
         }
     }
@@ -389,6 +392,60 @@ impl App {
     pub fn with_presence(mut self, presence: Presence) -> Self {
         self.presence = presence;
         self
+    }
+
+    pub fn with_admin(mut self, admin: crate::admin::Admin) -> Self {
+        self.admin = Some(admin);
+        self
+    }
+
+    fn admin(&self, identity: &Identity) -> Result<&crate::admin::Admin, ApiError> {
+        crate::admin::authorize(identity)?;
+        running(self.admin.as_ref(), "admin settings")
+    }
+
+    /// A tenant's emit rate limit and its source (scope `admin`).
+    pub fn admin_rate_limit(
+        &self,
+        identity: &Identity,
+        tenant: &str,
+    ) -> Result<crate::admin::RateLimit, ApiError> {
+        self.admin(identity)?.rate_limit(tenant)
+    }
+
+    /// Sets or (`None`) removes a tenant's rate-limit override (scope
+    /// `admin`).
+    pub async fn admin_set_rate_limit(
+        &self,
+        identity: &Identity,
+        tenant: &str,
+        events_per_second: Option<u32>,
+    ) -> Result<crate::admin::RateLimit, ApiError> {
+        self.admin(identity)?
+            .set_rate_limit(tenant, events_per_second)
+            .await
+    }
+
+    /// A Cognito user's tenants (scope `admin`).
+    pub async fn admin_membership(
+        &self,
+        identity: &Identity,
+        cognito_sub: &str,
+    ) -> Result<crate::admin::Membership, ApiError> {
+        self.admin(identity)?.membership(cognito_sub).await
+    }
+
+    /// Replaces or (`None`) removes a Cognito user's tenants (scope
+    /// `admin`).
+    pub async fn admin_set_membership(
+        &self,
+        identity: &Identity,
+        cognito_sub: &str,
+        tenants: Option<Vec<String>>,
+    ) -> Result<Option<crate::admin::Membership>, ApiError> {
+        self.admin(identity)?
+            .set_membership(cognito_sub, tenants)
+            .await
     }
 
     /// The policy service the policy surfaces reach.

@@ -109,6 +109,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::webhook::rest::routes())
         .merge(crate::policy::rest::routes())
+        .merge(crate::admin::rest::routes())
         .route("/v1/settings/mcp", get(mcp_settings).put(set_mcp_settings))
         .fallback(not_found)
         .with_state(state)

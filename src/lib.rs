@@ -10,6 +10,7 @@
 //! Only what the binary, the integration tests and the load generator use
 //! is public: [`cli`], [`config`], [`server`] and the generated [`proto`].
 
+pub(crate) mod admin;
 pub(crate) mod admission;
 pub(crate) mod app;
 pub(crate) mod auth;

@@ -212,7 +212,22 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
     let (webhook_tasks, tap) = webhooks.start().await?;
     sinks.push(tap);
     broker.set_persist(sinks);
+    let edge_config = settings
+        .edge
+        .config(settings.broker.max_subscribers_per_tenant);
+    // Shares the edge's live rate limits: a change applies here at once.
+    let admin = crate::admin::Admin::new(
+        state.clone(),
+        store.as_ref().map(|s| Lazy::new(s.target().clone())),
+        edge_config.limits.clone(),
+        settings.auth.memberships_file.clone(),
+    );
+    let kept = admin.load().await?;
+    if kept > 0 {
+        tracing::info!(tenants = kept, "rate-limit overrides loaded");
+    }
     let app = App::new(broker.clone(), Arc::clone(&auth), settings.limits.clone())
+        .with_admin(admin)
         .with_webhooks(webhooks)
         .with_projections(projections.clone())
         .with_policies(policies.clone())
@@ -243,9 +258,6 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         metrics.register_tls(&tls.metrics);
     }
     let metrics = Arc::new(metrics);
-    let edge_config = settings
-        .edge
-        .config(settings.broker.max_subscribers_per_tenant);
     let cors = edge_config.origins.cors_layer();
     let emit_latency = edge_metrics.emit_latency.clone();
     let (socketio, io, edge) = Edge::layer(app.clone(), broker.clone(), edge_config, edge_metrics);

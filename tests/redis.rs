@@ -932,3 +932,84 @@ async fn two_instances_fire_each_breach_once_and_survive_the_acting_ones_death()
         "x did not fire again"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admin_changes_are_kept_in_redis_and_seen_by_every_instance() {
+    let redis = RedisServer::start();
+    let mut env = instance_env(&redis.url());
+    env.push(("TC_RATE_LIMITS_REFRESH", "200ms".into()));
+    let instances = [spawn(&env), spawn(&env)];
+    let admin = common::token_opt(None, "admin events:all_tenants");
+    let http = reqwest::Client::new();
+    let call =
+        async |method: reqwest::Method, at: &str, path: &str, body: Option<serde_json::Value>| {
+            let mut request = http
+                .request(method, format!("http://{at}{path}"))
+                .bearer_auth(&admin);
+            if let Some(body) = body {
+                request = request
+                    .header("content-type", "application/json")
+                    .body(body.to_string());
+            }
+            let response = request.send().await.expect("admin call");
+            let status = response.status().as_u16();
+            let text = response.text().await.unwrap_or_default();
+            let body: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            (status, body)
+        };
+    let path = "/v1/admin/tenants/tenant-enterprise/rate-limit";
+    let (status, body) = call(
+        reqwest::Method::PUT,
+        &instances[0].http,
+        path,
+        Some(serde_json::json!({"events_per_second": 25000})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    // Where operators already kept them: the hash tc:ratelimits.
+    assert_eq!(
+        redis
+            .cli(&["HGET", "tc:ratelimits", "tenant-enterprise"])
+            .trim(),
+        "25000"
+    );
+    // The other instance reads it at its next refresh.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, body) = call(reqwest::Method::GET, &instances[1].http, path, None).await;
+        if body["events_per_second"] == 25000 && body["source"] == "override" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "instance 2 still says {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _) = call(reqwest::Method::DELETE, &instances[1].http, path, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        redis
+            .cli(&["HEXISTS", "tc:ratelimits", "tenant-enterprise"])
+            .trim(),
+        "0"
+    );
+
+    let member = "/v1/admin/memberships/0f9c2c1e-user";
+    let (status, body) = call(
+        reqwest::Method::PUT,
+        &instances[0].http,
+        member,
+        Some(serde_json::json!({"tenants": ["tenant-a", "tenant-b"]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        redis
+            .cli(&["HGET", "tc:memberships", "0f9c2c1e-user"])
+            .trim(),
+        r#"["tenant-a","tenant-b"]"#
+    );
+    let (_, body) = call(reqwest::Method::GET, &instances[1].http, member, None).await;
+    assert_eq!(body["tenants"], serde_json::json!(["tenant-a", "tenant-b"]));
+}

@@ -2,6 +2,7 @@
 //! `check-token`, `version`. Client commands talk gRPC to a running broker
 //! like any other client; they hold no broker logic.
 
+mod admin;
 mod dev;
 mod policy;
 mod rest;
@@ -62,6 +63,10 @@ pub enum Command {
     /// enforcement policies (REST on the HTTP listener).
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Per-tenant rate-limit overrides and Cognito memberships (REST on the
+    /// HTTP listener; a token of scope admin for every tenant).
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
     /// Check a configuration file and print the effective settings, or
     /// print a complete commented one.
     #[command(subcommand)]
@@ -284,6 +289,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Mcp(args) => mcp(*args).await,
         Command::Settings(SettingsCommand::Mcp(args)) => mcp_settings(args).await,
         Command::Policy(command) => policy::run(command).await,
+        Command::Admin(command) => admin::run(command).await,
         Command::Version => {
             println!(
                 "tensorcost-events {} (gRPC API tensorcost.events.v1)",

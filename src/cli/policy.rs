@@ -73,20 +73,10 @@ fn read_document(file: &PathBuf) -> anyhow::Result<serde_json::Value> {
     serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))
 }
 
-/// The part of a path a policy id takes (ids are letters, digits, `-`
-/// and `_`; anything else is refused by the broker, named).
+/// The path of a policy (ids are letters, digits, `-` and `_`; anything
+/// else is refused by the broker, named).
 fn id_path(id: &str) -> String {
-    let escaped: String = id
-        .bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect();
-    format!("/v1/policies/{escaped}")
+    format!("/v1/policies/{}", super::rest::segment(id))
 }
 
 pub async fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {

@@ -23,6 +23,20 @@ pub struct RestArgs {
     pub ca: crate::tls::CaArgs,
 }
 
+/// `text` as one path segment: letters, digits, `-` and `_` as they are,
+/// every other byte percent-encoded.
+pub fn segment(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 pub struct Rest {
     client: reqwest::Client,
     base: Url,

@@ -109,6 +109,7 @@ impl EdgeSettings {
                     queue: self.rate_limit_queue,
                 },
                 overrides: self.rate_limit_overrides.0.clone(),
+                live: Default::default(),
             },
             socket_buffer: self.socket_buffer,
             socket_buffer_bytes: self.socket_buffer_bytes,

@@ -28,7 +28,11 @@ use crate::metrics::EdgeMetrics;
 #[derive(Debug, Clone)]
 pub struct RateLimits {
     pub default: Limit,
+    /// `TC_RATE_LIMIT_OVERRIDES`.
     pub overrides: HashMap<String, u32>,
+    /// Set at run time (the admin API, Redis `tc:ratelimits`): they win
+    /// over the configured overrides.
+    pub live: crate::admin::LiveRates,
 }
 
 impl RateLimits {
@@ -82,9 +86,6 @@ pub struct Rooms {
     limits: RateLimits,
     /// Each socket's backlog cap (`TC_SOCKET_BUFFER_BYTES`).
     socket_buffer_bytes: usize,
-    /// Per-tenant rates from Redis (`tc:ratelimits`); they win over
-    /// configured overrides.
-    live_overrides: std::sync::RwLock<HashMap<String, u32>>,
     metrics: EdgeMetrics,
     pumps: Mutex<HashMap<String, mpsc::UnboundedSender<Command>>>,
     tasks: TaskTracker,
@@ -107,7 +108,6 @@ impl Rooms {
             broker,
             limits,
             socket_buffer_bytes,
-            live_overrides: std::sync::RwLock::new(HashMap::new()),
             metrics,
             pumps: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
@@ -146,12 +146,8 @@ impl Rooms {
     }
 
     pub fn limit_for(&self, tenant: &str) -> Limit {
-        let live = self
-            .live_overrides
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
-        match live.get(tenant) {
-            Some(&per_second) => Limit {
+        match self.limits.live.get(tenant) {
+            Some(per_second) => Limit {
                 per_second,
                 ..self.limits.default
             },
@@ -162,10 +158,7 @@ impl Rooms {
     /// Replaces the per-tenant rates read from Redis; running pumps pick
     /// them up within a tick.
     pub fn set_live_overrides(&self, overrides: HashMap<String, u32>) {
-        *self
-            .live_overrides
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = overrides;
+        self.limits.live.replace(overrides);
     }
 
     /// Hands a command to the tenant's pump, starting one if needed.
