@@ -3,7 +3,7 @@
 //! Shutdown is explicit: a [`CancellationToken`] fires, readiness turns
 //! false, the broker ends every subscription (each stream tells its client
 //! the last id it was sent), then both listeners drain. Anything still open
-//! after [`DRAIN_TIMEOUT`] is cut. Every task the server starts is owned:
+//! after `TC_SHUTDOWN_TIMEOUT` is cut. Every task the server starts is owned:
 //! the listeners' and the closer's join handles, the edge's pumps, the
 //! background tasks (Cognito key prefetch, Redis rate limits, releasing
 //! idle tenants) in a tracker that watches the same token, and the Redis
@@ -37,8 +37,6 @@ use crate::store::{Lazy, Store, StoreMetrics};
 use crate::webhook::{WebhookMetrics, Webhooks};
 use tokio_util::task::TaskTracker;
 
-/// How long open streams get to finish after shutdown begins.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 flow-control windows of the gRPC listener: what a client may send
 /// ahead of the server reading it, per stream and per connection.
 const GRPC_STREAM_WINDOW: u32 = 1 << 20;
@@ -99,6 +97,13 @@ pub struct ListenSettings {
     #[arg(long, env = "TC_GRPC_MAX_STREAMS", default_value_t = 100, value_parser = crate::config::parse::positive_u32)]
     pub grpc_max_streams: u32,
 
+    /// After SIGTERM: how long streams, sockets and background tasks get to
+    /// finish, together, before they are cut (then the webhook and Redis
+    /// writers flush, each within its own timeout). Set the orchestrator's
+    /// grace period a few seconds above it.
+    #[arg(long, env = "TC_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = crate::config::parse::duration)]
+    pub shutdown_timeout: Duration,
+
     /// Development mode (no `TC_JWT_SECRET`) keeps its generated secret in
     /// this file for `token` and `check-token` (default:
     /// `$XDG_STATE_HOME` or `~/.local/state`, then
@@ -119,6 +124,7 @@ pub struct Running {
     webhooks: crate::webhook::Running,
     state: State,
     app: App,
+    drain: Duration,
 }
 
 /// Binds both listeners and starts serving. `secret` is the HS256 secret
@@ -397,6 +403,7 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         webhooks: webhook_tasks,
         state,
         app,
+        drain: settings.listen.shutdown_timeout,
     })
 }
 
@@ -492,31 +499,38 @@ impl Running {
     /// cutting streams that outlive the drain timeout.
     pub async fn wait(self) -> anyhow::Result<()> {
         self.shutdown.cancelled().await;
+        let drain = self.drain;
+        let deadline = tokio::time::Instant::now() + drain;
         let mut result = Ok(());
         for mut task in self.tasks {
-            match tokio::time::timeout(DRAIN_TIMEOUT, &mut task).await {
+            match tokio::time::timeout_at(deadline, &mut task).await {
                 Ok(Ok(Ok(()))) => {}
                 Ok(Ok(Err(e))) => result = Err(e),
                 Ok(Err(join)) => result = Err(anyhow::anyhow!("server task panicked: {join}")),
                 Err(_) => {
-                    tracing::warn!("streams still open after {DRAIN_TIMEOUT:?}; closing them");
+                    tracing::warn!(
+                        "streams still open after {drain:?} (TC_SHUTDOWN_TIMEOUT); closing them"
+                    );
                     task.abort();
                 }
             }
         }
         // The broker is closed: every pump ends, and the background tasks
         // watch the same token.
-        if tokio::time::timeout(DRAIN_TIMEOUT, self.edge.closed())
+        if tokio::time::timeout_at(deadline, self.edge.closed())
             .await
             .is_err()
         {
-            tracing::warn!("Socket.IO rooms still open after {DRAIN_TIMEOUT:?}");
+            tracing::warn!("Socket.IO rooms still open after {drain:?} (TC_SHUTDOWN_TIMEOUT)");
         }
-        if tokio::time::timeout(DRAIN_TIMEOUT, self.background.wait())
+        // Background tasks hold the policy and webhook state they flush on
+        // stop: they get at least a second even when the streams took all.
+        let background = deadline.max(tokio::time::Instant::now() + Duration::from_secs(1));
+        if tokio::time::timeout_at(background, self.background.wait())
             .await
             .is_err()
         {
-            tracing::warn!("background tasks still running after {DRAIN_TIMEOUT:?}");
+            tracing::warn!("background tasks still running after {drain:?} (TC_SHUTDOWN_TIMEOUT)");
         }
         // With nothing publishing any more: the webhook enqueuer writes the
         // deliveries it holds and deliveries in flight finish (bounded by

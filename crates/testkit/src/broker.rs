@@ -27,6 +27,9 @@ pub struct BrokerOptions<'a> {
     /// of passing it through.
     pub log_stderr: bool,
     pub stop: Stop,
+    /// Listen addresses (`127.0.0.1:0`: ephemeral ports).
+    pub grpc_addr: String,
+    pub http_addr: String,
 }
 
 impl<'a> BrokerOptions<'a> {
@@ -40,6 +43,8 @@ impl<'a> BrokerOptions<'a> {
             prefix: Vec::new(),
             log_stderr: true,
             stop: Stop::Kill,
+            grpc_addr: "127.0.0.1:0".into(),
+            http_addr: "127.0.0.1:0".into(),
         }
     }
 
@@ -78,9 +83,9 @@ impl BrokerProcess {
         command.args([
             "serve",
             "--grpc-addr",
-            "127.0.0.1:0",
+            &options.grpc_addr,
             "--http-addr",
-            "127.0.0.1:0",
+            &options.http_addr,
         ]);
         if options.clean_env {
             command

@@ -1,0 +1,284 @@
+//! The deployment of deploy/: two instances on one Redis behind HAProxy
+//! with deploy/haproxy/haproxy.cfg, all real processes. One instance is
+//! restarted (SIGTERM, then started again) while a publisher runs at a
+//! steady rate through the balancer; every subscriber, gRPC and Socket.IO,
+//! reconnecting through the balancer with its last id, ends with every
+//! event.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{BIN, SECRET, authed, full, sio};
+use tensorcost_events::proto::event_broker_client::EventBrokerClient;
+use tensorcost_events::proto::{self, PublishRequest, SubscribeRequest, subscribe_response};
+use tensorcost_testkit::RedisServer;
+use tensorcost_testkit::broker::{BrokerOptions, BrokerProcess};
+use tensorcost_testkit::process::{Process, Stop, free_port, require};
+use tokio_stream::StreamExt;
+
+type Ids = Arc<Mutex<Vec<String>>>;
+type Connections = Arc<std::sync::atomic::AtomicUsize>;
+
+fn broker(redis: &str, grpc: u16, http: u16) -> BrokerProcess {
+    let mut options = BrokerOptions::new(SECRET)
+        .env("TC_REDIS_URL", redis)
+        .env("TC_SHUTDOWN_TIMEOUT", "3s")
+        .env("TC_RATE_LIMIT_PER_TENANT", "100000");
+    options.grpc_addr = format!("127.0.0.1:{grpc}");
+    options.http_addr = format!("127.0.0.1:{http}");
+    options.stop = Stop::Term(Duration::from_secs(10));
+    BrokerProcess::start(Path::new(BIN), options).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// Follows the tenant over gRPC through the balancer, resubscribing with
+/// its last id whenever the stream ends, until `stop`.
+fn grpc_follower(
+    lb: String,
+    token: String,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> (Ids, Connections) {
+    let ids: Ids = Arc::default();
+    let connections: Connections = Arc::default();
+    let (seen, connected) = (Arc::clone(&ids), Arc::clone(&connections));
+    tokio::spawn(async move {
+        let mut last = String::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let Ok(mut client) = EventBrokerClient::connect(lb.clone()).await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let request = SubscribeRequest {
+                since_id: last.clone(),
+                ..Default::default()
+            };
+            let Ok(response) = client.subscribe(authed(request, &token)).await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut stream = response.into_inner();
+            while let Some(Ok(m)) = stream.next().await {
+                let events = match m.message {
+                    Some(subscribe_response::Message::Event(e)) => vec![e],
+                    Some(subscribe_response::Message::Events(b)) => b.events,
+                    _ => continue,
+                };
+                for e in events {
+                    last = e.id.clone();
+                    seen.lock().unwrap().push(e.id);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    (ids, connections)
+}
+
+/// Follows the tenant over Socket.IO (websocket) through the balancer,
+/// reconnecting with `lastEventId` whenever the connection ends.
+fn sio_follower(
+    lb: String,
+    token: String,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> (Ids, Connections) {
+    let ids: Ids = Arc::default();
+    let connections: Connections = Arc::default();
+    let (seen, connected) = (Arc::clone(&ids), Arc::clone(&connections));
+    tokio::spawn(async move {
+        let mut last: Option<String> = None;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut auth = serde_json::json!({ "token": token });
+            if let Some(last) = &last {
+                auth["lastEventId"] = last.clone().into();
+            }
+            let Ok(mut socket) = sio::connect(&lb, auth).await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            while let Some(e) = socket.next_event(Duration::from_secs(3)).await {
+                let Some(id) = e["id"].as_str() else { continue };
+                if e["type"].as_str().is_some_and(|t| t.starts_with("system.")) {
+                    continue;
+                }
+                last = Some(id.to_string());
+                seen.lock().unwrap().push(id.to_string());
+            }
+        }
+    });
+    (ids, connections)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_restarted_behind_haproxy_loses_no_event() {
+    require(
+        "haproxy",
+        "the load balancer of deploy/ (scripts/test installs it)",
+    )
+    .unwrap();
+    let redis = RedisServer::start();
+    let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
+    let (a_grpc, a_http, b_grpc, b_http, lb_http, lb_grpc) =
+        (ports[0], ports[1], ports[2], ports[3], ports[4], ports[5]);
+    let _a = broker(&redis.url(), a_grpc, a_http);
+    let mut b = Some(broker(&redis.url(), b_grpc, b_http));
+
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy/haproxy.cfg");
+    let mut haproxy = std::process::Command::new("haproxy");
+    haproxy
+        .args(["-db", "-f", config])
+        .env("LB_HTTP_BIND", format!("127.0.0.1:{lb_http}"))
+        .env("LB_GRPC_BIND", format!("127.0.0.1:{lb_grpc}"))
+        .env("BROKER1_HTTP", format!("127.0.0.1:{a_http}"))
+        .env("BROKER2_HTTP", format!("127.0.0.1:{b_http}"))
+        .env("BROKER1_GRPC", format!("127.0.0.1:{a_grpc}"))
+        .env("BROKER2_GRPC", format!("127.0.0.1:{b_grpc}"))
+        .env("BROKER1_HTTP_PORT", a_http.to_string())
+        .env("BROKER2_HTTP_PORT", b_http.to_string())
+        .stdout(std::process::Stdio::null());
+    let _haproxy = Process::spawn(&mut haproxy, Stop::Kill).expect("haproxy starts");
+    let lb_http_url = format!("127.0.0.1:{lb_http}");
+    let lb_grpc_url = format!("http://127.0.0.1:{lb_grpc}");
+    // Both instances healthy behind it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ok = reqwest::get(format!("http://{lb_http_url}/readyz"))
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "HAProxy never answered /readyz");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let tenant = "tenant-rolling";
+    let token = full(tenant);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Two of each: round robin puts one of each on each instance.
+    let followers: Vec<(&str, (Ids, Connections))> = vec![
+        (
+            "gRPC 1",
+            grpc_follower(lb_grpc_url.clone(), token.clone(), Arc::clone(&stop)),
+        ),
+        (
+            "gRPC 2",
+            grpc_follower(lb_grpc_url.clone(), token.clone(), Arc::clone(&stop)),
+        ),
+        (
+            "Socket.IO 1",
+            sio_follower(lb_http_url.clone(), token.clone(), Arc::clone(&stop)),
+        ),
+        (
+            "Socket.IO 2",
+            sio_follower(lb_http_url.clone(), token.clone(), Arc::clone(&stop)),
+        ),
+    ];
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // 100 events/s for 8 s through the balancer, each with its own id and
+    // retried until accepted.
+    let publisher = {
+        let lb = lb_grpc_url.clone();
+        let token = token.clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            let mut client: Option<EventBrokerClient<tonic::transport::Channel>> = None;
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let mut retries = 0;
+            for i in 0..800 {
+                tick.tick().await;
+                let id = format!("rolling-{i:04}");
+                loop {
+                    if client.is_none() {
+                        client = EventBrokerClient::connect(lb.clone()).await.ok();
+                    }
+                    let Some(c) = client.as_mut() else {
+                        retries += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    let event = proto::Event {
+                        id: id.clone(),
+                        r#type: "cost.updated".into(),
+                        data: format!(r#"{{"i":{i}}}"#),
+                        ..Default::default()
+                    };
+                    match c
+                        .publish(authed(
+                            PublishRequest {
+                                events: vec![event],
+                            },
+                            &token,
+                        ))
+                        .await
+                    {
+                        Ok(_) => break,
+                        Err(_) => {
+                            retries += 1;
+                            client = None;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+                ids.push(id);
+            }
+            (ids, retries)
+        })
+    };
+
+    // Restart instance B two seconds in: SIGTERM (it ends its streams with
+    // their last ids and drains), then start it again on the same ports.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let restarted_at = Instant::now();
+    let stopped = tokio::task::spawn_blocking(move || drop(b.take()));
+    stopped.await.unwrap();
+    let b2 = tokio::task::spawn_blocking({
+        let url = redis.url();
+        move || broker(&url, b_grpc, b_http)
+    })
+    .await
+    .unwrap();
+    let restart_took = restarted_at.elapsed();
+
+    let (published, retries) = publisher.await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (name, (ids, _)) in &followers {
+        loop {
+            let seen: HashSet<String> = ids.lock().unwrap().iter().cloned().collect();
+            let missing: Vec<&String> = published.iter().filter(|id| !seen.contains(*id)).collect();
+            if missing.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} misses {} of {} events (first {:?}); restart took {restart_took:?}, publisher retried {retries} times",
+                missing.len(),
+                published.len(),
+                missing.first()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // The restart moved followers: at least one of each kind reconnected.
+    let connections = |kind: &str| -> usize {
+        followers
+            .iter()
+            .filter(|(name, _)| name.starts_with(kind))
+            .map(|(_, (_, c))| c.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    };
+    assert!(connections("gRPC") > 2, "no gRPC follower reconnected");
+    assert!(
+        connections("Socket.IO") > 2,
+        "no Socket.IO follower reconnected"
+    );
+    assert!(retries < 800, "the publisher retried {retries} times");
+    assert!(!b2.stderr().contains("panicked"), "{}", b2.stderr());
+}
