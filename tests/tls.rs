@@ -279,23 +279,29 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     }
 }
 
-#[tokio::test]
-async fn a_reload_on_sighup_keeps_established_connections() {
-    let scratch = Scratch::new("tls-hup").unwrap();
+/// A broker serving certificate `one` (its files checked every `watch`), a
+/// connection made under it, then certificate `two` installed in its files.
+async fn rotated(watch: &str) -> (Scratch, Certs, Certs, BrokerProcess, HttpsConn) {
+    let scratch = Scratch::new("tls-rotated").unwrap();
     let (one, two) = (
         make_certs(scratch.path(), "one"),
         make_certs(scratch.path(), "two"),
     );
-    // Files are looked at on SIGHUP only.
-    let broker = start(&scratch, &one, &[("TC_TLS_WATCH_INTERVAL", "0")]);
+    let broker = start(&scratch, &one, &[("TC_TLS_WATCH_INTERVAL", watch)]);
     let mut old = HttpsConn::open(&broker.http, &one.ca_der).await.unwrap();
     assert_eq!(old.get("/healthz").await.0, 200);
-
     install(
         &two,
         &scratch.join("served-cert.pem"),
         &scratch.join("served-key.pem"),
     );
+    (scratch, one, two, broker, old)
+}
+
+#[tokio::test]
+async fn a_reload_on_sighup_keeps_established_connections() {
+    // Files are looked at on SIGHUP only.
+    let (scratch, one, two, broker, mut old) = rotated("0").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         handshake_with(&broker, &one.ca_der).await,
@@ -346,19 +352,7 @@ async fn a_reload_on_sighup_keeps_established_connections() {
 
 #[tokio::test]
 async fn a_reload_when_the_files_change() {
-    let scratch = Scratch::new("tls-watch").unwrap();
-    let (one, two) = (
-        make_certs(scratch.path(), "one"),
-        make_certs(scratch.path(), "two"),
-    );
-    let broker = start(&scratch, &one, &[("TC_TLS_WATCH_INTERVAL", "200ms")]);
-    let mut old = HttpsConn::open(&broker.http, &one.ca_der).await.unwrap();
-    assert_eq!(old.get("/healthz").await.0, 200);
-    install(
-        &two,
-        &scratch.join("served-cert.pem"),
-        &scratch.join("served-key.pem"),
-    );
+    let (_scratch, _one, two, broker, mut old) = rotated("200ms").await;
     eventually("a new handshake shows the new certificate", async || {
         handshake_with(&broker, &two.ca_der).await
     })

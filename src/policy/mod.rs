@@ -242,6 +242,38 @@ fn generated(generated_by: Option<eval::Found>) -> bool {
     generated_by.and_then(eval::Found::as_str) == Some(GENERATED_BY)
 }
 
+/// Offers `event` to `eval`, live or simulated: only the payload fields its
+/// policies read, and never a policy's own event (no policy feeds itself).
+fn observe_event(
+    eval: &mut TenantEval,
+    event: &crate::event::Event,
+    acting: bool,
+    max_subjects: usize,
+    out: &mut Vec<Outcome>,
+) {
+    let Some(at) = clock::parse_timestamp(&event.timestamp) else {
+        return;
+    };
+    let Some(data) = eval.needed().parse(event.data.get(), &["generated_by"]) else {
+        return;
+    };
+    if generated(data.get("generated_by")) {
+        return;
+    }
+    eval.observe(
+        &Seen {
+            event_type: &event.event_type,
+            id: &event.id,
+            trace_id: &event.trace_id,
+            at_ms: to_ms(at),
+            data: &data,
+        },
+        acting,
+        max_subjects,
+        out,
+    );
+}
+
 fn format_ms(ms: u64) -> String {
     clock::format_timestamp(SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
 }
@@ -522,9 +554,6 @@ impl Policies {
             // The tenant last looked up: a run is mostly one tenant's.
             let mut current: Option<(&str, &mut TenantEval)> = None;
             for event in events {
-                let Some(at) = clock::parse_timestamp(&event.timestamp) else {
-                    continue;
-                };
                 let tenant = event.tenant_id.as_str();
                 if !matches!(&current, Some((t, _)) if *t == tenant) {
                     current = None;
@@ -536,23 +565,10 @@ impl Policies {
                 let Some((_, eval)) = current.as_mut() else {
                     continue;
                 };
-                // Only the fields the policies read; never a policy's own
-                // event (no policy feeds itself).
-                let Some(data) = eval.needed().parse(event.data.get(), &["generated_by"]) else {
-                    continue;
-                };
-                if generated(data.get("generated_by")) {
-                    continue;
-                }
                 let before = eval.refused;
-                eval.observe(
-                    &Seen {
-                        event_type: &event.event_type,
-                        id: &event.id,
-                        trace_id: &event.trace_id,
-                        at_ms: to_ms(at),
-                        data: &data,
-                    },
+                observe_event(
+                    eval,
+                    event,
                     acting,
                     inner.settings.policy_max_subjects,
                     &mut out,
@@ -1034,23 +1050,9 @@ impl Policies {
             if !eval.wants(&event.event_type) {
                 continue;
             }
-            let Some(data) = eval.needed().parse(event.data.get(), &["generated_by"]) else {
-                continue;
-            };
-            if generated(data.get("generated_by")) {
-                continue;
-            }
-            let Some(at) = clock::parse_timestamp(&event.timestamp) else {
-                continue;
-            };
-            eval.observe(
-                &Seen {
-                    event_type: &event.event_type,
-                    id: &event.id,
-                    trace_id: &event.trace_id,
-                    at_ms: to_ms(at),
-                    data: &data,
-                },
+            observe_event(
+                &mut eval,
+                event,
                 true,
                 self.inner.settings.policy_max_subjects,
                 &mut out,
