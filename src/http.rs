@@ -28,7 +28,13 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     /// Redis state, when Redis is configured.
     pub redis: Option<Arc<crate::store::Status>>,
+    /// In development mode, the token `/console` is handed (loopback only).
+    pub dev_token: Option<String>,
 }
+
+/// The address a request's connection came from (a request extension).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
 
 /// Serves `router` on `listener` until `shutdown`, then waits for open
 /// requests. This is what `axum::serve` does, with one difference that
@@ -48,18 +54,20 @@ pub async fn serve(
     use tower::ServiceExt;
     let connections = tokio_util::task::TaskTracker::new();
     loop {
-        let (stream, _, permit) = tokio::select! {
+        let (stream, peer, permit) = tokio::select! {
             accepted = admission::accept(&listener, &admission, "HTTP") => accepted,
             () = shutdown.cancelled() => break,
         };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!("cannot set TCP_NODELAY: {e}");
         }
-        let service = hyper_util::service::TowerToHyperService::new(
-            router
-                .clone()
-                .map_request(|r: axum::http::Request<hyper::body::Incoming>| r.map(Body::new)),
-        );
+        let service = hyper_util::service::TowerToHyperService::new(router.clone().map_request(
+            move |r: axum::http::Request<hyper::body::Incoming>| {
+                let mut r = r.map(Body::new);
+                r.extensions_mut().insert(Peer(peer));
+                r
+            },
+        ));
         // hyper enforces the header-read timeout only with a timer; it
         // also bounds how long an idle keep-alive connection waits for its
         // next request.
@@ -110,6 +118,7 @@ pub fn router(state: HttpState) -> Router {
         .merge(crate::webhook::rest::routes())
         .merge(crate::policy::rest::routes())
         .merge(crate::admin::rest::routes())
+        .merge(crate::console::routes())
         .route("/v1/settings/mcp", get(mcp_settings).put(set_mcp_settings))
         .fallback(not_found)
         .with_state(state)

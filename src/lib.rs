@@ -18,6 +18,7 @@ pub(crate) mod broker;
 pub mod cli;
 pub(crate) mod clock;
 pub mod config;
+pub(crate) mod console;
 pub(crate) mod edge;
 pub(crate) mod error;
 pub(crate) mod event;

@@ -110,6 +110,10 @@ pub struct ListenSettings {
     /// `tensorcost-events/dev-secret`).
     #[arg(long, env = "TC_DEV_SECRET_FILE")]
     pub dev_secret_file: Option<PathBuf>,
+
+    /// Development mode: the token `/console` hands callers on this host.
+    #[arg(skip)]
+    pub dev_token: Option<String>,
 }
 
 /// A started server.
@@ -354,6 +358,7 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         ready,
         metrics,
         redis: store.as_ref().map(Store::status),
+        dev_token: settings.listen.dev_token.clone(),
     })
     .merge(crate::mcp::router(
         app.clone(),

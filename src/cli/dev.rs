@@ -159,10 +159,21 @@ pub fn client_secret(
     }
 }
 
+/// The development token: tenant `tenant-dev`, the default scopes, 24 h.
+pub fn token(secret: &str) -> anyhow::Result<String> {
+    Ok(auth::mint_hs256(
+        secret.as_bytes(),
+        Some(DEV_TENANT),
+        Some("dev"),
+        Some(&auth::rbac::default_scope_set()),
+        DEV_TOKEN_TTL,
+    )?)
+}
+
 /// Logs the development-mode warning and prints the token and copy-paste
 /// commands.
 pub fn print_banner(
-    secret: &str,
+    token: &str,
     grpc: SocketAddr,
     http: SocketAddr,
     secret_file: Option<&Path>,
@@ -171,13 +182,6 @@ pub fn print_banner(
         "DEVELOPMENT MODE: no TC_JWT_SECRET set, so a random secret was generated for this run. \
          Tokens stop working when the broker restarts. Set TC_JWT_SECRET in production."
     );
-    let token = auth::mint_hs256(
-        secret.as_bytes(),
-        Some(DEV_TENANT),
-        Some("dev"),
-        Some(&auth::rbac::default_scope_set()),
-        DEV_TOKEN_TTL,
-    )?;
     let server = if loopback(grpc) == "127.0.0.1:50051" {
         String::new()
     } else {

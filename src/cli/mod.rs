@@ -319,6 +319,10 @@ async fn serve(settings: Settings) -> anyhow::Result<ExitCode> {
         }
         None => (auth::generate_secret(), true),
     };
+    let mut settings = settings;
+    if dev_mode {
+        settings.listen.dev_token = Some(dev::token(&secret)?);
+    }
     let running = server::start(&settings, secret.as_bytes()).await?;
     // Removed (if still this run's) when serve returns.
     let mut _secret_file = None;
@@ -336,7 +340,8 @@ async fn serve(settings: Settings) -> anyhow::Result<ExitCode> {
                 .ok()
         });
         let shown = written.is_some().then_some(path.as_deref()).flatten();
-        dev::print_banner(&secret, running.grpc_addr, running.http_addr, shown)?;
+        let token = settings.listen.dev_token.as_deref().unwrap_or_default();
+        dev::print_banner(token, running.grpc_addr, running.http_addr, shown)?;
         _secret_file = written;
     }
     let shutdown = running.shutdown_token();
