@@ -282,3 +282,172 @@ async fn an_instance_restarted_behind_haproxy_loses_no_event() {
     assert!(retries < 800, "the publisher retried {retries} times");
     assert!(!b2.stderr().contains("panicked"), "{}", b2.stderr());
 }
+
+/// A GET to Prometheus's HTTP API: its `data`, or why not.
+async fn prometheus_api(
+    base: &str,
+    path: &str,
+    query: &[(&str, &str)],
+) -> Result<serde_json::Value, String> {
+    let url =
+        url::Url::parse_with_params(&format!("{base}{path}"), query).map_err(|e| e.to_string())?;
+    let body: serde_json::Value = reqwest::get(url.as_str())
+        .await
+        .map_err(|e| e.to_string())?
+        .json_or_text()
+        .await?;
+    if body["status"] == "success" {
+        Ok(body["data"].clone())
+    } else {
+        Err(body.to_string())
+    }
+}
+
+trait JsonOrText {
+    async fn json_or_text(self) -> Result<serde_json::Value, String>;
+}
+
+impl JsonOrText for reqwest::Response {
+    async fn json_or_text(self) -> Result<serde_json::Value, String> {
+        let text = self.text().await.map_err(|e| e.to_string())?;
+        serde_json::from_str(&text).map_err(|_| text)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_a_broker_with_the_alerts_and_the_dashboard_queries_of_deploy() {
+    require(
+        "prometheus",
+        "deploy/prometheus is tried against it (scripts/test installs it)",
+    )
+    .unwrap();
+    require("promtool", "it checks deploy/prometheus/alerts.yml").unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let alerts = format!("{root}/deploy/prometheus/alerts.yml");
+    for args in [
+        vec!["check", "rules", alerts.as_str()],
+        vec![
+            "check",
+            "config",
+            &format!("{root}/deploy/prometheus/prometheus.yml"),
+        ],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    let broker = BrokerProcess::start(Path::new(BIN), BrokerOptions::new(SECRET)).unwrap();
+    let token = full("tenant-prometheus");
+    let mut client = EventBrokerClient::connect(broker.grpc.clone())
+        .await
+        .unwrap();
+    for i in 0..5 {
+        client
+            .publish(authed(
+                PublishRequest {
+                    events: vec![common::draft("cost.updated", &format!(r#"{{"i":{i}}}"#))],
+                },
+                &token,
+            ))
+            .await
+            .unwrap();
+    }
+
+    let scratch = tensorcost_testkit::Scratch::new("prometheus").unwrap();
+    let config = scratch.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [{alerts:?}]\nscrape_configs:\n  - job_name: tensorcost-events\n    static_configs:\n      - targets: [{:?}]\n",
+            broker.http
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let mut command = std::process::Command::new("prometheus");
+    command
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            scratch.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(scratch.join("prometheus.log")).unwrap());
+    let _prometheus = Process::spawn(&mut command, Stop::Kill).expect("prometheus starts");
+    let base = format!("http://127.0.0.1:{port}");
+
+    // The broker's counters, scraped.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let published = prometheus_api(
+            &base,
+            "/api/v1/query",
+            &[("query", "sum(tc_events_published_total)")],
+        )
+        .await
+        .ok()
+        .and_then(|d| {
+            d["result"][0]["value"][1]
+                .as_str()
+                .and_then(|v| v.parse::<f64>().ok())
+        });
+        if published.is_some_and(|n| n >= 5.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never scraped the broker: {}",
+            std::fs::read_to_string(scratch.join("prometheus.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Every alert loaded and evaluated without error.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rules = prometheus_api(&base, "/api/v1/rules", &[]).await.unwrap();
+        let rules: Vec<serde_json::Value> = rules["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+            .collect();
+        assert_eq!(rules.len(), 16, "{rules:?}");
+        if rules.iter().all(|r| r["health"] == "ok") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rules not all healthy: {rules:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Every query of the Grafana dashboard is valid PromQL here.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{root}/deploy/grafana/tensorcost-events.json")).unwrap(),
+    )
+    .unwrap();
+    let mut checked = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "1m")
+                .replace("$__range", "5m")
+                .replace("$instance", ".*");
+            if let Err(e) = prometheus_api(&base, "/api/v1/query", &[("query", &expr)]).await {
+                panic!("dashboard query {expr}: {e}");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 30, "{checked}");
+}
