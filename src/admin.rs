@@ -304,26 +304,15 @@ impl Admin {
 
 type Users = std::collections::BTreeMap<String, Vec<String>>;
 
+/// The memberships file as the broker reads it (a missing file: nobody
+/// yet); one it cannot read is left for the operator to fix.
 fn read_file(path: &std::path::Path) -> Result<Users, ApiError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Users::new()),
-        Err(e) => {
-            return Err(ApiError::new(
-                Code::Unavailable,
-                format!("TC_MEMBERSHIPS_FILE {}: {e}", path.display()),
-            ));
-        }
-    };
-    serde_json::from_str(&text).map_err(|e| {
-        ApiError::new(
-            Code::Unavailable,
-            format!(
-                "TC_MEMBERSHIPS_FILE {}: not a JSON object of cognito_sub to tenant lists ({e}); fix it by hand first",
-                path.display()
-            ),
-        )
-    })
+    if !path.exists() {
+        return Ok(Users::new());
+    }
+    crate::auth::memberships::read_users(path)
+        .map(|users| users.into_iter().collect())
+        .map_err(|e| ApiError::new(Code::Unavailable, format!("{e}; fix it by hand first")))
 }
 
 /// Writes the whole file beside itself, then renames it over: a reader

@@ -169,8 +169,13 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 }
 
 fn read(path: &Path) -> Result<(Option<(SystemTime, u64)>, Users), MembershipsError> {
-    let shown = path.display().to_string();
     let seen = stamp(path);
+    Ok((seen, read_users(path)?))
+}
+
+/// The file's users, every tenant id checked.
+pub(crate) fn read_users(path: &Path) -> Result<Users, MembershipsError> {
+    let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| MembershipsError::Read {
         path: shown.clone(),
         source,
@@ -187,7 +192,7 @@ fn read(path: &Path) -> Result<(Option<(SystemTime, u64)>, Users), MembershipsEr
             })?;
         }
     }
-    Ok((seen, users))
+    Ok(users)
 }
 
 #[cfg(test)]

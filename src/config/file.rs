@@ -426,6 +426,11 @@ mod tests {
                 .to_string();
             assert!(err.starts_with(want), "{text:?}: {err}");
         }
+        let err = ConfigFile::load(Path::new("/nonexistent/tensorcost.toml")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--config /nonexistent/tensorcost.toml: cannot read it"
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ import { after, before, describe, it } from 'node:test';
 
 import { chromium } from 'playwright-core';
 
-import { BIN, SECRET, backendToken, startBroker } from './harness.mjs';
+import { BIN, backendToken, startBroker } from './harness.mjs';
 
 const CHROMIUM = process.env.TC_CHROMIUM ?? '/usr/bin/chromium';
 const SHOTS = process.env.TC_CONSOLE_SCREENSHOTS;
@@ -143,6 +143,16 @@ describe('/console', () => {
     // A broker with a configured secret hands out nothing.
     const res = await fetch(`${broker.http}/console/dev-token`);
     assert.equal(res.status, 404);
-    assert.equal(SECRET.length > 0, true);
+  });
+
+  it('serves its files with a strict policy, and nothing else under /console', async () => {
+    const page = await fetch(`${broker.http}/console`);
+    assert.equal(page.status, 200);
+    assert.match(page.headers.get('content-security-policy'), /script-src 'self'/);
+    const missing = await fetch(`${broker.http}/console/../../etc/passwd`);
+    assert.equal(missing.status, 404);
+    const unknown = await fetch(`${broker.http}/console/other.js`);
+    assert.equal(unknown.status, 404);
+    assert.match((await unknown.json()).message, /no such file/);
   });
 });

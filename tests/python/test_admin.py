@@ -94,6 +94,11 @@ def test_memberships_are_written_to_the_memberships_file(tmp_path):
         assert call(broker, "DELETE", "/v1/admin/memberships/user-1", token)[0] == 204
         assert call(broker, "GET", "/v1/admin/memberships/user-1", token)[0] == 404
         assert json.loads(members.read_text()) == {"kept-user": ["tenant-k"], "user-2": ["tenant-c"]}
+        # A file the broker cannot read is not overwritten: the operator fixes it.
+        members.write_text('{"user-3": ["not a tenant"]}')
+        status, body = call(broker, "PUT", "/v1/admin/memberships/user-4", token, {"tenants": ["tenant-d"]})
+        assert status == 503 and "fix it by hand" in body["message"], body
+        assert members.read_text() == '{"user-3": ["not a tenant"]}'
 
 
 def test_memberships_need_somewhere_to_be_kept(tmp_path):
