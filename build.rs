@@ -18,5 +18,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;
+    // OTLP traces (src/otlp): the vendored protocol files, a client only.
+    let otlp = ["proto/opentelemetry/proto/collector/trace/v1/trace_service.proto"];
+    println!("cargo:rerun-if-changed=proto/opentelemetry");
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_client(true)
+        .compile_fds(protox::compile(otlp, ["proto"])?)?;
     Ok(())
 }

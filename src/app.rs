@@ -87,6 +87,8 @@ pub struct App {
     admin: Option<crate::admin::Admin>,
     /// Each tenant's MCP `enabled`, read at most once a second.
     mcp_enabled: tenant_settings::EnabledCache,
+    /// Publish spans (OTLP), when export is on.
+    tracer: crate::otlp::Tracer,
 }
 
 /// What `recommendations.accept` did.
@@ -237,6 +239,7 @@ impl App {
             presence: Presence::default(),
             admin: None,
             mcp_enabled: tenant_settings::EnabledCache::default(),
+            tracer: crate::otlp::Tracer::off(),
         }
     }
 
@@ -293,6 +296,37 @@ impl App {
     pub fn with_state(mut self, state: State) -> Self {
         self.state = Some(state);
         self
+    }
+
+    pub fn with_tracer(mut self, tracer: crate::otlp::Tracer) -> Self {
+        self.tracer = tracer;
+        self
+    }
+
+    /// Spans of deliveries (OTLP), when export is on.
+    pub fn tracer(&self) -> &crate::otlp::Tracer {
+        &self.tracer
+    }
+
+    /// Dispatches accepted events, with their publish spans.
+    fn dispatch(&self, events: Vec<event::Event>, stamp: &Stamp, now: SystemTime) -> Vec<Outcome> {
+        if !self.tracer.is_on() {
+            return self.broker.publish(events);
+        }
+        let spans = self.tracer.publishing(&events, stamp.parent(), now);
+        let outcomes = self.broker.publish(events);
+        self.tracer.published(spans, |i| outcomes[i].duplicate);
+        outcomes
+    }
+
+    fn dispatch_one(&self, event: event::Event, stamp: &Stamp, now: SystemTime) -> Outcome {
+        if !self.tracer.is_on() {
+            return self.broker.publish_one(event);
+        }
+        let spans = self.tracer.publishing([&event], stamp.parent(), now);
+        let outcome = self.broker.publish_one(event);
+        self.tracer.published(spans, |_| outcome.duplicate);
+        outcome
     }
 
     fn state(&self) -> Result<&State, ApiError> {
@@ -608,9 +642,11 @@ impl App {
 
     /// Publish-wide context: limits and the caller's `traceparent`.
     pub fn stamp(&self, traceparent: Option<&str>) -> Stamp {
+        let parent = traceparent.and_then(event::parse_traceparent);
         Stamp {
             max_data_bytes: self.limits.max_event_bytes,
-            trace_id: traceparent.and_then(event::trace_id_from_traceparent),
+            parent_span_id: parent.as_ref().map(|p| p.parent_id),
+            trace_id: parent.map(|p| p.trace_id),
         }
     }
 
@@ -631,7 +667,7 @@ impl App {
             .enumerate()
             .map(|(i, draft)| accept(identity, draft, stamp, now).map_err(|e| e.at_index(i)))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(self.broker.publish(events))
+        Ok(self.dispatch(events, stamp, now))
     }
 
     /// Publishes each event of a batch on its own (streaming publish): a
@@ -651,7 +687,9 @@ impl App {
         let now = SystemTime::now();
         Ok(drafts
             .into_iter()
-            .map(|draft| accept(identity, draft, stamp, now).map(|e| self.broker.publish_one(e)))
+            .map(|draft| {
+                accept(identity, draft, stamp, now).map(|e| self.dispatch_one(e, stamp, now))
+            })
             .collect())
     }
 
@@ -663,8 +701,9 @@ impl App {
         stamp: &Stamp,
     ) -> Result<Outcome, ApiError> {
         identity.require(PUBLISH)?;
-        let event = accept(identity, draft, stamp, SystemTime::now())?;
-        Ok(self.broker.publish_one(event))
+        let now = SystemTime::now();
+        let event = accept(identity, draft, stamp, now)?;
+        Ok(self.dispatch_one(event, stamp, now))
     }
 
     /// Opens a subscription for `identity`; it ends when the token expires.

@@ -365,6 +365,7 @@ impl EventBroker for GrpcService {
         let max_batch = (request_batch as usize).clamp(1, MAX_SUBSCRIBE_BATCH);
         // Replayed events are old by design: the latency is of live ones.
         let latency = self.latency.clone();
+        let tracer = self.app.tracer().clone();
         // Whatever is already waiting, up to max_batch, goes in one message;
         // nothing waits to fill a batch.
         let events = futures_util::StreamExt::flat_map(
@@ -378,7 +379,25 @@ impl EventBroker for GrpcService {
                     latency.grpc(&event.timestamp);
                 }
                 replayed = replayed.saturating_sub(chunk.len());
-                futures_util::stream::iter(batch_messages(chunk, max_batch > 1))
+                if !tracer.is_on() {
+                    return futures_util::stream::iter(batch_messages(chunk, max_batch > 1));
+                }
+                let started = std::time::SystemTime::now();
+                let events: Vec<_> = chunk
+                    .iter()
+                    .filter_map(|d| match d {
+                        Delivery::Event(e) => Some(Arc::clone(e)),
+                        _ => None,
+                    })
+                    .collect();
+                let messages = batch_messages(chunk, max_batch > 1);
+                tracer.delivered(
+                    crate::otlp::Transport::Grpc,
+                    events.iter().map(|e| &**e),
+                    1,
+                    started,
+                );
+                futures_util::stream::iter(messages)
             },
         );
         Ok(Response::new(Box::pin(first.chain(events))))

@@ -26,6 +26,7 @@ pub(crate) mod grpc;
 pub(crate) mod http;
 pub(crate) mod mcp;
 pub(crate) mod metrics;
+pub(crate) mod otlp;
 pub(crate) mod policy;
 pub(crate) mod presence;
 pub(crate) mod projection;

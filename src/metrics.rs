@@ -99,6 +99,8 @@ pub struct EdgeMetrics {
     pub pump_failures: Counter,
     /// Publish-to-emit latency, both transports.
     pub emit_latency: EmitLatency,
+    /// Spans of emits, when OTLP export is on.
+    pub tracer: crate::otlp::Tracer,
 }
 
 /// The registry behind `/metrics`.
@@ -108,6 +110,10 @@ pub struct Metrics {
 
 impl Metrics {
     /// Adds the TLS counters (when TLS is on).
+    pub fn register_otlp(&mut self, otlp: &crate::otlp::OtlpMetrics) {
+        otlp.register(&mut self.registry);
+    }
+
     pub fn register_tls(&mut self, tls: &crate::tls::TlsMetrics) {
         self.registry.register(
             "tls_handshake_failures",

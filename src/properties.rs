@@ -65,7 +65,7 @@ proptest! {
     fn drafts_are_accepted_by_the_rules_or_refused_naming_the_field(
         event_type in text(), data in text(), id in text(), trace_id in text(),
     ) {
-        let stamp = Stamp { max_data_bytes: 1024, trace_id: None };
+        let stamp = Stamp { max_data_bytes: 1024, trace_id: None, parent_span_id: None };
         let draft = EventDraft { id: id.clone(), event_type: event_type.clone(), tenant_id: String::new(), data, trace_id };
         match event::accept(draft, "tenant-a", &stamp, SystemTime::now()) {
             Ok(e) => {
@@ -116,8 +116,8 @@ proptest! {
         if event::check_identifier(&value).is_ok() {
             prop_assert!(!value.is_empty() && value.len() <= event::rules::MAX_ID_LEN);
         }
-        if let Some(trace) = event::trace_id_from_traceparent(&value) {
-            prop_assert!(event::is_trace_id(&trace));
+        if let Some(parent) = event::parse_traceparent(&value) {
+            prop_assert!(event::is_trace_id(&parent.trace_id) && parent.parent_id != 0);
         }
     }
 

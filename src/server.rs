@@ -128,6 +128,8 @@ pub struct Running {
     webhooks: crate::webhook::Running,
     state: State,
     app: App,
+    /// The OTLP exporter: stopped last, so it sends every span.
+    otlp: Option<(CancellationToken, JoinHandle<()>)>,
     drain: Duration,
 }
 
@@ -138,6 +140,24 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
     // First: a certificate that does not load stops the start, before
     // anything listens.
     let tls = crate::tls::Tls::load(&settings.tls)?;
+    let presence = crate::presence::Presence::default();
+    let otlp_metrics = crate::otlp::OtlpMetrics::default();
+    let otlp_stop = CancellationToken::new();
+    let (tracer, otlp) = match crate::otlp::Tracer::start(
+        &settings.otlp,
+        presence.instance(),
+        otlp_metrics.clone(),
+    )? {
+        Some((tracer, exporter)) => {
+            tracing::info!(
+                endpoint = settings.otlp.otlp_endpoint.as_deref().unwrap_or_default(),
+                sample_ratio = settings.otlp.otlp_sample_ratio,
+                "exporting spans over OTLP"
+            );
+            (tracer, Some(tokio::spawn(exporter.run(otlp_stop.clone()))))
+        }
+        None => (crate::otlp::Tracer::off(), None),
+    };
     let redis = settings
         .redis
         .config(
@@ -201,7 +221,6 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
             .clone()
             .run(projection_queue, state.clone(), shutdown.clone()),
     );
-    let presence = crate::presence::Presence::default();
     let policies = crate::policy::Policies::new(
         state.clone(),
         broker.clone(),
@@ -218,6 +237,7 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         broker.clone(),
         settings.webhooks.clone(),
         webhook_metrics.clone(),
+        tracer.clone(),
     )?;
     let (webhook_tasks, tap) = webhooks.start().await?;
     sinks.push(tap);
@@ -242,8 +262,12 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         .with_projections(projections.clone())
         .with_policies(policies.clone())
         .with_presence(presence)
-        .with_state(state.clone());
-    let edge_metrics = EdgeMetrics::default();
+        .with_state(state.clone())
+        .with_tracer(tracer.clone());
+    let edge_metrics = EdgeMetrics {
+        tracer,
+        ..EdgeMetrics::default()
+    };
     let admission_metrics = AdmissionMetrics::default();
     let admission = Admission::new(
         settings.listen.max_connections,
@@ -267,6 +291,7 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
     if let Some(tls) = &tls {
         metrics.register_tls(&tls.metrics);
     }
+    metrics.register_otlp(&otlp_metrics);
     let metrics = Arc::new(metrics);
     let cors = edge_config.origins.cors_layer();
     let emit_latency = edge_metrics.emit_latency.clone();
@@ -408,6 +433,7 @@ pub async fn start(settings: &Settings, secret: &[u8]) -> anyhow::Result<Running
         webhooks: webhook_tasks,
         state,
         app,
+        otlp: otlp.map(|task| (otlp_stop, task)),
         drain: settings.listen.shutdown_timeout,
     })
 }
@@ -547,6 +573,11 @@ impl Running {
             store.stop().await;
         }
         self.state.close().await;
+        // Last: spans of everything above, within one export timeout.
+        if let Some((stop, task)) = self.otlp {
+            stop.cancel();
+            let _ = task.await;
+        }
         result
     }
 }

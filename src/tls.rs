@@ -492,29 +492,71 @@ pub fn http_client(ca: &CaArgs) -> anyhow::Result<reqwest::ClientBuilder> {
     Ok(reqwest::Client::builder().tls_backend_preconfigured(config))
 }
 
-/// A gRPC channel to `server`: `http://host:port` in plain text,
-/// `https://host:port` over TLS (trusting the system's roots and
-/// `ca_file`'s, checking the certificate names `host`).
+/// A gRPC channel to `server` (`http://` or `https://`, trusting the
+/// system's roots and `ca.ca_file`'s), connected now.
 pub async fn grpc_channel(server: &str, ca: &CaArgs) -> anyhow::Result<tonic::transport::Channel> {
+    let (endpoint, tls) = grpc_endpoint(server, "--server", "TC_CA_FILE", ca.ca_file.as_deref())?;
+    let connect_error = |e: &dyn std::error::Error| {
+        // The TLS error is the source's source: say it.
+        let mut text = e.to_string();
+        let mut source = e.source();
+        while let Some(s) = source {
+            text = format!("{text}: {s}");
+            source = s.source();
+        }
+        anyhow::anyhow!(
+            "cannot connect to {server}: {text} (is `tensorcost-events serve` running?)"
+        )
+    };
+    match tls {
+        None => endpoint.connect().await.map_err(|e| connect_error(&e)),
+        Some(dial) => endpoint
+            .connect_with_connector(dial.service())
+            .await
+            .map_err(|e| connect_error(&e)),
+    }
+}
+
+/// A gRPC channel to `url`, which connects when first used (and again
+/// after it broke); `setting` and `ca_setting` name the settings in errors.
+pub fn grpc_channel_lazy(
+    url: &str,
+    setting: &str,
+    ca_setting: &str,
+    ca_file: Option<&Path>,
+    connect_timeout: Duration,
+) -> anyhow::Result<tonic::transport::Channel> {
+    let (endpoint, tls) = grpc_endpoint(url, setting, ca_setting, ca_file)?;
+    let endpoint = endpoint.connect_timeout(connect_timeout);
+    Ok(match tls {
+        None => endpoint.connect_lazy(),
+        Some(dial) => endpoint.connect_with_connector_lazy(dial.service()),
+    })
+}
+
+/// The endpoint of a gRPC URL; for `https://`, how to dial it (tonic is
+/// given the plain scheme, the connector does TLS).
+fn grpc_endpoint(
+    server: &str,
+    setting: &str,
+    ca_setting: &str,
+    ca_file: Option<&Path>,
+) -> anyhow::Result<(tonic::transport::Endpoint, Option<TlsDial>)> {
     use tonic::transport::Endpoint;
     let bad = || {
         anyhow::anyhow!(
-            "--server {server:?} is not a URL like http://127.0.0.1:50051 or https://events.example.com:50051"
+            "{setting} {server:?} is not a URL like http://127.0.0.1:50051 or https://events.example.com:50051"
         )
     };
     let uri: axum::http::Uri = server.trim().parse().map_err(|_| bad())?;
     let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
         return Err(bad());
     };
-    let connect_error = |e| {
-        anyhow::anyhow!("cannot connect to {server}: {e} (is `tensorcost-events serve` running?)")
-    };
     match scheme {
-        "http" => Endpoint::from_shared(server.trim().to_string())
-            .map_err(|_| bad())?
-            .connect()
-            .await
-            .map_err(|e| connect_error(e.to_string())),
+        "http" => Ok((
+            Endpoint::from_shared(server.trim().to_string()).map_err(|_| bad())?,
+            None,
+        )),
         "https" => {
             let host = authority
                 .host()
@@ -522,38 +564,58 @@ pub async fn grpc_channel(server: &str, ca: &CaArgs) -> anyhow::Result<tonic::tr
                 .trim_end_matches(']');
             let port = authority.port_u16().unwrap_or(443);
             let name = rustls::pki_types::ServerName::try_from(host.to_string())
-                .map_err(|e| anyhow::anyhow!("--server {server:?}: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("{setting} {server:?}: {e}"))?;
             let tls = tokio_rustls::TlsConnector::from(Arc::new(client_config(
-                "TC_CA_FILE",
-                ca.ca_file.as_deref(),
+                ca_setting,
+                ca_file,
                 &[b"h2"],
             )?));
-            let host = host.to_string();
-            // tonic is given the plain scheme; this connector does TLS.
-            let connector = tower::service_fn(move |_: axum::http::Uri| {
-                let (tls, name, host) = (tls.clone(), name.clone(), host.clone());
-                async move {
-                    let tcp = TcpStream::connect((host.as_str(), port)).await?;
-                    tcp.set_nodelay(true)?;
-                    let stream = tls.connect(name, tcp).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                }
-            });
-            Endpoint::from_shared(format!("http://{authority}"))
-                .map_err(|_| bad())?
-                .connect_with_connector(connector)
-                .await
-                .map_err(|e| {
-                    // The TLS error is the source's source: say it.
-                    let mut text = e.to_string();
-                    let mut source = std::error::Error::source(&e);
-                    while let Some(s) = source {
-                        text = format!("{text}: {s}");
-                        source = s.source();
-                    }
-                    connect_error(text)
-                })
+            let dial = TlsDial {
+                tls,
+                name,
+                host: host.to_string(),
+                port,
+            };
+            let endpoint =
+                Endpoint::from_shared(format!("http://{authority}")).map_err(|_| bad())?;
+            Ok((endpoint, Some(dial)))
         }
         _ => Err(bad()),
+    }
+}
+
+/// Dials a TLS server for tonic.
+#[derive(Clone)]
+struct TlsDial {
+    tls: tokio_rustls::TlsConnector,
+    name: rustls::pki_types::ServerName<'static>,
+    host: String,
+    port: u16,
+}
+
+impl TlsDial {
+    fn service(
+        self,
+    ) -> impl tower::Service<
+        axum::http::Uri,
+        Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+        Error = std::io::Error,
+        Future = impl std::future::Future<
+            Output = std::io::Result<
+                hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+            >,
+        > + Send,
+    > + Clone
+    + Send
+    + 'static {
+        tower::service_fn(move |_: axum::http::Uri| {
+            let dial = self.clone();
+            async move {
+                let tcp = TcpStream::connect((dial.host.as_str(), dial.port)).await?;
+                tcp.set_nodelay(true)?;
+                let stream = dial.tls.connect(dial.name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        })
     }
 }

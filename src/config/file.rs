@@ -30,6 +30,7 @@ const SECTIONS: &[(&str, &str, &str)] = &[
     ("listen", "Listeners", ""),
     ("log", "Logging", "LOG_"),
     ("tls", "TLS", "TLS_"),
+    ("otlp", "Tracing", "OTLP_"),
     ("auth", "Authentication", ""),
     ("limits", "Requests", ""),
     ("broker", "Broker", ""),
@@ -144,7 +145,13 @@ impl ConfigFile {
                     ),
                 };
                 if let Some(reason) = refusal(&bare, arg, &text) {
-                    bail!("{shown}:{at}: [{section}] {key} = {text:?}: {reason}");
+                    // A secret's value is not repeated.
+                    let value = if arg.is_hide_env_values_set() {
+                        "(not shown)".to_string()
+                    } else {
+                        format!("{text:?}")
+                    };
+                    bail!("{shown}:{at}: [{section}] {key} = {value}: {reason}");
                 }
                 values.insert(arg.get_id().to_string(), text);
             }

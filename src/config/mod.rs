@@ -14,6 +14,7 @@ pub use crate::auth::settings::AuthSettings;
 pub use crate::broker::BrokerConfig;
 pub use crate::edge::{EdgeSettings, Overrides};
 pub use crate::mcp::McpSettings;
+pub use crate::otlp::OtlpSettings;
 pub use crate::policy::PolicySettings;
 pub use crate::projection::ProjectionSettings;
 pub use crate::server::ListenSettings;
@@ -37,6 +38,8 @@ pub struct Settings {
     pub log: LogSettings,
     #[command(flatten, next_help_heading = "TLS")]
     pub tls: TlsSettings,
+    #[command(flatten, next_help_heading = "Tracing")]
+    pub otlp: OtlpSettings,
     #[command(flatten, next_help_heading = "Authentication")]
     pub auth: AuthSettings,
     #[command(flatten, next_help_heading = "Requests")]

@@ -30,6 +30,7 @@ use crate::clock;
 use crate::event::socketio;
 use crate::event::{self, Event, SharedEvent};
 use crate::metrics::EdgeMetrics;
+use crate::otlp::Transport;
 
 /// How often a pump checks token expiry, slow sockets and drop notices.
 const TICK: Duration = Duration::from_millis(250);
@@ -210,17 +211,25 @@ impl<O: Outlet> Pump<O> {
             return;
         };
         self.metrics.emit_latency.socketio(&event.timestamp);
+        let started = self.metrics.tracer.is_on().then(SystemTime::now);
         let metrics = &self.metrics;
         let mut backlogged = false;
+        let mut recipients = 0;
         self.members.retain(|_, m| {
             if m.is_leaving() || !m.filter.matches(&event.event_type) {
                 return true;
             }
+            recipients += 1;
             let alive = m.send(&event.id, &p, metrics);
             backlogged |= m.is_backlogged();
             alive
         });
         self.backlogged |= backlogged;
+        if let Some(started) = started {
+            self.metrics
+                .tracer
+                .delivered(Transport::Socketio, [event], recipients, started);
+        }
     }
 
     /// Retries events waiting for sockets whose buffers were full.

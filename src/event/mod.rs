@@ -21,7 +21,7 @@ use serde_json::value::RawValue;
 
 pub use rules::{
     EventError, check_identifier, is_trace_id, new_event_id, new_trace_id, parse_data,
-    trace_id_from_traceparent, validate_type,
+    parse_traceparent, validate_type,
 };
 
 /// An accepted event, as it is stored in history, delivered to
@@ -75,6 +75,16 @@ pub struct Stamp {
     pub max_data_bytes: usize,
     /// From the caller's `traceparent`, if it had a valid one.
     pub trace_id: Option<String>,
+    /// That `traceparent`'s span: the parent of the publish spans exported
+    /// over OTLP.
+    pub parent_span_id: Option<u64>,
+}
+
+impl Stamp {
+    /// The caller's trace and span, for publish spans.
+    pub fn parent(&self) -> (Option<&str>, Option<u64>) {
+        (self.trace_id.as_deref(), self.parent_span_id)
+    }
 }
 
 /// Validates one draft for `tenant_id` and stamps id, timestamp and trace id.
@@ -164,6 +174,7 @@ mod tests {
         let stamp = Stamp {
             max_data_bytes: 1024,
             trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+            parent_span_id: None,
         };
         let draft = EventDraft {
             event_type: "cost.updated".into(),

@@ -125,10 +125,18 @@ pub fn is_trace_id(value: &str) -> bool {
         && value.bytes().any(|b| b != b'0')
 }
 
-/// The trace id of a W3C `traceparent` header
+/// A valid W3C `traceparent`'s trace id and parent span id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Traceparent {
+    pub trace_id: String,
+    /// The caller's span, the parent of the broker's publish span.
+    pub parent_id: u64,
+}
+
+/// Reads a W3C `traceparent` header
 /// (`00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`), or `None` when
-/// the header is malformed (the spec says to ignore it then).
-pub fn trace_id_from_traceparent(header: &str) -> Option<String> {
+/// it is malformed (the spec says to ignore it then).
+pub fn parse_traceparent(header: &str) -> Option<Traceparent> {
     let mut parts = header.trim().split('-');
     let version = parts.next()?;
     let trace_id = parts.next()?;
@@ -145,7 +153,13 @@ pub fn trace_id_from_traceparent(header: &str) -> Option<String> {
     if !hex(parent_id, 16) || parent_id.bytes().all(|b| b == b'0') || !hex(flags, 2) {
         return None;
     }
-    is_trace_id(trace_id).then(|| trace_id.to_string())
+    if !is_trace_id(trace_id) {
+        return None;
+    }
+    Some(Traceparent {
+        trace_id: trace_id.to_string(),
+        parent_id: u64::from_str_radix(parent_id, 16).ok()?,
+    })
 }
 
 /// A new random W3C trace id.
@@ -255,8 +269,12 @@ mod tests {
     fn traceparent() {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         assert_eq!(
-            trace_id_from_traceparent(tp).as_deref(),
+            parse_traceparent(tp).map(|t| t.trace_id).as_deref(),
             Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(
+            parse_traceparent(tp).map(|t| t.parent_id),
+            Some(0x00f0_67aa_0ba9_02b7)
         );
         for bad in [
             "",
@@ -267,7 +285,7 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
         ] {
-            assert_eq!(trace_id_from_traceparent(bad), None, "{bad}");
+            assert_eq!(parse_traceparent(bad), None, "{bad}");
         }
         assert!(is_trace_id(&new_trace_id()));
     }

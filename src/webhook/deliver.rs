@@ -545,13 +545,47 @@ pub async fn attempt_once(hooks: &Webhooks, endpoint: &Endpoint, delivery: Deliv
 }
 
 /// Signs and POSTs the payload to `target` (the endpoint's URL as the
-/// guard checked it), on `conn` when it holds a usable connection.
+/// guard checked it), on `conn` when it holds a usable connection; the
+/// attempt is a span of the event's trace, and the request's
+/// `traceparent` names it.
 async fn send(
     hooks: &Webhooks,
     signer: &sign::Signer,
     target: &Result<Target, super::guard::Refused>,
     d: &Delivery,
     conn: &mut Option<Conn>,
+) -> Outcome {
+    let tracer = &hooks.inner.tracer;
+    let span = tracer.attempt(
+        crate::otlp::Attempted {
+            id: &d.event_id,
+            tenant: &d.tenant,
+            event_type: &d.event_type,
+            trace_id: &d.trace_id,
+        },
+        &d.endpoint,
+        d.attempt,
+    );
+    let outcome = post(hooks, signer, target, d, conn, &span.traceparent).await;
+    let (status, error) = match &outcome {
+        Outcome::Succeeded(code) => (Some(*code), None),
+        Outcome::Gone => (
+            Some(410),
+            Some("HTTP 410: the receiver says the endpoint is gone"),
+        ),
+        Outcome::Failed { status, error, .. } => (*status, Some(error.as_str())),
+    };
+    tracer.attempted(span, status, error);
+    outcome
+}
+
+async fn post(
+    hooks: &Webhooks,
+    signer: &sign::Signer,
+    target: &Result<Target, super::guard::Refused>,
+    d: &Delivery,
+    conn: &mut Option<Conn>,
+    traceparent: &str,
 ) -> Outcome {
     let inner = &hooks.inner;
     let target = match target {
@@ -572,8 +606,9 @@ async fn send(
         value(signature),
         value(d.event_id.clone()),
         value(d.event_type.clone()),
+        value(traceparent.to_string()),
     ) {
-        (Ok(sig), Ok(id), Ok(kind)) => [
+        (Ok(sig), Ok(id), Ok(kind), Ok(traceparent)) => [
             (HeaderName::from_static(sign::HEADER), sig),
             (HeaderName::from_static("x-tensorcost-event-id"), id),
             (HeaderName::from_static("x-tensorcost-event-type"), kind),
@@ -581,6 +616,7 @@ async fn send(
                 HeaderName::from_static("x-tensorcost-delivery-attempt"),
                 HeaderValue::from(d.attempt),
             ),
+            (HeaderName::from_static("traceparent"), traceparent),
         ],
         _ => {
             return Outcome::Failed {

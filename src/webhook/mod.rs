@@ -220,6 +220,8 @@ pub(crate) struct Inner {
     in_flight: std::sync::Mutex<deliver::InFlight>,
     /// Delivered attempts waiting to be recorded.
     waiting: record::Waiting,
+    /// Spans of attempts (OTLP), and each request's `traceparent`.
+    tracer: crate::otlp::Tracer,
 }
 
 /// The webhook service. Cheap to clone.
@@ -272,6 +274,7 @@ impl Webhooks {
         broker: Broker,
         settings: WebhookSettings,
         metrics: WebhookMetrics,
+        tracer: crate::otlp::Tracer,
     ) -> anyhow::Result<Self> {
         let guard =
             Arc::new(Guard::parse(&settings.webhook_allow_hosts).map_err(anyhow::Error::msg)?);
@@ -295,6 +298,7 @@ impl Webhooks {
                 metrics,
                 in_flight: std::sync::Mutex::new(deliver::InFlight::default()),
                 waiting: record::Waiting::default(),
+                tracer,
             }),
         })
     }

@@ -35,7 +35,9 @@ _GEN_DIR: Path | None = None
 def _generate_stubs() -> Path:
     """Runs `python -m grpc_tools.protoc` on every .proto under proto/ into a
     fresh temporary directory and puts it on sys.path."""
-    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
+    # The broker's own protocol; proto/opentelemetry (vendored for the
+    # broker's exporter) comes from the opentelemetry-proto package here.
+    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "tensorcost").rglob("*.proto"))
     assert protos, f"no .proto files under {PROTO_ROOT}"
     out = Path(tempfile.mkdtemp(prefix="tc-pystubs-"))
     cmd = [
