@@ -228,6 +228,17 @@ async fn both_listeners_speak_tls_and_refuse_plain_text_cleanly() {
     // HTTP over TLS.
     let mut conn = HttpsConn::open(&broker.http, &certs.ca_der).await.unwrap();
     assert_eq!(conn.get("/healthz").await.0, 200);
+    // A container's HEALTHCHECK: https because TC_TLS_CERT is set; as plain
+    // text it fails.
+    let cert = certs.cert.to_str().unwrap();
+    let out = cli(
+        &["healthcheck", "--ready"],
+        &[("TC_HTTP_ADDR", &broker.http), ("TC_TLS_CERT", cert)],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = cli(&["healthcheck"], &[("TC_HTTP_ADDR", &broker.http)]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("/healthz: "), "{}", text(&out.stderr));
 
     // A plain-text gRPC client on the TLS port: refused, cleanly.
     let token = token();

@@ -71,8 +71,26 @@ pub enum Command {
     /// print a complete commented one.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Exit 0 when the broker on this host answers `/healthz` (or
+    /// `/readyz`): a container's HEALTHCHECK without curl in the image.
+    Healthcheck(HealthcheckArgs),
     /// Print the version.
     Version,
+}
+
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// The broker's HTTP listen address, as `serve` reads it; an
+    /// unspecified address (0.0.0.0, ::) means this host.
+    #[arg(long, env = "TC_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    http_addr: std::net::SocketAddr,
+    /// Set when the listener speaks TLS (as `serve` reads it): the check
+    /// then uses https, without checking the certificate (it is this host).
+    #[arg(long, env = "TC_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Check `/readyz` (ready for traffic) instead of `/healthz` (alive).
+    #[arg(long)]
+    ready: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -290,6 +308,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Settings(SettingsCommand::Mcp(args)) => mcp_settings(args).await,
         Command::Policy(command) => policy::run(command).await,
         Command::Admin(command) => admin::run(command).await,
+        Command::Healthcheck(args) => healthcheck(args).await,
         Command::Version => {
             println!(
                 "tensorcost-events {} (gRPC API tensorcost.events.v1)",
@@ -351,6 +370,45 @@ async fn serve(settings: Settings) -> anyhow::Result<ExitCode> {
     }
     running.stop().await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `GET /healthz` (or `/readyz`) on this host's listener within 3 s.
+async fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<ExitCode> {
+    let mut addr = args.http_addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let scheme = if args.tls_cert.is_some() { "https" } else { "http" };
+    let path = if args.ready { "readyz" } else { "healthz" };
+    let url = format!("{scheme}://{addr}/{path}");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .tls_danger_accept_invalid_certs(true)
+        .build()?;
+    match client.get(&url).send().await {
+        Ok(answer) if answer.status().is_success() => {
+            println!("{url}: {}", answer.status());
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(answer) => {
+            eprintln!("{url}: {}", answer.status());
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                text = format!("{text}: {s}");
+                source = s.source();
+            }
+            eprintln!("{url}: {text}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 async fn mcp(args: McpArgs) -> anyhow::Result<ExitCode> {
