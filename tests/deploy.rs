@@ -113,52 +113,19 @@ fn sio_follower(
     (ids, connections)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_instance_restarted_behind_haproxy_loses_no_event() {
-    require(
-        "haproxy",
-        "the load balancer of deploy/ (scripts/test installs it)",
-    )
-    .unwrap();
-    let redis = RedisServer::start();
-    let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
-    let (a_grpc, a_http, b_grpc, b_http, lb_http, lb_grpc) =
-        (ports[0], ports[1], ports[2], ports[3], ports[4], ports[5]);
-    let _a = broker(&redis.url(), a_grpc, a_http);
-    let mut b = Some(broker(&redis.url(), b_grpc, b_http));
-
-    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy/haproxy.cfg");
-    let mut haproxy = std::process::Command::new("haproxy");
-    haproxy
-        .args(["-db", "-f", config])
-        .env("LB_HTTP_BIND", format!("127.0.0.1:{lb_http}"))
-        .env("LB_GRPC_BIND", format!("127.0.0.1:{lb_grpc}"))
-        .env("BROKER1_HTTP", format!("127.0.0.1:{a_http}"))
-        .env("BROKER2_HTTP", format!("127.0.0.1:{b_http}"))
-        .env("BROKER1_GRPC", format!("127.0.0.1:{a_grpc}"))
-        .env("BROKER2_GRPC", format!("127.0.0.1:{b_grpc}"))
-        .env("BROKER1_HTTP_PORT", a_http.to_string())
-        .env("BROKER2_HTTP_PORT", b_http.to_string())
-        .stdout(std::process::Stdio::null());
-    let _haproxy = Process::spawn(&mut haproxy, Stop::Kill).expect("haproxy starts");
-    let lb_http_url = format!("127.0.0.1:{lb_http}");
-    let lb_grpc_url = format!("http://127.0.0.1:{lb_grpc}");
-    // Both instances healthy behind it.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let ok = reqwest::get(format!("http://{lb_http_url}/readyz"))
-            .await
-            .is_ok_and(|r| r.status() == 200);
-        if ok {
-            break;
-        }
-        assert!(Instant::now() < deadline, "HAProxy never answered /readyz");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-
-    let tenant = "tenant-rolling";
-    let token = full(tenant);
+/// Two gRPC and two Socket.IO followers of `token`'s tenant through the balancer
+/// at `lb_http` (host:port) and `lb_grpc` (URL), a publisher of 800 events
+/// at 100/s through it, and `restart` of one instance two seconds in:
+/// every follower must end with every event, and both kinds must have
+/// reconnected. Returns what `restart` returned.
+async fn rolling_restart<T>(
+    lb_http_url: &str,
+    lb_grpc_url: &str,
+    token: &str,
+    restart: impl AsyncFnOnce() -> T,
+) -> T {
+    let (lb_http_url, lb_grpc_url) = (lb_http_url.to_string(), lb_grpc_url.to_string());
+    let token = token.to_string();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Two of each: round robin puts one of each on each instance.
     let followers: Vec<(&str, (Ids, Connections))> = vec![
@@ -232,18 +199,10 @@ async fn an_instance_restarted_behind_haproxy_loses_no_event() {
         })
     };
 
-    // Restart instance B two seconds in: SIGTERM (it ends its streams with
-    // their last ids and drains), then start it again on the same ports.
+    // Restart one instance two seconds in.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let restarted_at = Instant::now();
-    let stopped = tokio::task::spawn_blocking(move || drop(b.take()));
-    stopped.await.unwrap();
-    let b2 = tokio::task::spawn_blocking({
-        let url = redis.url();
-        move || broker(&url, b_grpc, b_http)
-    })
-    .await
-    .unwrap();
+    let restarted = restart().await;
     let restart_took = restarted_at.elapsed();
 
     let (published, retries) = publisher.await.unwrap();
@@ -280,7 +239,104 @@ async fn an_instance_restarted_behind_haproxy_loses_no_event() {
         "no Socket.IO follower reconnected"
     );
     assert!(retries < 800, "the publisher retried {retries} times");
-    assert!(!b2.stderr().contains("panicked"), "{}", b2.stderr());
+    restarted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_restarted_behind_haproxy_loses_no_event() {
+    require(
+        "haproxy",
+        "the load balancer of deploy/ (scripts/test installs it)",
+    )
+    .unwrap();
+    let redis = RedisServer::start();
+    let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
+    let (a_grpc, a_http, b_grpc, b_http, lb_http, lb_grpc) =
+        (ports[0], ports[1], ports[2], ports[3], ports[4], ports[5]);
+    let _a = broker(&redis.url(), a_grpc, a_http);
+    let b = broker(&redis.url(), b_grpc, b_http);
+
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy/haproxy.cfg");
+    let mut haproxy = std::process::Command::new("haproxy");
+    haproxy
+        .args(["-db", "-f", config])
+        .env("LB_HTTP_BIND", format!("127.0.0.1:{lb_http}"))
+        .env("LB_GRPC_BIND", format!("127.0.0.1:{lb_grpc}"))
+        .env("BROKER1_HTTP", format!("127.0.0.1:{a_http}"))
+        .env("BROKER2_HTTP", format!("127.0.0.1:{b_http}"))
+        .env("BROKER1_GRPC", format!("127.0.0.1:{a_grpc}"))
+        .env("BROKER2_GRPC", format!("127.0.0.1:{b_grpc}"))
+        .env("BROKER1_HTTP_PORT", a_http.to_string())
+        .env("BROKER2_HTTP_PORT", b_http.to_string())
+        .stdout(std::process::Stdio::null());
+    let _haproxy = Process::spawn(&mut haproxy, Stop::Kill).expect("haproxy starts");
+    let lb_http_url = format!("127.0.0.1:{lb_http}");
+    let lb_grpc_url = format!("http://127.0.0.1:{lb_grpc}");
+    // Both instances healthy behind it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ok = reqwest::get(format!("http://{lb_http_url}/readyz"))
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "HAProxy never answered /readyz");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Restart instance B: SIGTERM (it ends its streams with their last ids
+    // and drains), then start it again on the same ports.
+    let token = full("tenant-rolling");
+    let restarted = rolling_restart(&lb_http_url, &lb_grpc_url, &token, async move || {
+        let stopped = tokio::task::spawn_blocking(move || drop(b));
+        stopped.await.unwrap();
+        tokio::task::spawn_blocking({
+            let url = redis.url();
+            move || broker(&url, b_grpc, b_http)
+        })
+        .await
+        .unwrap()
+    })
+    .await;
+    assert!(
+        !restarted.stderr().contains("panicked"),
+        "{}",
+        restarted.stderr()
+    );
+}
+
+/// deploy/test: the same against deploy/compose.yaml run by podman-compose
+/// (two broker containers, Redis and HAProxy), restarting one broker
+/// container with `TC_DEPLOY_RESTART`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "deploy/test runs it against the containers of deploy/compose.yaml"]
+async fn the_compose_deployment_restarted_loses_no_event() {
+    let var = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: deploy/test sets it"))
+    };
+    let (lb_http, lb_grpc, token, restart) = (
+        var("TC_DEPLOY_LB_HTTP"),
+        var("TC_DEPLOY_LB_GRPC"),
+        var("TC_DEPLOY_TOKEN"),
+        var("TC_DEPLOY_RESTART"),
+    );
+    let lb_grpc = format!("http://{lb_grpc}");
+    rolling_restart(&lb_http, &lb_grpc, &token, async move || {
+        let out = tokio::process::Command::new("sh")
+            .args(["-c", &restart])
+            .output()
+            .await
+            .expect("run TC_DEPLOY_RESTART");
+        assert!(
+            out.status.success(),
+            "{restart}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    })
+    .await;
 }
 
 /// A GET to Prometheus's HTTP API: its `data`, or why not.

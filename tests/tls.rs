@@ -238,7 +238,11 @@ async fn both_listeners_speak_tls_and_refuse_plain_text_cleanly() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = cli(&["healthcheck"], &[("TC_HTTP_ADDR", &broker.http)]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("/healthz: "), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("/healthz: "),
+        "{}",
+        text(&out.stderr)
+    );
 
     // A plain-text gRPC client on the TLS port: refused, cleanly.
     let token = token();

@@ -382,7 +382,11 @@ async fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<ExitCode> {
             std::net::Ipv6Addr::LOCALHOST.into()
         });
     }
-    let scheme = if args.tls_cert.is_some() { "https" } else { "http" };
+    let scheme = if args.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let path = if args.ready { "readyz" } else { "healthz" };
     let url = format!("{scheme}://{addr}/{path}");
     let client = reqwest::Client::builder()
