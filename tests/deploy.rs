@@ -126,6 +126,7 @@ async fn rolling_restart<T>(
 ) -> T {
     let (lb_http_url, lb_grpc_url) = (lb_http_url.to_string(), lb_grpc_url.to_string());
     let token = token.to_string();
+    let began = Instant::now();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Two of each: round robin puts one of each on each instance.
     let followers: Vec<(&str, (Ids, Connections))> = vec![
@@ -150,6 +151,9 @@ async fn rolling_restart<T>(
 
     // 100 events/s for 8 s through the balancer, each with its own id and
     // retried until accepted.
+    // Ids of this run: a deployment tried twice must not take them as
+    // duplicates of the first run's.
+    let run = uuid::Uuid::new_v4().simple().to_string();
     let publisher = {
         let lb = lb_grpc_url.clone();
         let token = token.clone();
@@ -160,7 +164,7 @@ async fn rolling_restart<T>(
             let mut retries = 0;
             for i in 0..800 {
                 tick.tick().await;
-                let id = format!("rolling-{i:04}");
+                let id = format!("rolling-{run}-{i:04}");
                 loop {
                     if client.is_none() {
                         client = EventBrokerClient::connect(lb.clone()).await.ok();
@@ -206,6 +210,12 @@ async fn rolling_restart<T>(
     let restart_took = restarted_at.elapsed();
 
     let (published, retries) = publisher.await.unwrap();
+    let published_in = restarted_at.elapsed();
+    eprintln!(
+        "published {} events by {:?} (restart took {restart_took:?}, {retries} retries)",
+        published.len(),
+        began.elapsed()
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     for (name, (ids, _)) in &followers {
         loop {
@@ -216,7 +226,7 @@ async fn rolling_restart<T>(
             }
             assert!(
                 Instant::now() < deadline,
-                "{name} misses {} of {} events (first {:?}); restart took {restart_took:?}, publisher retried {retries} times",
+                "{name} misses {} of {} events (first {:?}); restart took {restart_took:?}, publishing ended {published_in:?} after it began, the publisher retried {retries} times",
                 missing.len(),
                 published.len(),
                 missing.first()
@@ -224,6 +234,7 @@ async fn rolling_restart<T>(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    eprintln!("every follower had every event by {:?}", began.elapsed());
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     // The restart moved followers: at least one of each kind reconnected.
     let connections = |kind: &str| -> usize {
@@ -289,15 +300,14 @@ async fn an_instance_restarted_behind_haproxy_loses_no_event() {
     // Restart instance B: SIGTERM (it ends its streams with their last ids
     // and drains), then start it again on the same ports.
     let token = full("tenant-rolling");
+    // The URL only: Redis itself must outlive the restart.
+    let url = redis.url();
     let restarted = rolling_restart(&lb_http_url, &lb_grpc_url, &token, async move || {
         let stopped = tokio::task::spawn_blocking(move || drop(b));
         stopped.await.unwrap();
-        tokio::task::spawn_blocking({
-            let url = redis.url();
-            move || broker(&url, b_grpc, b_http)
-        })
-        .await
-        .unwrap()
+        tokio::task::spawn_blocking(move || broker(&url, b_grpc, b_http))
+            .await
+            .unwrap()
     })
     .await;
     assert!(

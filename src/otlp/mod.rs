@@ -671,6 +671,11 @@ mod tests {
         assert_eq!(queued.len(), 3);
         // The duplicate's span got an id of its own.
         assert_ne!(queued[0].span_id, e1);
+        // What docs/operations.md says a span costs.
+        for span in &queued {
+            let size = prost::Message::encoded_len(span);
+            assert!((200..=500).contains(&size), "{size} bytes");
+        }
         let delivery = &queued[2];
         assert_eq!(delivery.parent_span_id, e1);
         assert_eq!(delivery.links.len(), 1);
