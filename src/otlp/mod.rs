@@ -550,34 +550,24 @@ fn unix_nanos(at: SystemTime) -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-fn text(key: &str, value: &str) -> KeyValue {
+fn attribute(key: &str, value: any_value::Value) -> KeyValue {
     KeyValue {
         key: key.to_string(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.to_string())),
-        }),
+        value: Some(AnyValue { value: Some(value) }),
         ..Default::default()
     }
+}
+
+fn text(key: &str, value: &str) -> KeyValue {
+    attribute(key, any_value::Value::StringValue(value.to_string()))
 }
 
 fn int(key: &str, value: i64) -> KeyValue {
-    KeyValue {
-        key: key.to_string(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::IntValue(value)),
-        }),
-        ..Default::default()
-    }
+    attribute(key, any_value::Value::IntValue(value))
 }
 
 fn boolean(key: &str, value: bool) -> KeyValue {
-    KeyValue {
-        key: key.to_string(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::BoolValue(value)),
-        }),
-        ..Default::default()
-    }
+    attribute(key, any_value::Value::BoolValue(value))
 }
 
 #[cfg(test)]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shutil
 import socket
 import subprocess
@@ -19,13 +18,13 @@ import threading
 import time
 import urllib.request
 from concurrent import futures
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from conftest import REPO, RPC_TIMEOUT_S, auth, start_broker
+from test_webhooks import Receiver
 
 WAIT_S = 15.0
 TRACE = "4bf92f3577b34da61111929d0e0e4736"  # sampled at ratio 0.5 (last 8 bytes < 2^63)
@@ -87,40 +86,6 @@ def attrs(span) -> dict:
     return out
 
 
-class HookReceiver:
-    """An HTTP receiver answering 200 to every POST; records the headers."""
-
-    def __init__(self):
-        self.requests: queue.Queue = queue.Queue()
-        received = self.requests
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                received.put((self.headers, body))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def next(self):
-        try:
-            return self.requests.get(timeout=WAIT_S)
-        except queue.Empty:
-            raise AssertionError(f"no webhook delivery within {WAIT_S}s") from None
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def rest(broker, method, path, token, body=None):
     req = urllib.request.Request(
         f"http://{broker.http_addr}{path}",
@@ -169,7 +134,7 @@ def collector():
 def test_publish_and_each_delivery_are_spans_of_the_producers_trace(tmp_path, collector, pb, tenant):
     from tensorcost.events.v1 import events_pb2_grpc
 
-    hook = HookReceiver()
+    hook = Receiver()
     extra = {
         "TC_OTLP_ENDPOINT": collector.url,
         "TC_OTLP_HEADERS": "x-api-key=k-123",
