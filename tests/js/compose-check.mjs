@@ -7,11 +7,15 @@
 //  - a polling client without cookies: round robin sends its requests to
 //    both instances and the session breaks, which shows the stickiness is
 //    what makes the second one work.
-// Environment: LB_HTTP (host:port), LB_GRPC (host:port), TOKEN, TC_BIN.
+// Environment: LB_HTTP (host:port), LB_GRPC (host:port), TOKEN, TC_BIN;
+// LB_SCHEME and LB_GRPC_SCHEME `https` for the balancer's TLS ports (with
+// NODE_EXTRA_CA_CERTS and TC_CA_FILE naming the CA).
 import { spawnSync } from 'node:child_process';
 import { io } from 'socket.io-client';
 
 const { LB_HTTP, LB_GRPC, TOKEN, TC_BIN } = process.env;
+const SCHEME = process.env.LB_SCHEME || 'http';
+const GRPC_SCHEME = process.env.LB_GRPC_SCHEME || 'http';
 for (const [k, v] of Object.entries({ LB_HTTP, LB_GRPC, TOKEN, TC_BIN })) {
   if (!v) {
     console.error(`compose-check: ${k} is not set (deploy/test sets it)`);
@@ -23,7 +27,7 @@ const PATIENCE_MS = 20000;
 
 function client(name, options) {
   const c = { name, ids: new Set(), disconnects: [], errors: [] };
-  c.socket = io(`http://${LB_HTTP}`, {
+  c.socket = io(`${SCHEME}://${LB_HTTP}`, {
     path: '/ws',
     auth: { token: TOKEN },
     reconnection: false,
@@ -47,7 +51,7 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 function publish(id, i) {
   const out = spawnSync(
     TC_BIN,
-    ['publish', '--server', `http://${LB_GRPC}`, '--type', 'cost.updated', '--id', id, '--data', `{"i":${i}}`],
+    ['publish', '--server', `${GRPC_SCHEME}://${LB_GRPC}`, '--type', 'cost.updated', '--id', id, '--data', `{"i":${i}}`],
     { env: { ...process.env, TC_TOKEN: TOKEN }, encoding: 'utf8' },
   );
   if (out.status !== 0) throw new Error(`publish ${id} over gRPC through the balancer: ${out.stderr}`);
