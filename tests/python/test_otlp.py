@@ -317,6 +317,10 @@ def test_a_collector_that_never_answers_costs_only_spans(tmp_path, pb, tenant):
         ({"TC_OTLP_ENDPOINT": "collector:4317"}, "give a URL like http://collector:4317"),
         ({"TC_OTLP_ENDPOINT": "http://127.0.0.1:4317", "TC_OTLP_HEADERS": "x-key"}, "TC_OTLP_HEADERS: pair 1: not key=value"),
         ({"TC_OTLP_ENDPOINT": "http://127.0.0.1:4317", "TC_OTLP_SAMPLE_RATIO": "2"}, "a number from 0 to 1"),
+        (
+            {"TC_OTLP_ENDPOINT": "https://127.0.0.1:4317", "TC_OTLP_CA_FILE": "/nonexistent/ca.pem"},
+            "TC_OTLP_CA_FILE /nonexistent/ca.pem: cannot read it",
+        ),
     ],
 )
 def test_bad_settings_are_refused_at_start_naming_the_setting(tmp_path, env, message):
