@@ -28,6 +28,8 @@ def main(directory: str) -> None:
         panels.append(("4: across instances, latency (ms)", scenarios[4]["rows"], None))
     if 5 in scenarios:
         panels.append(("5: idle websocket\nKiB per connection", scenarios[5]["rows"], "kib_per_connection"))
+    if 10 in scenarios:
+        panels.append(("10: fan-out below saturation\nCPU ms per 1,000 deliveries", scenarios[10]["rows"], "cpu_ms_per_1000"))
     if 7 in scenarios:
         panels.append(("7: webhooks, deliveries/s\nvs the receiver under wrk", scenarios[7]["rows"][:2], "delivered_per_s"))
     if 6 in scenarios:

@@ -552,7 +552,9 @@ async fn nats_connect(
     if !info.starts_with("INFO") {
         bail!("not a NATS server: {info:?}");
     }
-    w.write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false,\"echo\":false}\r\nPING\r\n")
+    w.write_all(
+        b"CONNECT {\"verbose\":false,\"pedantic\":false,\"echo\":false,\"headers\":true}\r\nPING\r\n",
+    )
         .await?;
     w.flush().await?;
     let mut pong = String::new();
@@ -589,7 +591,12 @@ pub async fn nats_subscriber(
             if !matches!(read, Ok(n) if n > 0) {
                 break;
             }
-            if let Some(rest) = line.strip_prefix("MSG ") {
+            // HMSG: a message with headers (JetStream's Nats-Msg-Id); its
+            // last field is the length of headers and payload together.
+            if let Some(rest) = line
+                .strip_prefix("MSG ")
+                .or_else(|| line.strip_prefix("HMSG "))
+            {
                 let len: usize = rest
                     .split_whitespace()
                     .last()
@@ -610,6 +617,155 @@ pub async fn nats_subscriber(
         }
         local.flush(&recorder);
     }))
+}
+
+/// Creates a JetStream stream `name` on `subject` as the broker keeps
+/// events: in memory, the last `max_msgs`, deduplicated on `Nats-Msg-Id`
+/// over two minutes (JetStream's default window).
+pub async fn jetstream_create_stream(
+    port: u16,
+    name: &str,
+    subject: &str,
+    max_msgs: u64,
+) -> anyhow::Result<()> {
+    let (mut r, mut w) = nats_connect(port).await?;
+    let config = serde_json::json!({
+        "name": name,
+        "subjects": [subject],
+        "storage": "memory",
+        "retention": "limits",
+        "discard": "old",
+        "max_msgs": max_msgs,
+        "duplicate_window": 120_000_000_000u64,
+        "num_replicas": 1,
+    })
+    .to_string();
+    w.write_all(
+        format!(
+            "SUB _INBOX.create 1\r\nPUB $JS.API.STREAM.CREATE.{name} _INBOX.create {}\r\n{config}\r\n",
+            config.len()
+        )
+        .as_bytes(),
+    )
+    .await?;
+    w.flush().await?;
+    let mut line = String::new();
+    let reply = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            line.clear();
+            r.read_line(&mut line).await?;
+            if let Some(rest) = line.strip_prefix("MSG ") {
+                let len: usize = rest
+                    .split_whitespace()
+                    .last()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let mut payload = vec![0; len + 2];
+                r.read_exact(&mut payload).await?;
+                return anyhow::Ok(String::from_utf8_lossy(&payload[..len]).into_owned());
+            }
+            if line.starts_with("-ERR") {
+                bail!("nats-server: {}", line.trim());
+            }
+        }
+    })
+    .await
+    .context("no reply to the JetStream stream creation (is JetStream enabled?)")??;
+    if reply.contains("\"error\"") {
+        bail!("JetStream refused the stream: {reply}");
+    }
+    Ok(())
+}
+
+/// Publishes `n` messages to a JetStream subject as a JetStream client's
+/// asynchronous publish does: each with its own `Nats-Msg-Id` header (the
+/// stream deduplicates on it) and a reply subject for its acknowledgement,
+/// at most `window` unacknowledged. Returns once all are acknowledged.
+pub async fn jetstream_publish_max(
+    port: u16,
+    subject: &str,
+    n: u64,
+    window: u64,
+) -> anyhow::Result<Duration> {
+    let (mut r, mut w) = nats_connect(port).await?;
+    w.write_all(b"SUB _INBOX.acks.* 1\r\nPING\r\n").await?;
+    w.flush().await?;
+    let mut pong = String::new();
+    r.read_line(&mut pong).await?;
+    let acked = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let progress = Arc::new(tokio::sync::Notify::new());
+    let reader = {
+        let (acked, refused, progress) = (acked.clone(), refused.clone(), progress.clone());
+        tokio::spawn(async move {
+            let mut line = String::new();
+            let mut payload = Vec::new();
+            while acked.load(Ordering::Relaxed) < n {
+                line.clear();
+                if !matches!(r.read_line(&mut line).await, Ok(n) if n > 0) {
+                    break;
+                }
+                let Some(rest) = line.strip_prefix("MSG ") else {
+                    continue;
+                };
+                let len: usize = rest
+                    .split_whitespace()
+                    .last()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                payload.resize(len + 2, 0);
+                if r.read_exact(&mut payload).await.is_err() {
+                    break;
+                }
+                if payload.windows(7).any(|w| w == b"\"error\"") {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                }
+                acked.fetch_add(1, Ordering::Relaxed);
+                progress.notify_one();
+            }
+            progress.notify_one();
+        })
+    };
+    let start = Instant::now();
+    for i in 0..n {
+        while i.saturating_sub(acked.load(Ordering::Relaxed)) >= window {
+            w.flush().await?;
+            if reader.is_finished() {
+                bail!(
+                    "the JetStream connection closed after {} acknowledgements",
+                    acked.load(Ordering::Relaxed)
+                );
+            }
+            progress.notified().await;
+        }
+        let data = data_now();
+        let headers = format!("NATS/1.0\r\nNats-Msg-Id: bench-{i}\r\n\r\n");
+        w.write_all(
+            format!(
+                "HPUB {subject} _INBOX.acks.{i} {} {}\r\n",
+                headers.len(),
+                headers.len() + data.len()
+            )
+            .as_bytes(),
+        )
+        .await?;
+        w.write_all(headers.as_bytes()).await?;
+        w.write_all(data.as_bytes()).await?;
+        w.write_all(b"\r\n").await?;
+    }
+    w.flush().await?;
+    tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .context("JetStream acknowledgements did not all arrive in 60 s")??;
+    let elapsed = start.elapsed();
+    let (acked, refused) = (
+        acked.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+    );
+    if acked < n || refused > 0 {
+        bail!("JetStream acknowledged {acked} of {n}, {refused} of them with an error");
+    }
+    Ok(elapsed)
 }
 
 /// Publishes `n` messages as fast as the connection takes them, then waits

@@ -42,8 +42,9 @@ pub struct Config {
     #[arg(long, value_enum, default_value = "small")]
     pub size: Size,
     /// Scenarios to run, comma separated (6, the soak run, takes 10
-    /// minutes at full size; 7 is webhooks, 8 the MCP server, 9 policies).
-    #[arg(long, default_value = "1,2,3,4,5,6,7,8,9")]
+    /// minutes at full size; 7 is webhooks, 8 the MCP server, 9 policies, 10
+    /// the fan-out below saturation).
+    #[arg(long, default_value = "1,2,3,4,5,6,7,8,9,10")]
     pub scenarios: String,
     /// Where results.json and results.md go.
     #[arg(long)]
@@ -100,7 +101,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             7 => webhooks::webhooks(&config).await?,
             8 => mcp::mcp(&config).await?,
             9 => policies::policies(&config).await?,
-            other => anyhow::bail!("no scenario {other} (1 to 9)"),
+            10 => scenarios::below_saturation(&config).await?,
+            other => anyhow::bail!("no scenario {other} (1 to 10)"),
         };
         report.scenarios.push(scenario);
         report::write(&report, &config.out)?;
@@ -133,13 +135,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 .and_then(|v| v.trim_end_matches("/s").parse().ok())
                 .unwrap_or(0.0);
             s3.targets.push(scenarios::Target {
-                what: "written to Redis ≥ 50% of redis-benchmark's pipelined XADD".into(),
+                what: "written to Redis ≥ 80% of redis-benchmark's pipelined XADD".into(),
                 measured: format!(
                     "{:.0}% ({:.0} vs {xadd:.0})",
                     100.0 * c.delivered_per_s / xadd.max(1.0),
                     c.delivered_per_s
                 ),
-                met: c.delivered_per_s >= 0.5 * xadd,
+                met: c.delivered_per_s >= 0.8 * xadd,
             });
         }
     }

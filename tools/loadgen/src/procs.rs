@@ -113,13 +113,19 @@ pub fn node_peer(dir: &Path) -> anyhow::Result<(Process, String)> {
     Ok((process, format!("127.0.0.1:{port}")))
 }
 
-pub fn nats_server() -> anyhow::Result<(Process, u16)> {
+/// nats-server on a free port; with `jetstream`, JetStream enabled (its
+/// store directory under the system's temporary directory; the benchmark's
+/// streams are in memory).
+pub fn nats_server(jetstream: bool) -> anyhow::Result<(Process, u16)> {
     let port = free_port();
+    let mut command = server_command("nats-server");
+    command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+    if jetstream {
+        let dir = std::env::temp_dir().join(format!("tc-loadgen-jetstream-{port}"));
+        command.arg("-js").arg("-sd").arg(dir);
+    }
     let process = Process::spawn(
-        server_command("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
+        command.stdout(Stdio::null()).stderr(Stdio::null()),
         Stop::Term(GRACE),
     )
     .context("cannot start nats-server")?;

@@ -94,6 +94,25 @@ pub fn markdown(report: &Report) -> String {
                     r.note.clone().unwrap_or_default()
                 );
             }
+        } else if s.id == 10 {
+            let _ = writeln!(
+                md,
+                "| system | delivered/s | delivered of expected | p99 ms | server CPU % | CPU ms per 1,000 deliveries | KiB per connection | RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            for r in &s.rows {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {:.1}% | {} | {:.1} | {} | {} | {} |",
+                    r.system,
+                    num(r.delivered_per_s),
+                    100.0 * r.delivered_ratio,
+                    num(r.p99_ms),
+                    r.cpu_percent,
+                    num(r.cpu_ms_per_1000.unwrap_or(0.0)),
+                    num(r.kib_per_connection.unwrap_or(0.0)),
+                    num(r.rss_mib)
+                );
+            }
         } else if s.id == 6 {
             let _ = writeln!(
                 md,
