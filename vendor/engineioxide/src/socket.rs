@@ -66,7 +66,15 @@ use std::{
 
 use crate::{config::EngineIoConfig, errors::Error};
 use bytes::Bytes;
-use engineioxide_core::{Packet, PacketBuf, ProtocolVersion, Str, TransportType};
+use engineioxide_core::{Packet, ProtocolVersion, Str, TransportType};
+
+/// The packets of one send through a socket's channel (tensorcost-events
+/// patch): one packet inline, where engineioxide-core's `PacketBuf` holds
+/// two. tokio's mpsc allocates its first block of 32 slots when the channel
+/// is made, so a slot's size is paid 32 times by every socket, idle or not:
+/// about 3 KiB per socket rather than 5. Sends of more than one packet (a
+/// message with its binary attachments) spill to the heap.
+pub(crate) type PacketBuf = SmallVec<[Packet; 1]>;
 use futures_util::FutureExt;
 use http::request::Parts;
 use smallvec::{SmallVec, smallvec};
