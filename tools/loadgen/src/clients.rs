@@ -536,6 +536,15 @@ async fn sio_connect_publisher(host: &str) -> anyhow::Result<Ws> {
 
 // ---------- NATS (text protocol) ----------
 
+/// The length of a NATS `MSG`/`HMSG` payload: the last field of its line
+/// (for `HMSG`, headers and payload together).
+fn nats_payload_len(rest: &str) -> usize {
+    rest.split_whitespace()
+        .last()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 async fn nats_connect(
     port: u16,
 ) -> anyhow::Result<(
@@ -597,11 +606,7 @@ pub async fn nats_subscriber(
                 .strip_prefix("MSG ")
                 .or_else(|| line.strip_prefix("HMSG "))
             {
-                let len: usize = rest
-                    .split_whitespace()
-                    .last()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
+                let len = nats_payload_len(rest);
                 payload.resize(len + 2, 0);
                 if r.read_exact(&mut payload).await.is_err() {
                     break;
@@ -655,11 +660,7 @@ pub async fn jetstream_create_stream(
             line.clear();
             r.read_line(&mut line).await?;
             if let Some(rest) = line.strip_prefix("MSG ") {
-                let len: usize = rest
-                    .split_whitespace()
-                    .last()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
+                let len = nats_payload_len(rest);
                 let mut payload = vec![0; len + 2];
                 r.read_exact(&mut payload).await?;
                 return anyhow::Ok(String::from_utf8_lossy(&payload[..len]).into_owned());
@@ -708,11 +709,7 @@ pub async fn jetstream_publish_max(
                 let Some(rest) = line.strip_prefix("MSG ") else {
                     continue;
                 };
-                let len: usize = rest
-                    .split_whitespace()
-                    .last()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
+                let len = nats_payload_len(rest);
                 payload.resize(len + 2, 0);
                 if r.read_exact(&mut payload).await.is_err() {
                     break;

@@ -355,12 +355,59 @@ where
     ))
 }
 
+/// A fan-out run against the broker: subscribers with their tenant's
+/// token, and a gRPC streaming publisher at `shape.rate` for every tenant.
+async fn broker_fanout(
+    system: &str,
+    broker: &BrokerProcess,
+    shape: &Fanout,
+    names: &[String],
+) -> anyhow::Result<Row> {
+    let grpc = broker.grpc.clone();
+    let service = clients::token(None, "events:all_tenants events:publish");
+    let (rate, duration, names) = (shape.rate, shape.warmup + shape.measure, names.to_vec());
+    run_fanout(
+        system,
+        &broker.process,
+        &broker.http,
+        shape,
+        |tenant| serde_json::json!({ "token": clients::token(Some(tenant), "events:subscribe") }),
+        move |recorder| async move {
+            clients::grpc_stream_steady(&grpc, &service, rate, &names, &recorder, duration).await
+        },
+    )
+    .await
+}
+
+/// The same fan-out against the Node peer: its publisher is a Socket.IO
+/// socket emitting `publish`.
+async fn node_fanout(
+    system: &str,
+    peer: &Process,
+    host: &str,
+    shape: &Fanout,
+    names: &[String],
+) -> anyhow::Result<Row> {
+    let peer_host = host.to_string();
+    let (rate, duration, names) = (shape.rate, shape.warmup + shape.measure, names.to_vec());
+    run_fanout(
+        system,
+        peer,
+        host,
+        shape,
+        |tenant| serde_json::json!({ "tenant": tenant }),
+        move |recorder| async move {
+            clients::sio_publish_steady(&peer_host, rate, &names, &recorder, duration).await
+        },
+    )
+    .await
+}
+
 /// Scenario 2 (and 3 with Redis): fan-out to websocket clients in tenants.
 pub async fn fanout(config: &Config, with_redis: bool) -> anyhow::Result<(Scenario, Option<Row>)> {
     let shape = fanout_shape(config.size);
     let mut rows = Vec::new();
     let names = tenants(shape.tenants);
-    let service = clients::token(None, "events:all_tenants events:publish");
 
     let redis = if with_redis {
         Some(procs::redis_server()?)
@@ -372,30 +419,12 @@ pub async fn fanout(config: &Config, with_redis: bool) -> anyhow::Result<(Scenar
         extra.push(("TC_REDIS_URL", redis.url()));
     }
     let broker = procs::broker(&config.broker, &broker_env(&extra))?;
-    let grpc = broker.grpc.clone();
-    let duration = shape.warmup + shape.measure;
-    let rate = shape.rate;
     let label = if with_redis {
         "tensorcost-events + Redis persistence"
     } else {
         "tensorcost-events"
     };
-    rows.push(
-        run_fanout(
-            label,
-            &broker.process,
-            &broker.http,
-            &shape,
-            |tenant| serde_json::json!({ "token": clients::token(Some(tenant), "events:subscribe") }),
-            |recorder| {
-                let names = names.clone();
-                let grpc = grpc.clone();
-                let service = service.clone();
-                async move { clients::grpc_stream_steady(&grpc, &service, rate, &names, &recorder, duration).await }
-            },
-        )
-        .await?,
-    );
+    rows.push(broker_fanout(label, &broker, &shape, &names).await?);
     drop(broker);
 
     let mut ceiling = None;
@@ -436,27 +465,8 @@ pub async fn fanout(config: &Config, with_redis: bool) -> anyhow::Result<(Scenar
             ..Default::default()
         });
     } else {
-        let dir = &config.node_peer;
-        let (peer, host) = procs::node_peer(dir)?;
-        let peer_host = host.clone();
-        rows.push(
-            run_fanout(
-                "Node.js socket.io 4.8",
-                &peer,
-                &host,
-                &shape,
-                |tenant| serde_json::json!({ "tenant": tenant }),
-                |recorder| {
-                    let names = names.clone();
-                    let peer_host = peer_host.clone();
-                    async move {
-                        clients::sio_publish_steady(&peer_host, rate, &names, &recorder, duration)
-                            .await
-                    }
-                },
-            )
-            .await?,
-        );
+        let (peer, host) = procs::node_peer(&config.node_peer)?;
+        rows.push(node_fanout("Node.js socket.io 4.8", &peer, &host, &shape, &names).await?);
     }
     let shape_text = format!(
         "{} websocket clients in {} tenants, a steady {} events/s published (round robin over tenants), {} s measured after {} s warm-up",
@@ -521,7 +531,6 @@ pub async fn below_saturation(config: &Config) -> anyhow::Result<Scenario> {
     };
     let per_tenant = u64::from(clients / tenant_count);
     let names = tenants(tenant_count);
-    let service = clients::token(None, "events:all_tenants events:publish");
     let mut rows = Vec::new();
     let mut targets = Vec::new();
     for deliveries in rates {
@@ -532,47 +541,18 @@ pub async fn below_saturation(config: &Config) -> anyhow::Result<Scenario> {
             warmup,
             measure,
         };
-        let duration = shape.warmup + shape.measure;
-        let rate = shape.rate;
 
         let broker = procs::broker(&config.broker, &broker_env(&[]))?;
-        let grpc = broker.grpc.clone();
         let before = settled_rss_kib(&broker.process).await;
-        let ours = run_fanout(
-            &format!("tensorcost-events, {deliveries} deliveries/s"),
-            &broker.process,
-            &broker.http,
-            &shape,
-            |tenant| serde_json::json!({ "token": clients::token(Some(tenant), "events:subscribe") }),
-            |recorder| {
-                let names = names.clone();
-                let grpc = grpc.clone();
-                let service = service.clone();
-                async move { clients::grpc_stream_steady(&grpc, &service, rate, &names, &recorder, duration).await }
-            },
-        )
-        .await?;
+        let label = format!("tensorcost-events, {deliveries} deliveries/s");
+        let ours = broker_fanout(&label, &broker, &shape, &names).await?;
         let ours = with_costs(ours, before, clients);
         drop(broker);
 
         let (peer, host) = procs::node_peer(&config.node_peer)?;
         let before = settled_rss_kib(&peer).await;
-        let peer_host = host.clone();
-        let theirs = run_fanout(
-            &format!("Node.js socket.io 4.8, {deliveries} deliveries/s"),
-            &peer,
-            &host,
-            &shape,
-            |tenant| serde_json::json!({ "tenant": tenant }),
-            |recorder| {
-                let names = names.clone();
-                let peer_host = peer_host.clone();
-                async move {
-                    clients::sio_publish_steady(&peer_host, rate, &names, &recorder, duration).await
-                }
-            },
-        )
-        .await?;
+        let label = format!("Node.js socket.io 4.8, {deliveries} deliveries/s");
+        let theirs = node_fanout(&label, &peer, &host, &shape, &names).await?;
         let theirs = with_costs(theirs, before, clients);
         drop(peer);
 
