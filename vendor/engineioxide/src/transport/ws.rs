@@ -612,15 +612,24 @@ mod tests {
         )
     }
 
+    fn engine() -> Arc<EngineIo<StubHandler>> {
+        Arc::new(EngineIo::new(Arc::new(StubHandler), EngineIoConfig::default()))
+    }
+
+    // tensorcost-events patch: upstream's two tests of `forward_to_socket`,
+    // run against `read_write`, which took its place.
+
     /// A polling request can still hold the lock at the end of an upgrade.
     #[tokio::test]
     async fn writer_waits_for_the_lock_of_a_polling_request() {
         let socket = socket();
         let (server, mut client) = ws_pair().await;
-        let (tx, _rx) = server.split();
 
         let polling = socket.internal_rx.lock().await;
-        let writer = tokio::spawn(forward_to_socket::<StubHandler, _>(socket.clone(), tx));
+        let writer = tokio::spawn({
+            let socket = socket.clone();
+            async move { read_write(&engine(), server, &socket, None).await }
+        });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!writer.is_finished(), "the writer should wait for the lock");
 
@@ -638,10 +647,12 @@ mod tests {
     async fn writer_waiting_for_the_lock_stops_with_the_session() {
         let socket = socket();
         let (server, _client) = ws_pair().await;
-        let (tx, _rx) = server.split();
 
         let _polling = socket.internal_rx.lock().await;
-        let writer = tokio::spawn(forward_to_socket::<StubHandler, _>(socket.clone(), tx));
+        let writer = tokio::spawn({
+            let socket = socket.clone();
+            async move { read_write(&engine(), server, &socket, None).await }
+        });
         tokio::time::sleep(Duration::from_millis(20)).await;
 
         socket.cancellation_token.cancel();
@@ -649,5 +660,76 @@ mod tests {
             .await
             .expect("the writer should stop")
             .unwrap();
+    }
+
+    /// The heartbeat runs in the websocket's task: a ping at once, and a
+    /// client that does not answer is closed after `timeout`.
+    #[tokio::test]
+    async fn heartbeat_pings_and_closes_a_silent_client() {
+        let socket = socket();
+        let (server, mut client) = ws_pair().await;
+        let task = tokio::spawn({
+            let socket = socket.clone();
+            let heartbeat = Some((Duration::from_secs(60), Duration::from_millis(100)));
+            async move { read_write(&engine(), server, &socket, heartbeat).await }
+        });
+        let msg = tokio::time::timeout(TIMEOUT, client.next())
+            .await
+            .expect("a ping at once")
+            .unwrap()
+            .unwrap();
+        assert_eq!(msg, Message::text("2"));
+        // No pong: the session closes.
+        let ended = tokio::time::timeout(TIMEOUT, task)
+            .await
+            .expect("the task should end at the heartbeat timeout")
+            .unwrap();
+        assert!(ended.is_none(), "closed by the heartbeat, not by the client");
+    }
+
+    /// A pong keeps the session: the next ping comes an interval later.
+    #[tokio::test]
+    async fn heartbeat_answered_keeps_the_session() {
+        let socket = socket();
+        let (server, mut client) = ws_pair().await;
+        let task = tokio::spawn({
+            let socket = socket.clone();
+            let heartbeat = Some((Duration::from_millis(150), Duration::from_millis(100)));
+            async move { read_write(&engine(), server, &socket, heartbeat).await }
+        });
+        for _ in 0..3 {
+            let msg = tokio::time::timeout(TIMEOUT, client.next())
+                .await
+                .expect("a ping")
+                .unwrap()
+                .unwrap();
+            assert_eq!(msg, Message::text("2"));
+            client.send(Message::text("3")).await.unwrap();
+        }
+        assert!(!task.is_finished(), "an answered heartbeat keeps the session");
+        socket.cancellation_token.cancel();
+        tokio::time::timeout(TIMEOUT, task).await.expect("stops when cancelled").unwrap();
+    }
+
+    /// A client that stops reading: the write blocks on the full stream and
+    /// gives up at the heartbeat's deadline instead of holding the
+    /// connection (upstream's writer stayed blocked).
+    #[tokio::test]
+    async fn a_write_never_drained_gives_up_at_the_heartbeat_deadline() {
+        let socket = socket();
+        let (server, _client_never_reads) = ws_pair().await;
+        let task = tokio::spawn({
+            let socket = socket.clone();
+            let heartbeat = Some((Duration::from_secs(60), Duration::from_millis(200)));
+            async move { read_write(&engine(), server, &socket, heartbeat).await }
+        });
+        // Far more than the 1 KiB duplex buffer.
+        let big = "x".repeat(64 * 1024);
+        socket.emit(Str::from(big)).unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .expect("the blocked write should give up")
+            .unwrap();
+        assert!(ended.is_none());
     }
 }
