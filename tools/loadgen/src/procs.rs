@@ -113,16 +113,20 @@ pub fn node_peer(dir: &Path) -> anyhow::Result<(Process, String)> {
     Ok((process, format!("127.0.0.1:{port}")))
 }
 
-/// nats-server on a free port; with `jetstream`, JetStream enabled (its
-/// store directory under the system's temporary directory; the benchmark's
-/// streams are in memory).
+/// Where the JetStream of the nats-server on `port` keeps its store (the
+/// benchmark's streams are in memory; the directory holds their metadata).
+pub fn jetstream_store(port: u16) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("tc-loadgen-jetstream-{port}"))
+}
+
+/// nats-server on a free port; with `jetstream`, JetStream enabled, its
+/// store at [`jetstream_store`].
 pub fn nats_server(jetstream: bool) -> anyhow::Result<(Process, u16)> {
     let port = free_port();
     let mut command = server_command("nats-server");
     command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
     if jetstream {
-        let dir = std::env::temp_dir().join(format!("tc-loadgen-jetstream-{port}"));
-        command.arg("-js").arg("-sd").arg(dir);
+        command.arg("-js").arg("-sd").arg(jetstream_store(port));
     }
     let process = Process::spawn(
         command.stdout(Stdio::null()).stderr(Stdio::null()),

@@ -164,61 +164,17 @@ pub async fn one_to_one(config: &Config) -> anyhow::Result<Scenario> {
     }
     drop(broker);
 
-    let (nats, port) = procs::nats_server(false)?;
-    let recorder = Recorder::new();
-    recorder.measuring.store(true, Ordering::Relaxed);
-    let stop = Arc::new(AtomicBool::new(false));
-    let sub =
-        clients::nats_subscriber(port, "bench", Arc::clone(&recorder), Arc::clone(&stop)).await?;
-    let cpu = CpuWindow::start(&nats);
-    let start = Instant::now();
-    clients::nats_publish_max(port, "bench", n).await?;
-    wait_delivered(&recorder, n, Duration::from_secs(60)).await;
-    let secs = start.elapsed().as_secs_f64();
-    let cpu = cpu.percent(&nats);
-    finish(&stop, vec![sub]).await;
-    rows.push(row(
-        "nats-server (core NATS)",
-        &recorder,
-        n,
-        n,
-        secs,
-        cpu,
-        procs::rss_kib(&nats),
-    ));
-
-    drop(nats);
-
+    rows.push(nats_one_to_one("nats-server (core NATS)", false, n).await?);
     // JetStream: what keeps messages and deduplicates them as the broker
-    // does (memory storage, the last 10,000 kept like the broker's history
-    // here, Nats-Msg-Id dedupe), published as its clients' asynchronous
-    // publish does (4,000 unacknowledged at most, nats.go's default).
-    let (nats, port) = procs::nats_server(true)?;
-    clients::jetstream_create_stream(port, "BENCH", "bench", 10_000).await?;
-    let recorder = Recorder::new();
-    recorder.measuring.store(true, Ordering::Relaxed);
-    let stop = Arc::new(AtomicBool::new(false));
-    let sub =
-        clients::nats_subscriber(port, "bench", Arc::clone(&recorder), Arc::clone(&stop)).await?;
-    let cpu = CpuWindow::start(&nats);
-    let start = Instant::now();
-    let published = clients::jetstream_publish_max(port, "bench", n, 4000).await?;
-    wait_delivered(&recorder, n, Duration::from_secs(60)).await;
-    let secs = start.elapsed().as_secs_f64();
-    let cpu = cpu.percent(&nats);
-    finish(&stop, vec![sub]).await;
-    let mut js = row(
-        "nats-server JetStream (memory, Nats-Msg-Id dedupe, acknowledged)",
-        &recorder,
-        n,
-        n,
-        secs,
-        cpu,
-        procs::rss_kib(&nats),
+    // does.
+    rows.push(
+        nats_one_to_one(
+            "nats-server JetStream (memory, Nats-Msg-Id dedupe, acknowledged)",
+            true,
+            n,
+        )
+        .await?,
     );
-    js.published_per_s = n as f64 / published.as_secs_f64();
-    rows.push(js);
-    drop(nats);
 
     let ours = rows[0].delivered_per_s;
     let nats_rate = rows[2].delivered_per_s;
@@ -251,6 +207,45 @@ pub async fn one_to_one(config: &Config) -> anyhow::Result<Scenario> {
         ],
         rows,
     })
+}
+
+/// Scenario 1 against nats-server: one subscriber, `n` messages published
+/// at maximum rate, timed until delivered. With `jetstream`, into a memory
+/// stream that keeps the last 10,000 (as the broker's history in these
+/// runs) and deduplicates on `Nats-Msg-Id`, published as a JetStream
+/// client's asynchronous publish does (4,000 unacknowledged at most,
+/// nats.go's default); its published rate is of acknowledged messages.
+async fn nats_one_to_one(label: &str, jetstream: bool, n: u64) -> anyhow::Result<Row> {
+    let (nats, port) = procs::nats_server(jetstream)?;
+    if jetstream {
+        clients::jetstream_create_stream(port, "BENCH", "bench", 10_000).await?;
+    }
+    let recorder = Recorder::new();
+    recorder.measuring.store(true, Ordering::Relaxed);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sub =
+        clients::nats_subscriber(port, "bench", Arc::clone(&recorder), Arc::clone(&stop)).await?;
+    let cpu = CpuWindow::start(&nats);
+    let start = Instant::now();
+    let acknowledged = if jetstream {
+        Some(clients::jetstream_publish_max(port, "bench", n, 4000).await?)
+    } else {
+        clients::nats_publish_max(port, "bench", n).await?;
+        None
+    };
+    wait_delivered(&recorder, n, Duration::from_secs(60)).await;
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu.percent(&nats);
+    finish(&stop, vec![sub]).await;
+    let mut r = row(label, &recorder, n, n, secs, cpu, procs::rss_kib(&nats));
+    if let Some(took) = acknowledged {
+        r.published_per_s = n as f64 / took.as_secs_f64();
+    }
+    drop(nats);
+    if jetstream {
+        let _ = std::fs::remove_dir_all(procs::jetstream_store(port));
+    }
+    Ok(r)
 }
 
 async fn wait_delivered(recorder: &Recorder, n: u64, timeout: Duration) {
