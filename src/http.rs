@@ -65,6 +65,9 @@ pub async fn serve(
             move |r: axum::http::Request<hyper::body::Incoming>| {
                 let mut r = r.map(Body::new);
                 r.extensions_mut().insert(Peer(peer));
+                if r.uri().path().starts_with(crate::edge::PATH) {
+                    own_head(&mut r);
+                }
                 r
             },
         ));
@@ -107,6 +110,26 @@ pub async fn serve(
     connections.close();
     connections.wait().await;
     Ok(())
+}
+
+/// Copies the request's URI and header values out of hyper's read buffer.
+/// hyper hands them out as slices of its 8 KiB read buffer, and
+/// engineioxide keeps a Socket.IO request's parts (and axum's
+/// `OriginalUri`, a clone of the URI) for the socket's life: one kept slice
+/// keeps the whole buffer, 8 KiB per socket. The copies are the request
+/// head's size (under 1 KiB for a browser's). This runs before the router,
+/// so axum's `OriginalUri` clones the copy.
+fn own_head(request: &mut axum::http::Request<Body>) {
+    if let Ok(uri) = Uri::try_from(request.uri().to_string()) {
+        *request.uri_mut() = uri;
+    }
+    for value in request.headers_mut().values_mut() {
+        if let Ok(owned) = header::HeaderValue::from_bytes(value.as_bytes()) {
+            let sensitive = value.is_sensitive();
+            *value = owned;
+            value.set_sensitive(sensitive);
+        }
+    }
 }
 
 pub fn router(state: HttpState) -> Router {

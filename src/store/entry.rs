@@ -31,8 +31,22 @@ pub(super) fn add_event(
         .arg(FIELD_ORIGIN)
         .arg(instance_id)
         .arg(FIELD_EVENT)
-        .arg(event.to_json())
+        .arg(AsJson(event))
         .ignore();
+}
+
+/// An event as a command argument: its JSON ([`Event::to_json`]) written
+/// straight into the command, without a string of its own.
+struct AsJson<'a>(&'a Event);
+
+impl redis::ToRedisArgs for AsJson<'_> {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + redis::RedisWrite,
+    {
+        // Serialising plain strings and pre-validated raw JSON cannot fail.
+        let _ = serde_json::to_writer(out.writer_for_next_arg(), self.0);
+    }
 }
 
 /// Appends the `XADD` of a type to a partition's registry.

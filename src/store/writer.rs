@@ -1,15 +1,26 @@
 //! Appends locally accepted events to their type's stream, in order,
 //! pipelined: each round takes everything waiting (up to [`MAX_BATCH`]) and
-//! sends one pipeline per partition. A failed round is retried whole
-//! ([`super::retry`]); meanwhile new events wait in the bounded channel. A
-//! retry can append an entry twice; readers drop the second by event id.
+//! sends one pipeline per partition. Two rounds are in flight at once: while
+//! Redis works on one, the writer takes the next from the channel, encodes
+//! it and sends it behind the first on the same connection (standalone
+//! Redis; a cluster gets one round at a time). A connection carries its
+//! commands in order, and after any failure the writer drops it: the failed
+//! round, then the one behind it, are retried whole on a new connection
+//! ([`super::retry`]), so each stream stays in order. Meanwhile new events
+//! wait in the bounded channel. A retry can append an entry twice (readers
+//! drop the second by event id); where Redis refused some commands of a
+//! round and took others, the refused events land after the ones it took.
 //!
-//! On stop, the writer writes what is still waiting (the round in flight
+//! On stop, the writer writes what is still waiting (the rounds in flight
 //! and the channel), retrying, for at most [`super::FLUSH_TIMEOUT`]; what
 //! is left then is logged.
 
 use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -22,21 +33,93 @@ use crate::event::SharedEvent;
 
 /// Most events per round.
 const MAX_BATCH: usize = 8192;
+/// How long a round's replies may take before the round is retried.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most entries kept in a partition's type registry.
 const REGISTRY_MAX_LEN: usize = 100_000;
 
-struct Writer {
-    target: Target,
+/// Events taken from the channel, and their commands.
+#[derive(Default)]
+struct Round {
+    events: Vec<SharedEvent>,
+    /// One pipeline per partition, encoded from `events`; empty until
+    /// encoded, and emptied when a failure makes it stale.
+    pipes: Arc<Vec<redis::Pipeline>>,
+}
+
+impl Round {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            events: Vec::with_capacity(n),
+            pipes: Arc::default(),
+        }
+    }
+
+    /// Adds what is waiting, up to [`MAX_BATCH`] events.
+    fn fill(&mut self, rx: &mut mpsc::Receiver<SharedEvent>) {
+        while self.events.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(e) => self.events.push(e),
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// What encoding a round needs, apart from the round.
+struct Encoder {
     config: Arc<StoreConfig>,
-    status: Arc<Status>,
-    conn: Option<Conn>,
-    /// Types this instance has put in the registry since it (or Redis)
-    /// started.
+    /// Types put in the registry (by a written round, or by a round in
+    /// flight) since this instance, or Redis, started.
     registered: HashSet<String>,
     keys: StreamKeys,
+}
+
+impl Encoder {
+    /// Encodes `round` unless it is encoded: a pipeline per partition (a
+    /// cluster pipeline must stay in one slot), with the registry entry of
+    /// each type not registered yet.
+    fn encode(&mut self, round: &mut Round) {
+        if !round.pipes.is_empty() {
+            return;
+        }
+        let mut pipes: BTreeMap<u32, redis::Pipeline> = BTreeMap::new();
+        for event in &round.events {
+            let (partition, key) = self.keys.of(&event.event_type, self.config.partitions);
+            let partition = *partition;
+            let pipe = pipes.entry(partition).or_insert_with(redis::pipe);
+            if !self.registered.contains(&event.event_type) {
+                self.registered.insert(event.event_type.clone());
+                entry::add_type(
+                    pipe,
+                    &registry_key(partition),
+                    REGISTRY_MAX_LEN,
+                    &event.event_type,
+                );
+            }
+            entry::add_event(
+                pipe,
+                key,
+                self.config.stream_max_len,
+                &self.config.instance_id,
+                event,
+            );
+        }
+        round.pipes = Arc::new(pipes.into_values().collect());
+    }
+}
+
+struct Writer {
+    target: Target,
+    status: Arc<Status>,
+    conn: Option<Conn>,
+    encoder: Encoder,
     /// The round being written; kept here so that a round cut short by
     /// stop is written by the flush.
-    batch: Vec<SharedEvent>,
+    round: Round,
+    /// The round behind it: taken, encoded and sent while `round` is in
+    /// flight.
+    next: Round,
     retry: Retry,
 }
 
@@ -49,27 +132,32 @@ pub(super) async fn run(
 ) {
     let mut writer = Writer {
         target,
-        config,
         status,
         conn: None,
-        registered: HashSet::new(),
-        keys: StreamKeys::default(),
-        batch: Vec::with_capacity(MAX_BATCH),
+        encoder: Encoder {
+            config,
+            registered: HashSet::new(),
+            keys: StreamKeys::default(),
+        },
+        round: Round::with_capacity(MAX_BATCH),
+        next: Round::with_capacity(MAX_BATCH),
         retry: Retry::new(),
     };
     loop {
-        let first = tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            first = rx.recv() => match first {
-                Some(e) => e,
-                None => return,
-            },
-        };
-        writer.batch.push(first);
-        writer.fill(&mut rx);
+        if writer.round.events.is_empty() {
+            let first = tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                first = rx.recv() => match first {
+                    Some(e) => e,
+                    None => return,
+                },
+            };
+            writer.round.events.push(first);
+            writer.round.fill(&mut rx);
+        }
         tokio::select! {
-            () = writer.write_round() => {}
+            () = writer.write(&mut rx) => {}
             () = stop.cancelled() => break,
         }
     }
@@ -80,15 +168,17 @@ pub(super) async fn run(
 async fn flush(mut writer: Writer, mut rx: mpsc::Receiver<SharedEvent>) {
     let deadline = tokio::time::Instant::now() + FLUSH_TIMEOUT;
     loop {
-        writer.fill(&mut rx);
-        if writer.batch.is_empty() {
+        if writer.round.events.is_empty() {
+            writer.round.fill(&mut rx);
+        }
+        if writer.round.events.is_empty() {
             return;
         }
-        if tokio::time::timeout_at(deadline, writer.write_round())
+        if tokio::time::timeout_at(deadline, writer.write(&mut rx))
             .await
             .is_err()
         {
-            let left = writer.batch.len() + rx.len();
+            let left = writer.round.events.len() + writer.next.events.len() + rx.len();
             tracing::warn!(left, "Redis unreachable at shutdown: events not written");
             return;
         }
@@ -96,97 +186,111 @@ async fn flush(mut writer: Writer, mut rx: mpsc::Receiver<SharedEvent>) {
 }
 
 impl Writer {
-    /// Adds what is waiting to the round, up to [`MAX_BATCH`].
-    fn fill(&mut self, rx: &mut mpsc::Receiver<SharedEvent>) {
-        while self.batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(e) => self.batch.push(e),
-                Err(_) => break,
-            }
-        }
-    }
-
-    /// Writes the round, retrying until it succeeds; empties it.
-    async fn write_round(&mut self) {
+    /// Writes the round, and the rounds behind it while the channel has
+    /// events, two in flight at a time. Returns when it wrote everything it
+    /// took, or after a failure and the wait before retrying (the rounds
+    /// not written stay in `round` and `next`).
+    async fn write(&mut self, rx: &mut mpsc::Receiver<SharedEvent>) {
         let metrics = self.status.metrics.clone();
+        let conn = match &self.conn {
+            Some(c) => c.clone(),
+            None => match self.target.dedicated(RESPONSE_TIMEOUT).await {
+                Ok(c) => self.conn.insert(c).clone(),
+                Err(e) => {
+                    self.status.mark_down(&e);
+                    self.retry.wait().await;
+                    return;
+                }
+            },
+        };
+        self.encoder.encode(&mut self.round);
+        let mut current = Flight::launch(&conn, &self.round.pipes).await;
         loop {
-            let conn = match &mut self.conn {
-                Some(c) => c,
-                None => match self.target.managed().await {
-                    Ok(c) => self.conn.insert(c),
-                    Err(e) => {
-                        self.status.mark_down(&e);
-                        self.retry.wait().await;
-                        continue;
-                    }
-                },
+            if self.next.events.is_empty() {
+                self.next.fill(rx);
+            }
+            // Behind the round only on one plain connection: it fails as a
+            // whole, so a round behind a failed one cannot be written
+            // before the failed one's retry. A cluster connection
+            // reconnects by itself, and writes one round at a time.
+            let behind = if self.next.events.is_empty() || !matches!(conn, Conn::Plain(_)) {
+                None
+            } else {
+                self.encoder.encode(&mut self.next);
+                Some(Flight::launch(&conn, &self.next.pipes).await)
             };
-            match write(
-                conn,
-                &self.batch,
-                &self.registered,
-                &self.config,
-                &mut self.keys,
-            )
-            .await
-            {
+            match current.result().await {
                 Ok(()) => {
                     self.status.mark_up();
                     self.retry.reset();
-                    metrics.written.inc_by(self.batch.len() as u64);
-                    metrics.buffered.dec_by(self.batch.len() as i64);
-                    self.registered
-                        .extend(self.batch.iter().map(|e| e.event_type.clone()));
-                    self.batch.clear();
-                    return;
+                    let written = self.round.events.len();
+                    metrics.written.inc_by(written as u64);
+                    metrics.buffered.dec_by(written as i64);
+                    self.round.events.clear();
+                    self.round.pipes = Arc::default();
+                    std::mem::swap(&mut self.round, &mut self.next);
+                    match behind {
+                        Some(flight) => current = flight,
+                        None => return,
+                    }
                 }
                 Err(e) => {
+                    // The round behind is written again after this one,
+                    // whatever became of it.
+                    if let Some(flight) = behind {
+                        flight.result().await.ok();
+                    }
                     metrics.write_errors.inc();
                     self.status.mark_down(&e);
-                    // Redis may have restarted empty: register types again.
-                    self.registered.clear();
-                    // A cluster connection is rebuilt; a managed one heals.
-                    if matches!(self.conn, Some(Conn::Cluster(_))) {
-                        self.conn = None;
-                    }
+                    // Redis may have restarted empty: register types
+                    // again, in both rounds.
+                    self.encoder.registered.clear();
+                    self.round.pipes = Arc::default();
+                    self.next.pipes = Arc::default();
+                    // The retry goes over a new connection: on this one, a
+                    // round that timed out may still be ahead of anything
+                    // sent after it.
+                    self.conn = None;
                     self.retry.wait().await;
+                    return;
                 }
             }
         }
     }
 }
 
-/// One round: a pipeline per partition (a cluster pipeline must stay in
-/// one slot), sent concurrently.
-async fn write(
-    conn: &mut Conn,
-    batch: &[SharedEvent],
-    registered: &HashSet<String>,
-    config: &StoreConfig,
-    keys: &mut StreamKeys,
-) -> redis::RedisResult<()> {
-    let mut pipes: BTreeMap<u32, redis::Pipeline> = BTreeMap::new();
-    let mut new_types: HashSet<&str> = HashSet::new();
-    for event in batch {
-        let (partition, key) = keys.of(&event.event_type, config.partitions);
-        let partition = *partition;
-        let pipe = pipes.entry(partition).or_insert_with(redis::pipe);
-        if !registered.contains(&event.event_type) && new_types.insert(&event.event_type) {
-            entry::add_type(
-                pipe,
-                &registry_key(partition),
-                REGISTRY_MAX_LEN,
-                &event.event_type,
-            );
+/// A round sent to Redis, or its outcome.
+enum Flight {
+    Done(redis::RedisResult<()>),
+    Sending(Pin<Box<dyn Future<Output = redis::RedisResult<()>> + Send>>),
+}
+
+impl Flight {
+    /// Sends a round's pipelines (concurrently: one per partition), polling
+    /// once so that they are queued on the connection before anything sent
+    /// after them.
+    async fn launch(conn: &Conn, pipes: &Arc<Vec<redis::Pipeline>>) -> Self {
+        let (conn, pipes) = (conn.clone(), pipes.clone());
+        let mut sending: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
+            let rounds = pipes.iter().map(|pipe| {
+                let mut conn = conn.clone();
+                async move { pipe.query_async::<()>(&mut conn).await }
+            });
+            for result in futures_util::future::join_all(rounds).await {
+                result?;
+            }
+            Ok(())
+        });
+        match std::future::poll_fn(|cx| Poll::Ready(sending.as_mut().poll(cx))).await {
+            Poll::Ready(result) => Flight::Done(result),
+            Poll::Pending => Flight::Sending(sending),
         }
-        entry::add_event(pipe, key, config.stream_max_len, &config.instance_id, event);
     }
-    let rounds = pipes.into_values().map(|pipe| {
-        let mut conn = conn.clone();
-        async move { pipe.query_async::<()>(&mut conn).await }
-    });
-    for result in futures_util::future::join_all(rounds).await {
-        result?;
+
+    async fn result(self) -> redis::RedisResult<()> {
+        match self {
+            Flight::Done(result) => result,
+            Flight::Sending(sending) => sending.await,
+        }
     }
-    Ok(())
 }

@@ -154,7 +154,7 @@ pub fn markdown(report: &Report) -> String {
         {
             let _ = writeln!(
                 md,
-                "\nPersistence ceiling: {} published {}/s, written to Redis {}/s; {}.",
+                "\nPersistence ceiling: {} published {}/s, the writer wrote to Redis {}/s; {}.",
                 p.system,
                 num(p.published_per_s),
                 num(p.delivered_per_s),

@@ -435,13 +435,20 @@ pub async fn fanout(config: &Config, with_redis: bool) -> anyhow::Result<(Scenar
         )?;
         let n: u64 = match config.size {
             Size::Small => 20_000,
-            Size::Full => 400_000,
+            Size::Full => 1_000_000,
         };
         let token = clients::token(Some("tenant-ceiling"), "events:publish");
         let start = Instant::now();
         let publish = clients::grpc_stream_max(&broker.grpc, &token, n).await?;
+        // From here the publisher is done and the writer drains its
+        // backlog alone: the writer's own rate, what redis-benchmark's
+        // figure compares with (it has the machine to itself).
+        let drain_start = Instant::now();
+        let backlog_written = broker.metric("tc_redis_written_total").await as u64;
         let written = wait_written(&broker, n, Duration::from_secs(120)).await;
+        let drain_secs = drain_start.elapsed().as_secs_f64();
         let secs = start.elapsed().as_secs_f64();
+        let drained = written.saturating_sub(backlog_written);
         let requests = match config.size {
             Size::Small => 100_000,
             Size::Full => 2_000_000,
@@ -449,13 +456,20 @@ pub async fn fanout(config: &Config, with_redis: bool) -> anyhow::Result<(Scenar
         // The same entry size as the broker writes: one event as JSON.
         let entry_bytes = sample_entry_bytes();
         let xadd = procs::redis_benchmark_xadd(redis.port, requests, 1, 256, entry_bytes)?;
+        // Too small a backlog to time: the end-to-end rate stands in.
+        let drain_per_s = if drained >= n / 10 && drain_secs > 0.05 {
+            drained as f64 / drain_secs
+        } else {
+            written as f64 / secs
+        };
         ceiling = Some(Row {
             system: "tensorcost-events writer, streaming publish at maximum rate".into(),
             published_per_s: n as f64 / publish.as_secs_f64(),
-            delivered_per_s: written as f64 / secs,
+            delivered_per_s: drain_per_s,
             delivered_ratio: written as f64 / n as f64,
             note: Some(format!(
-                "redis-benchmark pipelined XADD of the same entry shape ({entry_bytes}-byte event), 1 connection, pipeline 256: {xadd:.0}/s"
+                "end to end (publish and write, sharing the machine) {:.0}/s; the writer drained a backlog of {drained} at {drain_per_s:.0}/s; redis-benchmark pipelined XADD of the same entry shape ({entry_bytes}-byte event), 1 connection, pipeline 256: {xadd:.0}/s",
+                written as f64 / secs
             )),
             ..Default::default()
         });

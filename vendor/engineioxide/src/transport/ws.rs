@@ -173,7 +173,24 @@ where
     // tensorcost-events patch: one task reads, writes and (for a session
     // opened here) runs the heartbeat, where upstream spawns a writer task
     // beside this reader and a heartbeat task: two task allocations and a
-    // split (BiLock) stream less per connection.
+    // split (BiLock) stream less per connection. It is a task of its own,
+    // spawned here, and this one ends: a task's future is sized for its
+    // largest state, and the handshake's states are larger than the
+    // connection's (5,728 bytes against 2,264 here).
+    tokio::spawn(connection(engine, ws, socket, heartbeat));
+    Ok(())
+}
+
+/// A websocket connection's life after its handshake (tensorcost-events
+/// patch): [`read_write`], then the session's end.
+async fn connection<H: EngineIoHandler, S>(
+    engine: Arc<EngineIo<H>>,
+    ws: WebSocketStream<S>,
+    socket: Arc<Socket<H::Data>>,
+    heartbeat: Option<(std::time::Duration, std::time::Duration)>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     match read_write(&engine, ws, &socket, heartbeat).await {
         Some(Err(ref e)) => {
             let reason =
@@ -193,7 +210,6 @@ where
             tracing::debug!(sid = %socket.id, "socket is closing");
         }
     }
-    Ok(())
 }
 
 /// What a websocket message from the client means for the connection.
