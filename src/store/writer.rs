@@ -9,7 +9,8 @@
 //! ([`super::retry`]), so each stream stays in order. Meanwhile new events
 //! wait in the bounded channel. A retry can append an entry twice (readers
 //! drop the second by event id); where Redis refused some commands of a
-//! round and took others, the refused events land after the ones it took.
+//! round and took others, the refused events land after the ones it took,
+//! and after the round behind.
 //!
 //! On stop, the writer writes what is still waiting (the rounds in flight
 //! and the channel), retrying, for at most [`super::FLUSH_TIMEOUT`]; what
