@@ -47,8 +47,10 @@ use rooms::{Command, RateLimits, Rooms};
 /// Where Socket.IO is mounted.
 pub const PATH: &str = "/ws";
 
-/// Initial websocket read buffer per socket.
-const WS_READ_BUFFER: usize = 1024;
+/// Initial websocket read buffer per socket, and the most read at once: a
+/// client sends pongs and a few small messages, so a larger frame takes a
+/// few more reads rather than every idle socket holding a larger buffer.
+const WS_READ_BUFFER: usize = 256;
 /// Largest message (and websocket frame, and polling body) a client may
 /// send.
 const MAX_CLIENT_MESSAGE: usize = 32 << 10;
@@ -266,7 +268,7 @@ impl Edge {
             .connect_timeout(CONNECT_TIMEOUT)
             .ping_interval(config.ping_interval)
             .ping_timeout(config.ping_timeout)
-            // Incoming frames are small (pings, subscribe, refresh_token);
+            // Incoming frames are small (pongs, subscribe, refresh_token);
             // the buffer grows for larger ones. 4 KiB per socket otherwise.
             .ws_read_buffer_size(WS_READ_BUFFER)
             .with_state(edge.clone())
