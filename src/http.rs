@@ -310,3 +310,46 @@ async fn publish(
             .collect(),
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The head's URI and values no longer point into the buffer they were
+    /// parsed from (as hyper's do), and keep their text and sensitivity.
+    #[test]
+    fn own_head_copies_out_of_the_read_buffer() {
+        let buffer =
+            bytes::Bytes::from(b"/ws/?EIO=4&transport=websocket origin-value secret".to_vec());
+        let range = buffer.as_ptr() as usize..buffer.as_ptr() as usize + buffer.len();
+        let uri = Uri::from_maybe_shared(buffer.slice(0..30)).expect("uri");
+        let mut origin = header::HeaderValue::from_maybe_shared(buffer.slice(31..43)).expect("v");
+        let mut secret = header::HeaderValue::from_maybe_shared(buffer.slice(44..50)).expect("v");
+        secret.set_sensitive(true);
+        origin.set_sensitive(false);
+        let mut request = axum::http::Request::builder()
+            .uri(uri)
+            .body(Body::empty())
+            .expect("request");
+        request.headers_mut().insert(header::ORIGIN, origin);
+        request.headers_mut().insert(header::AUTHORIZATION, secret);
+        let inside = |p: *const u8| range.contains(&(p as usize));
+        assert!(inside(
+            request.headers()[header::ORIGIN].as_bytes().as_ptr()
+        ));
+        assert!(inside(request.uri().path().as_ptr()));
+
+        own_head(&mut request);
+
+        assert_eq!(request.uri(), "/ws/?EIO=4&transport=websocket");
+        assert!(!inside(request.uri().path().as_ptr()));
+        let origin = &request.headers()[header::ORIGIN];
+        assert_eq!(origin, "origin-value");
+        assert!(!inside(origin.as_bytes().as_ptr()));
+        assert!(!origin.is_sensitive());
+        let secret = &request.headers()[header::AUTHORIZATION];
+        assert_eq!(secret, "secret");
+        assert!(!inside(secret.as_bytes().as_ptr()));
+        assert!(secret.is_sensitive());
+    }
+}
