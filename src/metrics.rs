@@ -207,6 +207,11 @@ impl Metrics {
                 store.invalid.clone(),
             );
             registry.register(
+                "redis_own_passed",
+                "This instance's own Redis entries its relays passed over without reading them back",
+                store.own_passed.clone(),
+            );
+            registry.register(
                 "redis_skipped_keys",
                 "Redis keys skipped because they hold something else than a stream",
                 store.skipped_keys.clone(),

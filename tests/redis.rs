@@ -220,10 +220,15 @@ async fn cross_instance(redis_url: &str, per_publisher: usize) {
         other_tenant.lock().expect("lock").is_empty(),
         "another tenant saw events"
     );
+    // Each relay passed over some of its own instance's entries instead of
+    // reading them back, and still delivered the others' in between.
+    let mut passed = 0.0;
     for instance in &instances {
+        passed += instance.metric("tc_redis_own_passed_total").await;
         assert!(instance.metric("tc_redis_written_total").await >= per_publisher as f64);
         assert_eq!(instance.metric("tc_redis_lost_total").await, 0.0);
     }
+    assert!(passed > 0.0, "no relay passed over its own entries");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

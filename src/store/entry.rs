@@ -22,7 +22,11 @@ pub(super) fn add_event(
     instance_id: &str,
     event: &Event,
 ) {
-    pipe.cmd("XADD")
+    // Sized up front: the JSON is written in small pieces, and a command
+    // grown by doubling is copied several times.
+    let size = 48 + key.len() + instance_id.len() + event.size_bytes();
+    let mut cmd = redis::Cmd::with_capacity(10, size);
+    cmd.arg("XADD")
         .arg(key)
         .arg("MAXLEN")
         .arg("~")
@@ -31,8 +35,8 @@ pub(super) fn add_event(
         .arg(FIELD_ORIGIN)
         .arg(instance_id)
         .arg(FIELD_EVENT)
-        .arg(AsJson(event))
-        .ignore();
+        .arg(AsJson(event));
+    pipe.add_command(cmd);
 }
 
 /// An event as a command argument: its JSON ([`Event::to_json`]) written

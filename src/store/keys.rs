@@ -5,6 +5,7 @@
 //! type the first time they write it, readers learn new streams from it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Cognito memberships in Redis: field `cognito_sub`, value a JSON array of
 /// tenant ids (or a comma-separated list).
@@ -39,14 +40,14 @@ pub fn registry_key(partition: u32) -> String {
 /// Partition and stream key of each type, computed once (the writer's
 /// hot path).
 #[derive(Default)]
-pub(super) struct StreamKeys(HashMap<String, (u32, String)>);
+pub(super) struct StreamKeys(HashMap<String, (u32, Arc<str>)>);
 
 impl StreamKeys {
-    pub(super) fn of(&mut self, event_type: &str, partitions: u32) -> &(u32, String) {
+    pub(super) fn of(&mut self, event_type: &str, partitions: u32) -> &(u32, Arc<str>) {
         if !self.0.contains_key(event_type) {
             let entry = (
                 partition_of(event_type, partitions),
-                stream_key(event_type, partitions),
+                stream_key(event_type, partitions).into(),
             );
             self.0.insert(event_type.to_string(), entry);
         }
@@ -79,6 +80,6 @@ mod tests {
         .collect();
         assert!(spread.len() > 1);
         let mut cache = StreamKeys::default();
-        assert_eq!(cache.of("cost.updated", 4), &(p, key));
+        assert_eq!(cache.of("cost.updated", 4), &(p, key.into()));
     }
 }

@@ -26,6 +26,7 @@
 pub mod conn;
 pub(crate) mod entry;
 pub mod keys;
+mod own;
 mod relay;
 mod retry;
 mod sink;
@@ -178,6 +179,9 @@ pub struct StoreMetrics {
     /// Stream entries skipped because they are not an event that follows
     /// the rules.
     pub invalid: Counter,
+    /// This instance's own entries a relay passed over without reading
+    /// them back.
+    pub own_passed: Counter,
     /// Keys skipped because they are not streams where streams should be.
     pub skipped_keys: Counter,
 }
@@ -207,11 +211,13 @@ impl Store {
         let config = Arc::new(config);
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let own = Arc::new(own::OwnEntries::new());
         tasks.spawn(writer::run(
             rx,
             target.clone(),
             Arc::clone(&config),
             Arc::clone(&status),
+            Arc::clone(&own),
             stop.clone(),
         ));
         for partition in 0..config.partitions {
@@ -221,6 +227,7 @@ impl Store {
                 Arc::clone(&config),
                 broker.clone(),
                 Arc::clone(&status),
+                Arc::clone(&own),
                 stop.clone(),
             ));
         }

@@ -9,6 +9,14 @@
 //! the age cap (`trim_every`) it trims its streams by age (`XTRIM MINID ~`);
 //! the count cap is applied by each `XADD`. It stops when told to.
 //!
+//! Its own instance's entries it passes over rather than reading them back
+//! ([`super::own`]): before each read, a run of them is skipped after an
+//! `XRANGE` of each gap between them. While the writer has a round in
+//! flight, whose entries would otherwise be read back before their ids are
+//! known, the relay waits for the round to end, for at most
+//! [`MAX_READ_DELAY`] since its last read: the most that other instances'
+//! entries wait because this one is writing.
+//!
 //! Redis is a peer, not an oracle. A key of the wrong type where a stream
 //! or the registry should be (Redis answers `WRONGTYPE` for the whole
 //! `XREAD`) is found with `TYPE`, skipped and logged once, and the rest of
@@ -21,10 +29,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::entry::{self, Decoded, RawEntry};
 use super::keys::{registry_key, stream_key};
+use super::own::{self, Id, OwnEntries};
 use super::retry::Retry;
 use super::{Conn, Status, StoreConfig, Target};
 use crate::broker::Broker;
@@ -34,6 +44,10 @@ use crate::clock::unix_millis;
 const BLOCK: Duration = Duration::from_millis(1000);
 /// Entries per read.
 const COUNT: usize = 1000;
+/// Most own entries passed over per stream and round.
+const MAX_PASS: usize = 16_384;
+/// Longest wait for the writer's round before reading anyway.
+pub(super) const MAX_READ_DELAY: Duration = Duration::from_millis(20);
 /// How often streams are trimmed by age: a quarter of the age cap,
 /// between 1 and 60 seconds.
 fn trim_every(max_age: Duration) -> Duration {
@@ -53,6 +67,9 @@ struct Relay {
     /// Keys skipped because they are not streams.
     skipped: BTreeSet<String>,
     warmed: bool,
+    own: Arc<OwnEntries>,
+    rounds: watch::Receiver<u64>,
+    last_read: Instant,
 }
 
 pub(super) async fn run(
@@ -61,8 +78,10 @@ pub(super) async fn run(
     config: Arc<StoreConfig>,
     broker: Broker,
     status: Arc<Status>,
+    own: Arc<OwnEntries>,
     stop: CancellationToken,
 ) {
+    let rounds = own.subscribe();
     let mut relay = Relay {
         partition,
         config,
@@ -73,6 +92,9 @@ pub(super) async fn run(
         registry_usable: true,
         skipped: BTreeSet::new(),
         warmed: false,
+        own,
+        rounds,
+        last_read: Instant::now(),
     };
     let mut conn: Option<Conn> = None;
     let mut retry = Retry::new();
@@ -172,16 +194,19 @@ impl Relay {
                     .query_async(conn)
                     .await?,
             );
-            if let Some(last) = newest.first() {
-                self.positions.insert(key.clone(), last.id.clone());
-            }
+            // Up to that entry only: what is written meanwhile is new, for
+            // `follow`, and a stream written fast is not chased.
+            let Some(newest) = newest.first().map(|e| e.id.clone()) else {
+                continue;
+            };
+            self.positions.insert(key.clone(), newest.clone());
             let mut start = format!("{since_ms}-0");
             loop {
                 let page = entry::parse_entries(
                     redis::cmd("XRANGE")
                         .arg(&key)
                         .arg(&start)
-                        .arg("+")
+                        .arg(&newest)
                         .arg("COUNT")
                         .arg(COUNT)
                         .query_async(conn)
@@ -215,8 +240,19 @@ impl Relay {
         Ok(())
     }
 
-    /// One blocking read of the registry and every known stream.
+    /// Passes over own entries, then, unless it waits for the writer's
+    /// round, one blocking read of the registry and every known stream.
     async fn follow(&mut self, conn: &mut Conn) -> redis::RedisResult<()> {
+        self.rounds.borrow_and_update();
+        self.pass_own(conn).await?;
+        let since_read = self.last_read.elapsed();
+        if self.own.writing() && since_read < MAX_READ_DELAY {
+            // Its entries' ids come with the round's end: then they are
+            // passed over rather than read.
+            let _ = tokio::time::timeout(MAX_READ_DELAY - since_read, self.rounds.changed()).await;
+            return Ok(());
+        }
+        self.last_read = Instant::now();
         let registry = registry_key(self.partition);
         if !self.registry_usable && self.positions.is_empty() {
             // Nothing to follow: wait as a blocking read would.
@@ -259,6 +295,68 @@ impl Relay {
             if let Some(last) = entries.last() {
                 self.positions.insert(key, last.id.clone());
             }
+        }
+        Ok(())
+    }
+
+    /// Passes over the run of own entries after each stream's position: a
+    /// pipeline of one `XRANGE` per gap between them; what another
+    /// instance wrote in a gap is delivered, in order.
+    async fn pass_own(&mut self, conn: &mut Conn) -> redis::RedisResult<()> {
+        let mut walks = Vec::new();
+        for (key, position) in &self.positions {
+            let Some(position) = Id::parse(position.as_bytes()) else {
+                continue;
+            };
+            let ids = self.own.take_after(key, position, MAX_PASS);
+            if let Some(walk) = own::walk(position, &ids) {
+                walks.push((key.clone(), ids, walk));
+            }
+        }
+        if walks.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (key, _, walk) in &walks {
+            for gap in &walk.gaps {
+                pipe.cmd("XRANGE")
+                    .arg(key)
+                    .arg(gap.first.to_string())
+                    .arg(gap.last.to_string())
+                    .arg("COUNT")
+                    .arg(COUNT);
+            }
+        }
+        let replies: Vec<redis::Value> = if pipe.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(conn).await?
+        };
+        let mut replies = replies.into_iter();
+        for (key, ids, walk) in walks {
+            let mut position = walk.last;
+            let mut full = false;
+            for _ in &walk.gaps {
+                let reply = replies.next().unwrap_or(redis::Value::Nil);
+                if full {
+                    continue;
+                }
+                let entries = entry::parse_entries(reply);
+                for e in &entries {
+                    self.deliver(e);
+                }
+                if entries.len() >= COUNT {
+                    // A full page: the rest of the gap, and what follows
+                    // it, is read next time.
+                    if let Some(last) = entries.last().and_then(|e| Id::parse(e.id.as_bytes())) {
+                        position = last;
+                    }
+                    full = true;
+                }
+            }
+            let passed = ids.iter().take_while(|id| **id <= position).count();
+            self.status.metrics.own_passed.inc_by(passed as u64);
+            self.positions.insert(key, position.to_string());
         }
         Ok(())
     }
@@ -315,6 +413,7 @@ impl Relay {
                 tracing::error!(%key, %kind, "the partition's type registry is not a stream: new types of this partition are not learned until it is deleted");
             } else {
                 self.positions.remove(&key);
+                self.own.forget(&key);
                 self.skipped.insert(key.clone());
                 tracing::error!(%key, %kind, "skipping a key that is not a stream; the rest of the partition goes on");
             }
@@ -348,5 +447,147 @@ impl Relay {
                 tracing::warn!(entry = %e.id, "stream entry skipped: {reason}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::{BrokerConfig, Delivery, TypeFilter};
+    use crate::tenant::TenantScope;
+    use tensorcost_testkit::redis::RedisServer;
+    use tokio_stream::StreamExt;
+
+    fn event_json(id: &str) -> String {
+        format!(
+            r#"{{"id":"{id}","type":"a.b","tenant_id":"t","data":{{}},"timestamp":"2026-04-29T16:41:38.412Z","trace_id":"4bf92f3577b34da6a3ce929d0e0e4736"}}"#
+        )
+    }
+
+    fn relay_for(own: &Arc<OwnEntries>, broker: &Broker, key: &str) -> (Relay, Arc<Status>) {
+        let config = StoreConfig {
+            partitions: 1,
+            stream_max_len: 10_000,
+            stream_max_age: Duration::from_secs(3600),
+            buffer: 10,
+            warm_window: Duration::from_secs(60),
+            instance_id: "me".into(),
+            max_event_bytes: 1024,
+        };
+        let status = Arc::new(Status::new(1, Default::default()));
+        let relay = Relay {
+            partition: 0,
+            config: Arc::new(config),
+            broker: broker.clone(),
+            status: Arc::clone(&status),
+            positions: BTreeMap::from([(key.to_string(), "0-0".to_string())]),
+            registry_position: "0-0".into(),
+            registry_usable: true,
+            skipped: BTreeSet::new(),
+            warmed: true,
+            rounds: own.subscribe(),
+            own: Arc::clone(own),
+            last_read: Instant::now(),
+        };
+        (relay, status)
+    }
+
+    async fn add(conn: &mut Conn, key: &str, entries: &[(String, &str, String)]) {
+        let mut pipe = redis::pipe();
+        for (id, origin, event_id) in entries {
+            pipe.cmd("XADD")
+                .arg(key)
+                .arg(id)
+                .arg("o")
+                .arg(*origin)
+                .arg("e")
+                .arg(event_json(event_id))
+                .ignore();
+        }
+        pipe.query_async::<()>(conn).await.expect("XADD");
+    }
+
+    /// A relay passes over its own recorded entries, reads only the gaps
+    /// between them, and delivers what another instance wrote there, in
+    /// order; an own entry missing from the record is read and dropped.
+    #[tokio::test]
+    async fn own_entries_are_passed_over_and_others_in_the_gaps_delivered() {
+        let redis = RedisServer::start();
+        let target = Target::parse(&redis.url(), false).expect("url");
+        let mut conn = target
+            .dedicated(Duration::from_secs(5))
+            .await
+            .expect("connect");
+        let key = stream_key("a.b", 1);
+        // Own entries 5-0, 5-1, 5-3, 7-0 (not recorded), 9-0; another
+        // instance's at 5-2 and 8-0, and 10-0 after the run.
+        let entries = [
+            ("5-0", "me", "own-1"),
+            ("5-1", "me", "own-2"),
+            ("5-2", "other", "theirs-1"),
+            ("5-3", "me", "own-3"),
+            ("7-0", "me", "own-4"),
+            ("8-0", "other", "theirs-2"),
+            ("9-0", "me", "own-5"),
+            ("10-0", "other", "theirs-3"),
+        ]
+        .map(|(id, origin, event)| (id.to_string(), origin, event.to_string()));
+        add(&mut conn, &key, &entries).await;
+        let own = Arc::new(OwnEntries::new());
+        own.record([
+            (key.as_str(), Id(5, 0)),
+            (key.as_str(), Id(5, 1)),
+            (key.as_str(), Id(5, 3)),
+            (key.as_str(), Id(9, 0)),
+        ]);
+        let broker = Broker::new(BrokerConfig::default());
+        let mut sub = broker
+            .subscribe(TenantScope::One("t".into()), TypeFilter::all(), None)
+            .expect("under the cap");
+        let (mut relay, status) = relay_for(&own, &broker, &key);
+        relay.pass_own(&mut conn).await.expect("pass");
+        assert_eq!(relay.positions[&key], "9-0", "up to the last own entry");
+        assert_eq!(status.metrics.own_passed.get(), 4);
+        assert_eq!(status.metrics.relayed.get(), 2);
+        for expected in ["theirs-1", "theirs-2"] {
+            match sub.next().await {
+                Some(Delivery::Event(e)) => assert_eq!(e.id, expected),
+                other => panic!("expected {expected}, got {other:?}"),
+            }
+        }
+        // Nothing recorded past the position: a second pass asks nothing,
+        // and the entry after the run is left to the read.
+        relay.pass_own(&mut conn).await.expect("pass");
+        assert_eq!(relay.positions[&key], "9-0");
+        assert_eq!(status.metrics.relayed.get(), 2);
+    }
+
+    /// A gap holding more than a page is read a page at a time: the
+    /// position stops in the gap, and the next pass goes on from there.
+    #[tokio::test]
+    async fn a_gap_longer_than_a_page_is_read_over_two_passes() {
+        let redis = RedisServer::start();
+        let target = Target::parse(&redis.url(), false).expect("url");
+        let mut conn = target
+            .dedicated(Duration::from_secs(5))
+            .await
+            .expect("connect");
+        let key = stream_key("a.b", 1);
+        let mut entries = vec![("1-0".to_string(), "me", "own-1".to_string())];
+        entries.extend((0..=COUNT).map(|i| (format!("2-{i}"), "other", format!("theirs-{i}"))));
+        entries.push(("3-0".to_string(), "me", "own-2".to_string()));
+        add(&mut conn, &key, &entries).await;
+        let own = Arc::new(OwnEntries::new());
+        own.record([(key.as_str(), Id(1, 0)), (key.as_str(), Id(3, 0))]);
+        let broker = Broker::new(BrokerConfig::default());
+        let (mut relay, status) = relay_for(&own, &broker, &key);
+        relay.pass_own(&mut conn).await.expect("pass");
+        assert_eq!(relay.positions[&key], format!("2-{}", COUNT - 1));
+        assert_eq!(status.metrics.relayed.get(), COUNT as u64);
+        assert_eq!(status.metrics.own_passed.get(), 1);
+        relay.pass_own(&mut conn).await.expect("pass");
+        assert_eq!(relay.positions[&key], "3-0");
+        assert_eq!(status.metrics.relayed.get(), COUNT as u64 + 1);
+        assert_eq!(status.metrics.own_passed.get(), 2);
     }
 }

@@ -12,6 +12,9 @@
 //! round and took others, the refused events land after the ones it took,
 //! and after the round behind.
 //!
+//! Each written entry's id goes to [`OwnEntries`], so that the relays pass
+//! over this instance's entries instead of reading them back.
+//!
 //! On stop, the writer writes what is still waiting (the rounds in flight
 //! and the channel), retrying, for at most [`super::FLUSH_TIMEOUT`]; what
 //! is left then is logged.
@@ -28,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::entry;
 use super::keys::{StreamKeys, registry_key};
+use super::own::{Id, OwnEntries};
 use super::retry::Retry;
 use super::{Conn, FLUSH_TIMEOUT, Status, StoreConfig, Target};
 use crate::event::SharedEvent;
@@ -45,7 +49,31 @@ struct Round {
     events: Vec<SharedEvent>,
     /// One pipeline per partition, encoded from `events`; empty until
     /// encoded, and emptied when a failure makes it stale.
-    pipes: Arc<Vec<redis::Pipeline>>,
+    pipes: Arc<Vec<Pipe>>,
+}
+
+/// A partition's commands in a round, and the stream of each event's
+/// `XADD` in them (runs of one stream: `(stream, count)`).
+struct Pipe {
+    pipe: redis::Pipeline,
+    streams: Vec<(Arc<str>, usize)>,
+}
+
+impl Pipe {
+    /// `(stream, id)` of each event written, from the pipeline's replies
+    /// (the events' `XADD`s; the registry's are ignored). Nothing when the
+    /// replies do not match: ids only save the relays work.
+    fn written<'a>(&'a self, ids: &'a [Id]) -> impl Iterator<Item = (&'a str, Id)> + 'a {
+        let events: usize = self.streams.iter().map(|(_, n)| n).sum();
+        let runs = if events == ids.len() {
+            &self.streams[..]
+        } else {
+            &[]
+        };
+        runs.iter()
+            .flat_map(|(stream, n)| std::iter::repeat_n(&**stream, *n))
+            .zip(ids.iter().copied())
+    }
 }
 
 impl Round {
@@ -84,27 +112,34 @@ impl Encoder {
         if !round.pipes.is_empty() {
             return;
         }
-        let mut pipes: BTreeMap<u32, redis::Pipeline> = BTreeMap::new();
+        let mut pipes: BTreeMap<u32, Pipe> = BTreeMap::new();
         for event in &round.events {
             let (partition, key) = self.keys.of(&event.event_type, self.config.partitions);
             let partition = *partition;
-            let pipe = pipes.entry(partition).or_insert_with(redis::pipe);
+            let pipe = pipes.entry(partition).or_insert_with(|| Pipe {
+                pipe: redis::pipe(),
+                streams: Vec::new(),
+            });
             if !self.registered.contains(&event.event_type) {
                 self.registered.insert(event.event_type.clone());
                 entry::add_type(
-                    pipe,
+                    &mut pipe.pipe,
                     &registry_key(partition),
                     REGISTRY_MAX_LEN,
                     &event.event_type,
                 );
             }
             entry::add_event(
-                pipe,
+                &mut pipe.pipe,
                 key,
                 self.config.stream_max_len,
                 &self.config.instance_id,
                 event,
             );
+            match pipe.streams.last_mut() {
+                Some((stream, n)) if Arc::ptr_eq(stream, key) => *n += 1,
+                _ => pipe.streams.push((Arc::clone(key), 1)),
+            }
         }
         round.pipes = Arc::new(pipes.into_values().collect());
     }
@@ -122,6 +157,7 @@ struct Writer {
     /// flight.
     next: Round,
     retry: Retry,
+    own: Arc<OwnEntries>,
 }
 
 pub(super) async fn run(
@@ -129,6 +165,7 @@ pub(super) async fn run(
     target: Target,
     config: Arc<StoreConfig>,
     status: Arc<Status>,
+    own: Arc<OwnEntries>,
     stop: CancellationToken,
 ) {
     let mut writer = Writer {
@@ -143,6 +180,7 @@ pub(super) async fn run(
         round: Round::with_capacity(MAX_BATCH),
         next: Round::with_capacity(MAX_BATCH),
         retry: Retry::new(),
+        own,
     };
     loop {
         if writer.round.events.is_empty() {
@@ -205,6 +243,7 @@ impl Writer {
             },
         };
         self.encoder.encode(&mut self.round);
+        let writing = Writing::start(&self.own);
         let mut current = Flight::launch(&conn, &self.round.pipes).await;
         loop {
             if self.next.events.is_empty() {
@@ -220,8 +259,19 @@ impl Writer {
                 self.encoder.encode(&mut self.next);
                 Some(Flight::launch(&conn, &self.next.pipes).await)
             };
-            match current.result().await {
-                Ok(()) => {
+            let pipes = Arc::clone(&self.round.pipes);
+            let result = current.result().await;
+            if let Ok(ids) = &result {
+                self.own.record(
+                    pipes
+                        .iter()
+                        .zip(ids)
+                        .flat_map(|(pipe, ids)| pipe.written(ids)),
+                );
+            }
+            self.own.round_ended();
+            match result {
+                Ok(_) => {
                     self.status.mark_up();
                     self.retry.reset();
                     let written = self.round.events.len();
@@ -252,6 +302,7 @@ impl Writer {
                     // round that timed out may still be ahead of anything
                     // sent after it.
                     self.conn = None;
+                    drop(writing);
                     self.retry.wait().await;
                     return;
                 }
@@ -260,27 +311,57 @@ impl Writer {
     }
 }
 
+/// Marks the writer as writing while it lives.
+struct Writing<'a>(&'a OwnEntries);
+
+impl<'a> Writing<'a> {
+    fn start(own: &'a OwnEntries) -> Self {
+        own.start_writing();
+        Self(own)
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.stop_writing();
+    }
+}
+
+/// What a round wrote: the ids of each pipeline's events.
+type Written = redis::RedisResult<Vec<Vec<Id>>>;
+
 /// A round sent to Redis, or its outcome.
 enum Flight {
-    Done(redis::RedisResult<()>),
-    Sending(Pin<Box<dyn Future<Output = redis::RedisResult<()>> + Send>>),
+    Done(Written),
+    Sending(Pin<Box<dyn Future<Output = Written> + Send>>),
 }
 
 impl Flight {
     /// Sends a round's pipelines (concurrently: one per partition), polling
     /// once so that they are queued on the connection before anything sent
     /// after them.
-    async fn launch(conn: &Conn, pipes: &Arc<Vec<redis::Pipeline>>) -> Self {
+    async fn launch(conn: &Conn, pipes: &Arc<Vec<Pipe>>) -> Self {
         let (conn, pipes) = (conn.clone(), pipes.clone());
         let mut sending: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
             let rounds = pipes.iter().map(|pipe| {
                 let mut conn = conn.clone();
-                async move { pipe.query_async::<()>(&mut conn).await }
+                async move {
+                    let replies: Vec<redis::Value> = pipe.pipe.query_async(&mut conn).await?;
+                    Ok::<_, redis::RedisError>(
+                        replies
+                            .iter()
+                            .map_while(|reply| match reply {
+                                redis::Value::BulkString(id) => Id::parse(id),
+                                _ => None,
+                            })
+                            .collect::<Vec<Id>>(),
+                    )
+                }
             });
-            for result in futures_util::future::join_all(rounds).await {
-                result?;
-            }
-            Ok(())
+            futures_util::future::join_all(rounds)
+                .await
+                .into_iter()
+                .collect()
         });
         match std::future::poll_fn(|cx| Poll::Ready(sending.as_mut().poll(cx))).await {
             Poll::Ready(result) => Flight::Done(result),
@@ -288,7 +369,7 @@ impl Flight {
         }
     }
 
-    async fn result(self) -> redis::RedisResult<()> {
+    async fn result(self) -> Written {
         match self {
             Flight::Done(result) => result,
             Flight::Sending(sending) => sending.await,
