@@ -130,7 +130,7 @@ where
         // engineioxide-core's `PacketBuf`.
         let rx_stream = stream::iter(peeked_packet.take())
             .chain(rx_stream::EncoderStream::new(buffered_rx, volatile_rx))
-            .map(|packets| packets.into_iter().collect::<engineioxide_core::PacketBuf>());
+            .map(|packets| (*packets).into_iter().collect::<engineioxide_core::PacketBuf>());
 
         // Stop waiting for the next packet as soon as the session is closed. The combinator is biased
         // towards the encoder completion, so any buffered close packet is still flushed to the client.
@@ -152,7 +152,7 @@ where
 
     // set back the peeked packet so it can be read again
     // on the next polling request
-    rx.peeked_packet = peeked.map(|packets| packets.into_iter().collect());
+    rx.peeked_packet = peeked.map(|packets| Box::new(packets.into_iter().collect()));
 
     #[cfg(feature = "tracing")]
     tracing::trace!(%sid, %protocol, supports_binary = socket.supports_binary, "sending data: {:?}", data);

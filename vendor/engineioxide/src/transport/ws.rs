@@ -303,13 +303,13 @@ async fn write_buffered<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    for item in first {
+    for item in *first {
         if let Some(msg) = ws_message(protocol, item) {
             ws.feed(msg).await?;
         }
     }
     while let Ok(packets) = buffered_rx.try_recv() {
-        for item in packets {
+        for item in *packets {
             if let Some(msg) = ws_message(protocol, item) {
                 ws.feed(msg).await?;
             }
@@ -418,7 +418,7 @@ where
                 if let Some(packets) = val {
                     #[cfg(feature = "tracing")]
                     tracing::debug!(sid = ?socket.id, "ws volatile flush: {} packets", packets.len());
-                    for item in packets {
+                    for item in *packets {
                         if let Some(msg) = ws_message(socket.protocol, item) {
                             ws.feed(msg).await.ok();
                         }
@@ -535,7 +535,7 @@ where
     // We send a last Noop request to close a potential waiting polling request.
     socket
         .internal_tx
-        .send(smallvec![Packet::Noop])
+        .send(Box::new(smallvec![Packet::Noop]))
         .await
         .map_err(|_| Error::Upgrade)?;
 
