@@ -196,8 +196,8 @@ where
                 break;
             }
             Ok(Packet::Pong | Packet::Ping) => {
-                // A full channel means that the client is already known to be alive.
-                socket.heartbeat_tx.try_send(()).ok();
+                // A permit already stored means that the client is already known to be alive.
+                socket.heartbeat.notify_one();
                 Ok(())
             }
             Ok(Packet::Message(msg)) => {

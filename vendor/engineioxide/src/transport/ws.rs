@@ -234,8 +234,8 @@ fn on_message<H: EngineIoHandler>(
                 Ok(Received::Closed)
             }
             Packet::Pong | Packet::Ping => {
-                // A full channel means that the client is already known to be alive.
-                socket.heartbeat_tx.try_send(()).ok();
+                // A permit already stored means that the client is already known to be alive.
+                socket.heartbeat.notify_one();
                 Ok(Received::Pong)
             }
             Packet::Message(msg) => {
