@@ -182,34 +182,41 @@ where
 }
 
 /// A websocket connection's life after its handshake (tensorcost-events
-/// patch): [`read_write`], then the session's end.
-async fn connection<H: EngineIoHandler, S>(
+/// patch): [`read_write`], then the session's end. The session's end is a
+/// `map` on [`read_write`]'s future, not an async fn awaiting it, so that
+/// the task's future holds its arguments once.
+fn connection<H: EngineIoHandler, S>(
     engine: Arc<EngineIo<H>>,
     ws: WebSocketStream<S>,
     socket: Arc<Socket<H::Data>>,
     heartbeat: Option<(std::time::Duration, std::time::Duration)>,
-) where
+) -> impl std::future::Future<Output = ()>
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    match read_write(&engine, ws, &socket, heartbeat).await {
-        Some(Err(ref e)) => {
-            let reason =
-                Option::<DisconnectReason>::from(e).unwrap_or(DisconnectReason::TransportError);
+    let end = (engine.clone(), socket.clone());
+    futures_util::FutureExt::map(read_write(engine, ws, socket, heartbeat), move |result| {
+        let (engine, socket) = end;
+        match result {
+            Some(Err(ref e)) => {
+                let reason =
+                    Option::<DisconnectReason>::from(e).unwrap_or(DisconnectReason::TransportError);
 
-            #[cfg(feature = "tracing")]
-            tracing::debug!("error when handling packet: {:?}", e);
-            engine.close_session(socket.id, reason);
+                #[cfg(feature = "tracing")]
+                tracing::debug!("error when handling packet: {:?}", e);
+                engine.close_session(socket.id, reason);
+            }
+            Some(Ok(())) => {
+                #[cfg(feature = "tracing")]
+                tracing::debug!(sid = %socket.id, "ws transport was closed");
+                engine.close_session(socket.id, DisconnectReason::TransportClose);
+            }
+            None => {
+                #[cfg(feature = "tracing")]
+                tracing::debug!(sid = %socket.id, "socket is closing");
+            }
         }
-        Some(Ok(())) => {
-            #[cfg(feature = "tracing")]
-            tracing::debug!(sid = %socket.id, "ws transport was closed");
-            engine.close_session(socket.id, DisconnectReason::TransportClose);
-        }
-        None => {
-            #[cfg(feature = "tracing")]
-            tracing::debug!(sid = %socket.id, "socket is closing");
-        }
-    }
+    })
 }
 
 /// What a websocket message from the client means for the connection.
@@ -328,148 +335,155 @@ where
 /// A write that cannot complete (a client that stopped reading) gives up at
 /// the heartbeat's deadline, or at the session's cancellation, rather than
 /// holding the connection. Returns `None` when the session was cancelled.
-async fn read_write<H: EngineIoHandler, S>(
-    engine: &Arc<EngineIo<H>>,
+fn read_write<H: EngineIoHandler, S>(
+    engine: Arc<EngineIo<H>>,
     mut ws: WebSocketStream<S>,
-    socket: &Arc<Socket<H::Data>>,
+    socket: Arc<Socket<H::Data>>,
     heartbeat: Option<(std::time::Duration, std::time::Duration)>,
-) -> Option<Result<(), Error>>
+) -> impl std::future::Future<Output = Option<Result<(), Error>>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // A polling request that was in progress during the upgrade may still hold the lock.
-    let mut internal_rx = socket
-        .internal_rx
-        .lock()
-        .with_cancellation_token(&socket.cancellation_token)
-        .await?;
-    let InternalRx {
-        buffered_rx,
-        volatile_rx,
-        ..
-    } = &mut *internal_rx;
+    // An async block rather than an async fn: the block uses what it
+    // captures in place, where an async fn keeps its arguments and a
+    // moved copy of each (the websocket, 328 bytes, twice) for the
+    // connection's life (tensorcost-events patch).
+    async move {
+        let (engine, socket) = (&engine, &socket);
+        // A polling request that was in progress during the upgrade may still hold the lock.
+        let mut internal_rx = socket
+            .internal_rx
+            .lock()
+            .with_cancellation_token(&socket.cancellation_token)
+            .await?;
+        let InternalRx {
+            buffered_rx,
+            volatile_rx,
+            ..
+        } = &mut *internal_rx;
 
-    // The heartbeat, as upstream's v4 job: a ping at once, then every
-    // `interval`; each must be answered within `timeout`.
-    let start = tokio::time::Instant::now();
-    let mut next_ping = start;
-    let mut pong_due: Option<tokio::time::Instant> = None;
-    let deadline = |next_ping: tokio::time::Instant, pong_due: Option<tokio::time::Instant>| {
-        heartbeat.map(|(_, timeout)| pong_due.unwrap_or(next_ping + timeout))
-    };
-    let heartbeat_sleep = tokio::time::sleep_until(start);
-    tokio::pin!(heartbeat_sleep);
-
-    let result = loop {
-        let ping_or_deadline = match (heartbeat, pong_due) {
-            (None, _) => None,
-            (Some(_), None) => Some(next_ping),
-            (Some(_), Some(due)) => Some(due),
+        // The heartbeat, as upstream's v4 job: a ping at once, then every
+        // `interval`; each must be answered within `timeout`.
+        let start = tokio::time::Instant::now();
+        let mut next_ping = start;
+        let mut pong_due: Option<tokio::time::Instant> = None;
+        let deadline = |next_ping: tokio::time::Instant, pong_due: Option<tokio::time::Instant>| {
+            heartbeat.map(|(_, timeout)| pong_due.unwrap_or(next_ping + timeout))
         };
-        if let Some(at) = ping_or_deadline
-            && heartbeat_sleep.deadline() != at
-        {
-            heartbeat_sleep.as_mut().reset(at);
-        }
-        tokio::select! {
-            biased;
-            items = buffered_rx.recv() => {
-                let Some(packets) = items else { break None };
-                let mut write =
-                    std::pin::pin!(write_buffered(&mut ws, socket.protocol, packets, buffered_rx));
-                // Most writes complete at once: no timer is armed for them.
-                let first = std::future::poll_fn(|cx| {
-                    std::task::Poll::Ready(write.as_mut().poll(cx))
-                })
-                .await;
-                if let std::task::Poll::Ready(res) = first {
-                    if let Err(_e) = res {
-                        #[cfg(feature = "tracing")]
-                        tracing::debug!("[sid={}] error sending packet: {}", socket.id, _e);
-                    }
-                    continue;
-                }
-                let give_up = deadline(next_ping, pong_due);
-                let timed_out = async {
-                    match give_up {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    res = &mut write => {
+        let heartbeat_sleep = tokio::time::sleep_until(start);
+        tokio::pin!(heartbeat_sleep);
+
+        let result = loop {
+            let ping_or_deadline = match (heartbeat, pong_due) {
+                (None, _) => None,
+                (Some(_), None) => Some(next_ping),
+                (Some(_), Some(due)) => Some(due),
+            };
+            if let Some(at) = ping_or_deadline
+                && heartbeat_sleep.deadline() != at
+            {
+                heartbeat_sleep.as_mut().reset(at);
+            }
+            tokio::select! {
+                biased;
+                items = buffered_rx.recv() => {
+                    let Some(packets) = items else { break None };
+                    let mut write =
+                        std::pin::pin!(write_buffered(&mut ws, socket.protocol, packets, buffered_rx));
+                    // Most writes complete at once: no timer is armed for them.
+                    let first = std::future::poll_fn(|cx| {
+                        std::task::Poll::Ready(write.as_mut().poll(cx))
+                    })
+                    .await;
+                    if let std::task::Poll::Ready(res) = first {
                         if let Err(_e) = res {
                             #[cfg(feature = "tracing")]
                             tracing::debug!("[sid={}] error sending packet: {}", socket.id, _e);
                         }
+                        continue;
                     }
-                    _ = socket.cancellation_token.cancelled() => break None,
-                    () = timed_out => {
+                    let give_up = deadline(next_ping, pong_due);
+                    let timed_out = async {
+                        match give_up {
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        res = &mut write => {
+                            if let Err(_e) = res {
+                                #[cfg(feature = "tracing")]
+                                tracing::debug!("[sid={}] error sending packet: {}", socket.id, _e);
+                            }
+                        }
+                        _ = socket.cancellation_token.cancelled() => break None,
+                        () = timed_out => {
+                            #[cfg(feature = "tracing")]
+                            tracing::debug!(sid = ?socket.id, "ws write did not complete before the heartbeat deadline");
+                            socket.close(DisconnectReason::HeartbeatTimeout);
+                            break None;
+                        }
+                    }
+                }
+                _ = socket.cancellation_token.cancelled() => break None,
+                Ok(()) = volatile_rx.changed() => {
+                    let val = volatile_rx.borrow_and_update().clone();
+                    if let Some(packets) = val {
                         #[cfg(feature = "tracing")]
-                        tracing::debug!(sid = ?socket.id, "ws write did not complete before the heartbeat deadline");
+                        tracing::debug!(sid = ?socket.id, "ws volatile flush: {} packets", packets.len());
+                        for item in *packets {
+                            if let Some(msg) = ws_message(socket.protocol, item) {
+                                ws.feed(msg).await.ok();
+                            }
+                        }
+                        ws.flush().await.ok();
+                    }
+                },
+                msg = ws.next() => match msg {
+                    None => break Some(Ok(())),
+                    Some(Err(e)) => break Some(Err(e.into())),
+                    Some(Ok(msg)) => match on_message(engine, socket, msg) {
+                        Ok(Received::Continue) => {}
+                        Ok(Received::Pong) => pong_due = None,
+                        Ok(Received::Closed) => break Some(Ok(())),
+                        Err(e) => break Some(Err(e)),
+                    },
+                },
+                () = &mut heartbeat_sleep, if heartbeat.is_some() => {
+                    if pong_due.is_some() {
+                        #[cfg(feature = "tracing")]
+                        tracing::debug!(sid = ?socket.id, "heartbeat timeout");
                         socket.close(DisconnectReason::HeartbeatTimeout);
                         break None;
                     }
-                }
-            }
-            _ = socket.cancellation_token.cancelled() => break None,
-            Ok(()) = volatile_rx.changed() => {
-                let val = volatile_rx.borrow_and_update().clone();
-                if let Some(packets) = val {
+                    let Some((interval, timeout)) = heartbeat else { continue };
                     #[cfg(feature = "tracing")]
-                    tracing::debug!(sid = ?socket.id, "ws volatile flush: {} packets", packets.len());
-                    for item in *packets {
-                        if let Some(msg) = ws_message(socket.protocol, item) {
-                            ws.feed(msg).await.ok();
-                        }
+                    tracing::trace!(sid = ?socket.id, "emitting ping");
+                    let ping: String = Packet::Ping.into();
+                    let sent = ws.send(Message::Text(ping.into()));
+                    let sent = tokio::time::timeout(timeout, sent).await;
+                    if !matches!(sent, Ok(Ok(()))) {
+                        socket.close(DisconnectReason::HeartbeatTimeout);
+                        break None;
                     }
-                    ws.flush().await.ok();
+                    pong_due = Some(tokio::time::Instant::now() + timeout);
+                    next_ping += interval;
                 }
-            },
-            msg = ws.next() => match msg {
-                None => break Some(Ok(())),
-                Some(Err(e)) => break Some(Err(e.into())),
-                Some(Ok(msg)) => match on_message(engine, socket, msg) {
-                    Ok(Received::Continue) => {}
-                    Ok(Received::Pong) => pong_due = None,
-                    Ok(Received::Closed) => break Some(Ok(())),
-                    Err(e) => break Some(Err(e)),
-                },
-            },
-            () = &mut heartbeat_sleep, if heartbeat.is_some() => {
-                if pong_due.is_some() {
-                    #[cfg(feature = "tracing")]
-                    tracing::debug!(sid = ?socket.id, "heartbeat timeout");
-                    socket.close(DisconnectReason::HeartbeatTimeout);
-                    break None;
-                }
-                let Some((interval, timeout)) = heartbeat else { continue };
-                #[cfg(feature = "tracing")]
-                tracing::trace!(sid = ?socket.id, "emitting ping");
-                let ping: String = Packet::Ping.into();
-                let sent = ws.send(Message::Text(ping.into()));
-                let sent = tokio::time::timeout(timeout, sent).await;
-                if !matches!(sent, Ok(Ok(()))) {
-                    socket.close(DisconnectReason::HeartbeatTimeout);
-                    break None;
-                }
-                pong_due = Some(tokio::time::Instant::now() + timeout);
-                next_ping += interval;
             }
-        }
-    };
+        };
 
-    #[cfg(feature = "tracing")]
-    tracing::trace!(sid = %socket.id, "ws closing flush");
-    // Bounded like the writes above: a client that stopped reading does not
-    // hold the connection open.
-    let closing = async {
-        ws.flush().await.ok();
-        SinkExt::close(&mut ws).await.ok();
-    };
-    let limit = heartbeat.map_or(std::time::Duration::from_secs(5), |(_, timeout)| timeout);
-    tokio::time::timeout(limit, closing).await.ok();
-    result
+        #[cfg(feature = "tracing")]
+        tracing::trace!(sid = %socket.id, "ws closing flush");
+        // Bounded like the writes above: a client that stopped reading does not
+        // hold the connection open.
+        let closing = async {
+            ws.flush().await.ok();
+            SinkExt::close(&mut ws).await.ok();
+        };
+        let limit = heartbeat.map_or(std::time::Duration::from_secs(5), |(_, timeout)| timeout);
+        tokio::time::timeout(limit, closing).await.ok();
+        result
+    }
 }
 
 /// Send a Engine.IO [`OpenPacket`] to initiate a websocket connection
@@ -648,7 +662,7 @@ mod tests {
         let polling = socket.internal_rx.lock().await;
         let writer = tokio::spawn({
             let socket = socket.clone();
-            async move { read_write(&engine(), server, &socket, None).await }
+            async move { read_write(engine(), server, socket, None).await }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!writer.is_finished(), "the writer should wait for the lock");
@@ -671,7 +685,7 @@ mod tests {
         let _polling = socket.internal_rx.lock().await;
         let writer = tokio::spawn({
             let socket = socket.clone();
-            async move { read_write(&engine(), server, &socket, None).await }
+            async move { read_write(engine(), server, socket, None).await }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
 
@@ -691,7 +705,7 @@ mod tests {
         let task = tokio::spawn({
             let socket = socket.clone();
             let heartbeat = Some((Duration::from_secs(60), Duration::from_millis(100)));
-            async move { read_write(&engine(), server, &socket, heartbeat).await }
+            async move { read_write(engine(), server, socket, heartbeat).await }
         });
         let msg = tokio::time::timeout(TIMEOUT, client.next())
             .await
@@ -715,7 +729,7 @@ mod tests {
         let task = tokio::spawn({
             let socket = socket.clone();
             let heartbeat = Some((Duration::from_millis(150), Duration::from_millis(100)));
-            async move { read_write(&engine(), server, &socket, heartbeat).await }
+            async move { read_write(engine(), server, socket, heartbeat).await }
         });
         for _ in 0..3 {
             let msg = tokio::time::timeout(TIMEOUT, client.next())
@@ -741,7 +755,7 @@ mod tests {
         let task = tokio::spawn({
             let socket = socket.clone();
             let heartbeat = Some((Duration::from_secs(60), Duration::from_millis(200)));
-            async move { read_write(&engine(), server, &socket, heartbeat).await }
+            async move { read_write(engine(), server, socket, heartbeat).await }
         });
         // Far more than the 1 KiB duplex buffer.
         let big = "x".repeat(64 * 1024);
