@@ -193,15 +193,18 @@ pub(super) struct Gap {
 }
 
 /// Plans passing over `own` (increasing, all after `position`): a gap
-/// before each own entry that does not directly follow the one before.
-pub(super) fn walk(position: Id, own: &[Id]) -> Option<Walk> {
-    let last = *own.last()?;
+/// before each own entry that does not directly follow the one before, at
+/// most `max_gaps` of them (the walk stops before the next).
+pub(super) fn walk(position: Id, own: &[Id], max_gaps: usize) -> Option<Walk> {
     let mut gaps = Vec::new();
     let mut cursor = position;
     for &id in own {
         if let (Some(first), Some(last)) = (cursor.next(), id.prev())
             && first <= last
         {
+            if gaps.len() == max_gaps {
+                break;
+            }
             gaps.push(Gap {
                 first,
                 last,
@@ -210,7 +213,7 @@ pub(super) fn walk(position: Id, own: &[Id]) -> Option<Walk> {
         }
         cursor = id;
     }
-    Some(Walk { gaps, last })
+    (cursor != position).then_some(Walk { gaps, last: cursor })
 }
 
 #[cfg(test)]
@@ -237,7 +240,7 @@ mod tests {
         // 10-0 read; own 10-1, 10-2 (consecutive: no gap), 12-0 (a gap
         // from 10-3 to 11-max), 12-1.
         let own = [Id(10, 1), Id(10, 2), Id(12, 0), Id(12, 1)];
-        let walk = walk(Id(10, 0), &own).unwrap();
+        let walk = walk(Id(10, 0), &own, 8).unwrap();
         assert_eq!(
             walk.gaps,
             vec![Gap {
@@ -249,10 +252,15 @@ mod tests {
         assert_eq!(walk.last, Id(12, 1));
         // From the start of a stream, the first own entry has a gap
         // before it.
-        let walk2 = super::walk(Id(0, 0), &[Id(3, 0)]).unwrap();
+        let walk2 = super::walk(Id(0, 0), &[Id(3, 0)], 8).unwrap();
         assert_eq!(walk2.gaps[0].first, Id(0, 1));
         assert_eq!(walk2.gaps[0].last, Id(2, u64::MAX));
-        assert!(super::walk(Id(0, 0), &[]).is_none());
+        assert!(super::walk(Id(0, 0), &[], 8).is_none());
+        // At most `max_gaps`: the walk stops before the next gap.
+        let bounded = super::walk(Id(10, 0), &own, 0).unwrap();
+        assert!(bounded.gaps.is_empty());
+        assert_eq!(bounded.last, Id(10, 2));
+        assert!(super::walk(Id(0, 0), &[Id(3, 0)], 0).is_none());
     }
 
     #[test]

@@ -46,6 +46,11 @@ const BLOCK: Duration = Duration::from_millis(1000);
 const COUNT: usize = 1000;
 /// Most own entries passed over per stream and round.
 const MAX_PASS: usize = 16_384;
+/// Most gaps between own entries asked about per stream and round, and
+/// most entries read from each: a round reads at most `COUNT` entries of
+/// a stream, as a read does.
+const MAX_GAPS: usize = 64;
+const GAP_COUNT: usize = COUNT / MAX_GAPS;
 /// Longest wait for the writer's round before reading anyway.
 pub(super) const MAX_READ_DELAY: Duration = Duration::from_millis(20);
 /// How often streams are trimmed by age: a quarter of the age cap,
@@ -309,7 +314,7 @@ impl Relay {
                 continue;
             };
             let ids = self.own.take_after(key, position, MAX_PASS);
-            if let Some(walk) = own::walk(position, &ids) {
+            if let Some(walk) = own::walk(position, &ids, MAX_GAPS) {
                 walks.push((key.clone(), ids, walk));
             }
         }
@@ -324,7 +329,7 @@ impl Relay {
                     .arg(gap.first.to_string())
                     .arg(gap.last.to_string())
                     .arg("COUNT")
-                    .arg(COUNT);
+                    .arg(GAP_COUNT);
             }
         }
         let replies: Vec<redis::Value> = if pipe.is_empty() {
@@ -345,7 +350,7 @@ impl Relay {
                 for e in &entries {
                     self.deliver(e);
                 }
-                if entries.len() >= COUNT {
+                if entries.len() >= GAP_COUNT {
                     // A full page: the rest of the gap, and what follows
                     // it, is read next time.
                     if let Some(last) = entries.last().and_then(|e| Id::parse(e.id.as_bytes())) {
@@ -574,7 +579,7 @@ mod tests {
             .expect("connect");
         let key = stream_key("a.b", 1);
         let mut entries = vec![("1-0".to_string(), "me", "own-1".to_string())];
-        entries.extend((0..=COUNT).map(|i| (format!("2-{i}"), "other", format!("theirs-{i}"))));
+        entries.extend((0..=GAP_COUNT).map(|i| (format!("2-{i}"), "other", format!("theirs-{i}"))));
         entries.push(("3-0".to_string(), "me", "own-2".to_string()));
         add(&mut conn, &key, &entries).await;
         let own = Arc::new(OwnEntries::new());
@@ -582,12 +587,12 @@ mod tests {
         let broker = Broker::new(BrokerConfig::default());
         let (mut relay, status) = relay_for(&own, &broker, &key);
         relay.pass_own(&mut conn).await.expect("pass");
-        assert_eq!(relay.positions[&key], format!("2-{}", COUNT - 1));
-        assert_eq!(status.metrics.relayed.get(), COUNT as u64);
+        assert_eq!(relay.positions[&key], format!("2-{}", GAP_COUNT - 1));
+        assert_eq!(status.metrics.relayed.get(), GAP_COUNT as u64);
         assert_eq!(status.metrics.own_passed.get(), 1);
         relay.pass_own(&mut conn).await.expect("pass");
         assert_eq!(relay.positions[&key], "3-0");
-        assert_eq!(status.metrics.relayed.get(), COUNT as u64 + 1);
+        assert_eq!(status.metrics.relayed.get(), GAP_COUNT as u64 + 1);
         assert_eq!(status.metrics.own_passed.get(), 2);
     }
 }
