@@ -497,6 +497,17 @@ mod tests {
         (relay, status)
     }
 
+    /// A Redis of its own, a connection to it, and the key of a stream.
+    async fn redis_with_stream() -> (RedisServer, Conn, String) {
+        let redis = RedisServer::start();
+        let target = Target::parse(&redis.url(), false).expect("url");
+        let conn = target
+            .dedicated(Duration::from_secs(5))
+            .await
+            .expect("connect");
+        (redis, conn, stream_key("a.b", 1))
+    }
+
     async fn add(conn: &mut Conn, key: &str, entries: &[(String, &str, String)]) {
         let mut pipe = redis::pipe();
         for (id, origin, event_id) in entries {
@@ -517,13 +528,7 @@ mod tests {
     /// order; an own entry missing from the record is read and dropped.
     #[tokio::test]
     async fn own_entries_are_passed_over_and_others_in_the_gaps_delivered() {
-        let redis = RedisServer::start();
-        let target = Target::parse(&redis.url(), false).expect("url");
-        let mut conn = target
-            .dedicated(Duration::from_secs(5))
-            .await
-            .expect("connect");
-        let key = stream_key("a.b", 1);
+        let (_redis, mut conn, key) = redis_with_stream().await;
         // Own entries 5-0, 5-1, 5-3, 7-0 (not recorded), 9-0; another
         // instance's at 5-2 and 8-0, and 10-0 after the run.
         let entries = [
@@ -571,13 +576,7 @@ mod tests {
     /// position stops in the gap, and the next pass goes on from there.
     #[tokio::test]
     async fn a_gap_longer_than_a_page_is_read_over_two_passes() {
-        let redis = RedisServer::start();
-        let target = Target::parse(&redis.url(), false).expect("url");
-        let mut conn = target
-            .dedicated(Duration::from_secs(5))
-            .await
-            .expect("connect");
-        let key = stream_key("a.b", 1);
+        let (_redis, mut conn, key) = redis_with_stream().await;
         let mut entries = vec![("1-0".to_string(), "me", "own-1".to_string())];
         entries.extend((0..=GAP_COUNT).map(|i| (format!("2-{i}"), "other", format!("theirs-{i}"))));
         entries.push(("3-0".to_string(), "me", "own-2".to_string()));
