@@ -7,6 +7,7 @@
 
 use redis::Value;
 
+use super::own::Id;
 use crate::event::Event;
 use crate::event::rules::check_stored;
 
@@ -123,16 +124,11 @@ impl RawEntry {
             .and_then(|t| std::str::from_utf8(t).ok())
     }
 
-    /// Milliseconds and sequence of the entry id (`1700000000000-3`), which
-    /// order entries numerically.
-    pub(crate) fn position(&self) -> (u64, u64) {
-        parse_id(&self.id)
+    /// The entry id (`1700000000000-3`), which orders entries numerically;
+    /// `0-0` if Redis sent something else.
+    pub(crate) fn position(&self) -> Id {
+        Id::parse(self.id.as_bytes()).unwrap_or(Id(0, 0))
     }
-}
-
-fn parse_id(id: &str) -> (u64, u64) {
-    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
 }
 
 fn text(v: Value) -> Option<String> {

@@ -29,11 +29,11 @@ pub(super) const MAX_IDS: usize = 65_536;
 
 /// A stream entry id: milliseconds, sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) struct Id(pub u64, pub u64);
+pub(crate) struct Id(pub u64, pub u64);
 
 impl Id {
     /// Parses `1700000000000-3`.
-    pub(super) fn parse(text: &[u8]) -> Option<Id> {
+    pub(crate) fn parse(text: &[u8]) -> Option<Id> {
         let text = std::str::from_utf8(text).ok()?;
         let (ms, seq) = text.split_once('-')?;
         Some(Id(ms.parse().ok()?, seq.parse().ok()?))

@@ -52,7 +52,7 @@ const MAX_PASS: usize = 16_384;
 const MAX_GAPS: usize = 64;
 const GAP_COUNT: usize = COUNT / MAX_GAPS;
 /// Longest wait for the writer's round before reading anyway.
-pub(super) const MAX_READ_DELAY: Duration = Duration::from_millis(20);
+const MAX_READ_DELAY: Duration = Duration::from_millis(20);
 /// How often streams are trimmed by age: a quarter of the age cap,
 /// between 1 and 60 seconds.
 fn trim_every(max_age: Duration) -> Duration {
@@ -353,8 +353,8 @@ impl Relay {
                 if entries.len() >= GAP_COUNT {
                     // A full page: the rest of the gap, and what follows
                     // it, is read next time.
-                    if let Some(last) = entries.last().and_then(|e| Id::parse(e.id.as_bytes())) {
-                        position = last;
+                    if let Some(last) = entries.last() {
+                        position = last.position();
                     }
                     full = true;
                 }
@@ -429,7 +429,7 @@ impl Relay {
     /// Delivers an entry another instance wrote; skips this instance's own.
     fn deliver(&self, e: &RawEntry) {
         let metrics = &self.status.metrics;
-        let (ms, _) = e.position();
+        let ms = e.position().0;
         metrics
             .relay_lag_ms
             .set(unix_millis().saturating_sub(ms) as i64);

@@ -376,3 +376,26 @@ impl Flight {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Replies pair with the events' streams in order; replies that do not
+    /// match the events (a count off) record nothing rather than wrong ids.
+    #[test]
+    fn written_ids_pair_with_their_streams_or_not_at_all() {
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        let pipe = Pipe {
+            pipe: redis::pipe(),
+            streams: vec![(a, 2), (b, 1)],
+        };
+        let ids = [Id(1, 0), Id(1, 1), Id(1, 2)];
+        let written: Vec<(&str, Id)> = pipe.written(&ids).collect();
+        assert_eq!(
+            written,
+            vec![("a", Id(1, 0)), ("a", Id(1, 1)), ("b", Id(1, 2))]
+        );
+        assert_eq!(pipe.written(&ids[..2]).count(), 0);
+    }
+}
