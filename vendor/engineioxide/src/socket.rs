@@ -83,7 +83,6 @@ use smallvec::{SmallVec, smallvec};
 use tokio::sync::{
     Mutex, Notify,
     mpsc::{self, Receiver, error::TrySendError},
-    watch,
 };
 
 pub use engineioxide_core::Sid;
@@ -168,18 +167,57 @@ impl Permit<'_> {
 pub(crate) struct InternalRx {
     pub buffered_rx: Receiver<PacketBuf>,
     pub peeked_packet: Option<PacketBuf>,
-    pub volatile_rx: watch::Receiver<Option<PacketBuf>>,
 }
 
 impl InternalRx {
-    fn new(
-        buffered_rx: Receiver<PacketBuf>,
-        volatile_rx: watch::Receiver<Option<PacketBuf>>,
-    ) -> Self {
+    fn new(buffered_rx: Receiver<PacketBuf>) -> Self {
         Self {
             buffered_rx,
             peeked_packet: None,
-            volatile_rx,
+        }
+    }
+}
+
+/// The latest volatile packets not yet written, and the connection's
+/// wake-up for them: only the latest is kept, a later send overwrites it.
+///
+/// tensorcost-events patch: a slot and a [`Notify`] inside the socket,
+/// where upstream allocated a `watch` channel (about 300 bytes) per socket.
+#[derive(Debug, Default)]
+pub(crate) struct Volatile {
+    slot: std::sync::Mutex<Option<PacketBuf>>,
+    ready: Notify,
+}
+
+impl Volatile {
+    /// Keeps `packets` in place of any not yet taken and wakes the taker.
+    pub(crate) fn put(&self, packets: PacketBuf) {
+        let replaced = self
+            .slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .replace(packets);
+        // Dropped outside the lock.
+        drop(replaced);
+        self.ready.notify_one();
+    }
+
+    /// Waits for packets put since the last take, and takes them.
+    ///
+    /// Cancel safe: the packets are taken in the poll that returns them,
+    /// and a wake-up received by a dropped wait is kept for the next
+    /// (`Notify` stores the permit).
+    pub(crate) async fn take(&self) -> PacketBuf {
+        loop {
+            self.ready.notified().await;
+            let taken = self
+                .slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(packets) = taken {
+                return packets;
+            }
         }
     }
 }
@@ -226,10 +264,10 @@ where
     /// Channel to send [PacketBuf] to the internal connection
     pub(crate) internal_tx: mpsc::Sender<PacketBuf>,
 
-    /// Channel to send volatile [PacketBuf]s that bypass the internal buffer.
-    /// Uses a [`watch`](tokio::sync::watch) channel so only the latest volatile
-    /// message is retained; subsequent volatile sends overwrite the previous one.
-    volatile_tx: watch::Sender<Option<PacketBuf>>,
+    /// Volatile [PacketBuf]s that bypass the internal buffer. Only the
+    /// latest volatile message is retained; subsequent volatile sends
+    /// overwrite the previous one.
+    pub(crate) volatile: Volatile,
 
     /// Pong [`Packets`](Packet) (v4 protocol) or Ping (v3 protocol) received, from the connexion to the heartbeat job
     /// which is running in a separate task (tensorcost-events patch: a
@@ -265,7 +303,6 @@ where
         supports_binary: bool,
     ) -> Self {
         let (internal_tx, internal_rx) = mpsc::channel(config.max_buffer_size);
-        let (volatile_tx, volatile_rx) = watch::channel(None);
 
         Self {
             id: Sid::new(),
@@ -273,10 +310,10 @@ where
             transport: AtomicU8::new(transport as u8),
             upgrading: AtomicBool::new(false),
 
-            internal_rx: Mutex::new(InternalRx::new(internal_rx, volatile_rx)),
+            internal_rx: Mutex::new(InternalRx::new(internal_rx)),
             internal_tx,
 
-            volatile_tx,
+            volatile: Volatile::default(),
 
             heartbeat: Notify::new(),
             cancellation_token: CancellationToken::new(),
@@ -541,7 +578,13 @@ where
     }
 
     pub(crate) fn send_volatile(&self, packets: PacketBuf) -> bool {
-        self.volatile_tx.send(Some(packets)).is_ok()
+        // Upstream's `watch` refused a send once its receiver was gone; the
+        // slot refuses one once the session is closing.
+        if self.cancellation_token.is_cancelled() {
+            return false;
+        }
+        self.volatile.put(packets);
+        true
     }
 }
 
@@ -601,7 +644,6 @@ where
         buffer_size: usize,
     ) -> (Arc<Socket<D>>, tokio::sync::mpsc::Receiver<Packet>) {
         let (internal_tx, internal_rx) = mpsc::channel(buffer_size);
-        let (volatile_tx, volatile_rx) = watch::channel(None);
 
         let sock = Self {
             id: sid,
@@ -609,10 +651,10 @@ where
             transport: AtomicU8::new(TransportType::Websocket as u8),
             upgrading: AtomicBool::new(false),
 
-            internal_rx: Mutex::new(InternalRx::new(internal_rx, volatile_rx)),
+            internal_rx: Mutex::new(InternalRx::new(internal_rx)),
             internal_tx,
 
-            volatile_tx,
+            volatile: Volatile::default(),
 
             heartbeat: Notify::new(),
             cancellation_token: CancellationToken::new(),

@@ -156,7 +156,12 @@ where
             }
         }
     } else {
-        let socket = engine.create_session(protocol, TransportType::Websocket, req_data, false);
+        let socket = engine.create_session(
+            protocol,
+            TransportType::Websocket,
+            session_parts(req_data),
+            false,
+        );
 
         #[cfg(feature = "tracing")]
         tracing::debug!("new websocket connection");
@@ -179,6 +184,31 @@ where
     // connection's (5,728 bytes against 2,264 here).
     tokio::spawn(connection(engine, ws, socket, heartbeat));
     Ok(())
+}
+
+/// The request's head as a session opened on a websocket keeps it, for its
+/// life: without the handshake's own headers (`Connection`, `Upgrade`,
+/// `Sec-WebSocket-*`), which mean nothing once the connection is upgraded
+/// and which a session opened by polling never has (tensorcost-events
+/// patch: about 0.5 KiB per websocket). Other headers, the URI and the
+/// extensions are kept as they came.
+fn session_parts(mut parts: Parts) -> Parts {
+    fn handshake(name: &http::HeaderName) -> bool {
+        *name == http::header::CONNECTION
+            || *name == http::header::UPGRADE
+            || name.as_str().starts_with("sec-websocket-")
+    }
+    let kept = parts.headers.keys().filter(|name| !handshake(name)).count();
+    if kept < parts.headers.keys_len() {
+        let mut headers = http::HeaderMap::with_capacity(kept);
+        for (name, value) in &parts.headers {
+            if !handshake(name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        parts.headers = headers;
+    }
+    parts
 }
 
 /// A websocket connection's life after its handshake (tensorcost-events
@@ -356,11 +386,7 @@ where
             .lock()
             .with_cancellation_token(&socket.cancellation_token)
             .await?;
-        let InternalRx {
-            buffered_rx,
-            volatile_rx,
-            ..
-        } = &mut *internal_rx;
+        let InternalRx { buffered_rx, .. } = &mut *internal_rx;
 
         // The heartbeat, as upstream's v4 job: a ping at once, then every
         // `interval`; each must be answered within `timeout`.
@@ -426,18 +452,15 @@ where
                     }
                 }
                 _ = socket.cancellation_token.cancelled() => break None,
-                Ok(()) = volatile_rx.changed() => {
-                    let val = volatile_rx.borrow_and_update().clone();
-                    if let Some(packets) = val {
-                        #[cfg(feature = "tracing")]
-                        tracing::debug!(sid = ?socket.id, "ws volatile flush: {} packets", packets.len());
-                        for item in *packets {
-                            if let Some(msg) = ws_message(socket.protocol, item) {
-                                ws.feed(msg).await.ok();
-                            }
+                packets = socket.volatile.take() => {
+                    #[cfg(feature = "tracing")]
+                    tracing::debug!(sid = ?socket.id, "ws volatile flush: {} packets", packets.len());
+                    for item in *packets {
+                        if let Some(msg) = ws_message(socket.protocol, item) {
+                            ws.feed(msg).await.ok();
                         }
-                        ws.flush().await.ok();
                     }
+                    ws.flush().await.ok();
                 },
                 msg = ws.next() => match msg {
                     None => break Some(Ok(())),
@@ -614,6 +637,47 @@ mod tests {
     use tokio::io::DuplexStream;
 
     use super::*;
+
+    /// tensorcost-events patch 9: the session keeps the head without the
+    /// handshake's headers; the others, repeated ones included, in order.
+    #[test]
+    fn session_parts_drop_the_handshake_headers() {
+        let parts = Request::builder()
+            .method("GET")
+            .header("Host", "127.0.0.1")
+            .header("Origin", "https://app.example")
+            .header("Connection", "Upgrade")
+            .header("Upgrade", "websocket")
+            .header("Sec-WebSocket-Version", "13")
+            .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("Sec-WebSocket-Extensions", "permessage-deflate")
+            .header("X-Forwarded-For", "10.0.0.1")
+            .header("X-Forwarded-For", "10.0.0.2")
+            .uri("/engine.io/?EIO=4&transport=websocket")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let kept = session_parts(parts);
+        let names: Vec<&str> = kept.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["host", "origin", "x-forwarded-for"]);
+        assert_eq!(kept.headers["origin"], "https://app.example");
+        let forwarded: Vec<_> = kept.headers.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(forwarded, ["10.0.0.1", "10.0.0.2"]);
+        assert_eq!(kept.uri, "/engine.io/?EIO=4&transport=websocket");
+
+        // Nothing to drop (a request without the handshake's headers): the
+        // head is kept as it came.
+        let plain = Request::builder()
+            .header("Host", "127.0.0.1")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let kept = session_parts(plain);
+        assert_eq!(kept.headers.len(), 1);
+        assert_eq!(kept.headers["host"], "127.0.0.1");
+    }
 
     const TIMEOUT: Duration = Duration::from_secs(1);
 
