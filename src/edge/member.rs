@@ -90,7 +90,8 @@ pub(super) struct Member<O> {
     max_backlog_bytes: usize,
     /// Set when the socket must go (too slow, token expired): it receives
     /// nothing more and is disconnected as soon as it has been told why.
-    leaving: Option<Leaving>,
+    /// Boxed: few members ever leave, and every member carries the field.
+    leaving: Option<Box<Leaving>>,
 }
 
 struct Leaving {
@@ -139,11 +140,11 @@ impl<O: Outlet> Member<O> {
     /// wins).
     pub(super) fn leave(&mut self, code: &'static str, message: String) {
         if self.leaving.is_none() {
-            self.leaving = Some(Leaving {
+            self.leaving = Some(Box::new(Leaving {
                 code,
                 message,
                 told: false,
-            });
+            }));
         }
     }
 

@@ -77,7 +77,7 @@ use engineioxide_core::{Packet, ProtocolVersion, Str, TransportType};
 /// packets instead. Sends of more than one packet (a message with its
 /// binary attachments) spill to a second allocation.
 pub(crate) type PacketBuf = Box<SmallVec<[Packet; 1]>>;
-use futures_util::FutureExt;
+use futures_util::{FutureExt, task::AtomicWaker};
 use http::request::Parts;
 use smallvec::{SmallVec, smallvec};
 use tokio::sync::{
@@ -181,44 +181,46 @@ impl InternalRx {
 /// The latest volatile packets not yet written, and the connection's
 /// wake-up for them: only the latest is kept, a later send overwrites it.
 ///
-/// tensorcost-events patch: a slot and a [`Notify`] inside the socket,
+/// tensorcost-events patch: a slot and an [`AtomicWaker`] inside the socket,
 /// where upstream allocated a `watch` channel (about 300 bytes) per socket.
+/// The one taker (the websocket connection, or the polling request holding
+/// the socket's receiver) polls [`Volatile::poll_take`], which keeps no state
+/// of its own between polls.
 #[derive(Debug, Default)]
 pub(crate) struct Volatile {
     slot: std::sync::Mutex<Option<PacketBuf>>,
-    ready: Notify,
+    taker: AtomicWaker,
 }
 
 impl Volatile {
     /// Keeps `packets` in place of any not yet taken and wakes the taker.
     pub(crate) fn put(&self, packets: PacketBuf) {
-        let replaced = self
-            .slot
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .replace(packets);
+        let replaced = self.lock().replace(packets);
         // Dropped outside the lock.
         drop(replaced);
-        self.ready.notify_one();
+        self.taker.wake();
     }
 
-    /// Waits for packets put since the last take, and takes them.
-    ///
-    /// Cancel safe: the packets are taken in the poll that returns them,
-    /// and a wake-up received by a dropped wait is kept for the next
-    /// (`Notify` stores the permit).
-    pub(crate) async fn take(&self) -> PacketBuf {
-        loop {
-            self.ready.notified().await;
-            let taken = self
-                .slot
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .take();
-            if let Some(packets) = taken {
-                return packets;
-            }
+    /// Takes the packets put since the last take, or registers the task to
+    /// be woken by the next put.
+    pub(crate) fn poll_take(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<PacketBuf> {
+        // Registered before looking, so a put in between still wakes.
+        self.taker.register(cx.waker());
+        match self.lock().take() {
+            Some(packets) => std::task::Poll::Ready(packets),
+            None => std::task::Poll::Pending,
         }
+    }
+
+    /// Drops the registered waker, once its task stops taking.
+    pub(crate) fn forget_taker(&self) {
+        drop(self.taker.take());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<PacketBuf>> {
+        self.slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -679,5 +681,72 @@ where
         });
 
         (sock, rx)
+    }
+}
+
+/// tensorcost-events patch 8: the volatile slot.
+#[cfg(test)]
+mod volatile_tests {
+    use std::{
+        future::poll_fn,
+        sync::Arc,
+        task::{Poll, Wake, Waker},
+    };
+
+    use super::*;
+
+    struct Count(std::sync::atomic::AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn text(packets: PacketBuf) -> Vec<Packet> {
+        packets.into_iter().collect()
+    }
+
+    #[test]
+    fn a_put_wakes_the_taker_and_only_the_latest_is_kept() {
+        let volatile = Volatile::default();
+        let count = Arc::new(Count(0.into()));
+        let waker = Waker::from(count.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+
+        assert!(volatile.poll_take(&mut cx).is_pending());
+        volatile.put(Box::new(smallvec![Packet::Message("dropped".into())]));
+        volatile.put(Box::new(smallvec![Packet::Message("kept".into())]));
+        assert!(count.0.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+
+        let Poll::Ready(packets) = volatile.poll_take(&mut cx) else {
+            panic!("the put packets are taken");
+        };
+        assert_eq!(text(packets), [Packet::Message("kept".into())]);
+        assert!(volatile.poll_take(&mut cx).is_pending(), "taken once");
+
+        volatile.forget_taker();
+        let woken = count.0.load(std::sync::atomic::Ordering::SeqCst);
+        volatile.put(Box::new(smallvec![Packet::Message("later".into())]));
+        assert_eq!(
+            count.0.load(std::sync::atomic::Ordering::SeqCst),
+            woken,
+            "a forgotten taker is not woken"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_waiting_task_receives_a_put_from_another() {
+        let volatile = Arc::new(Volatile::default());
+        let taker = tokio::spawn({
+            let volatile = volatile.clone();
+            async move { poll_fn(|cx| volatile.poll_take(cx)).await }
+        });
+        tokio::task::yield_now().await;
+        volatile.put(Box::new(smallvec![Packet::Message("hello".into())]));
+        let packets = tokio::time::timeout(std::time::Duration::from_secs(5), taker)
+            .await
+            .expect("the taker is woken")
+            .expect("the taker does not panic");
+        assert_eq!(text(packets), [Packet::Message("hello".into())]);
     }
 }

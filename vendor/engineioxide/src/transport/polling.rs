@@ -226,7 +226,7 @@ where
 mod rx_stream {
     use std::{
         pin::Pin,
-        task::{Context, Poll, ready},
+        task::{Context, Poll},
     };
 
     use futures_core::Stream;
@@ -234,7 +234,6 @@ mod rx_stream {
     use tokio::sync::mpsc;
 
     use crate::socket::{PacketBuf, Volatile};
-    use tokio_util::sync::ReusableBoxFuture;
 
     /// [`ReceiverStream`] is a stream that wraps a [`mpsc::Receiver`] by reference.
     /// Allowing to use it as a stream even if it is behind a mutex.
@@ -260,28 +259,27 @@ mod rx_stream {
     /// patch: upstream wrapped a `watch` receiver, which the socket no
     /// longer has; see [`Volatile`]).
     pub struct VolatileStream<'a> {
-        inner: ReusableBoxFuture<'a, (PacketBuf, &'a Volatile)>,
+        volatile: &'a Volatile,
     }
 
     impl<'a> VolatileStream<'a> {
         pub fn new(volatile: &'a Volatile) -> Self {
-            Self {
-                inner: ReusableBoxFuture::new(take(volatile)),
-            }
+            Self { volatile }
         }
     }
 
-    async fn take(volatile: &Volatile) -> (PacketBuf, &Volatile) {
-        (volatile.take().await, volatile)
+    impl Drop for VolatileStream<'_> {
+        fn drop(&mut self) {
+            // The request is over: its task is not kept by the waker.
+            self.volatile.forget_taker();
+        }
     }
 
     impl Stream for VolatileStream<'_> {
         type Item = PacketBuf;
 
-        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-            let (packets, volatile) = ready!(self.inner.poll(cx));
-            self.inner.set(take(volatile));
-            Poll::Ready(Some(packets))
+        fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            self.volatile.poll_take(cx).map(Some)
         }
     }
 

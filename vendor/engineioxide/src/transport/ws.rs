@@ -398,6 +398,11 @@ where
         };
         let heartbeat_sleep = tokio::time::sleep_until(start);
         tokio::pin!(heartbeat_sleep);
+        // The wait for the session's cancellation stays registered across
+        // the loop's turns (tensorcost-events patch), rather than being
+        // registered and removed again with every packet written.
+        let cancelled = socket.cancellation_token.cancelled();
+        tokio::pin!(cancelled);
 
         let result = loop {
             let ping_or_deadline = match (heartbeat, pong_due) {
@@ -442,7 +447,7 @@ where
                                 tracing::debug!("[sid={}] error sending packet: {}", socket.id, _e);
                             }
                         }
-                        _ = socket.cancellation_token.cancelled() => break None,
+                        _ = cancelled.as_mut() => break None,
                         () = timed_out => {
                             #[cfg(feature = "tracing")]
                             tracing::debug!(sid = ?socket.id, "ws write did not complete before the heartbeat deadline");
@@ -451,8 +456,8 @@ where
                         }
                     }
                 }
-                _ = socket.cancellation_token.cancelled() => break None,
-                packets = socket.volatile.take() => {
+                _ = cancelled.as_mut() => break None,
+                packets = std::future::poll_fn(|cx| socket.volatile.poll_take(cx)) => {
                     #[cfg(feature = "tracing")]
                     tracing::debug!(sid = ?socket.id, "ws volatile flush: {} packets", packets.len());
                     for item in *packets {
