@@ -50,7 +50,13 @@ pub const PATH: &str = "/ws";
 /// Initial websocket read buffer per socket, and the most read at once: a
 /// client sends pongs and a few small messages, so a larger frame takes a
 /// few more reads rather than every idle socket holding a larger buffer.
-const WS_READ_BUFFER: usize = 256;
+/// The buffer grows to fit the largest frame read (the `CONNECT` packet
+/// with its token, usually) and keeps that size: starting at 128 rather
+/// than 256, a socket whose `CONNECT` fits in about 300 bytes keeps a
+/// buffer of about that size rather than 512 (about 0.3 KiB per idle
+/// socket in scenario 5, docs/benchmarks.md). A 1 KiB token grows it to
+/// fit either way.
+const WS_READ_BUFFER: usize = 128;
 /// Largest message (and websocket frame, and polling body) a client may
 /// send.
 const MAX_CLIENT_MESSAGE: usize = 32 << 10;
