@@ -734,6 +734,18 @@ mod volatile_tests {
         );
     }
 
+    /// A volatile send is refused once the session is closing.
+    #[cfg(feature = "__test_harness")]
+    #[tokio::test]
+    async fn a_volatile_send_on_a_closing_session_is_refused() {
+        let (socket, _rx) = Socket::<()>::new_dummy_piped(Sid::new(), Box::new(|_, _| {}), 8);
+        assert!(socket.emit_volatile("open"));
+        socket.cancellation_token.cancel();
+        assert!(!socket.emit_volatile("closing"));
+        let kept = socket.volatile.lock().take().map(text);
+        assert_eq!(kept, Some(vec![Packet::Message("open".into())]));
+    }
+
     #[tokio::test]
     async fn a_waiting_task_receives_a_put_from_another() {
         let volatile = Arc::new(Volatile::default());
